@@ -1,0 +1,47 @@
+"""Error types: one per kind of bad input, so callers can catch precisely and messages can say what to fix.
+
+All derive from `SplinterpError`; most also derive from the builtin a user would expect (ValueError,
+TypeError, FileNotFoundError) so generic handlers keep working.
+"""
+
+from __future__ import annotations
+
+
+class SplinterpError(Exception):
+    """Base class of every error splinterp raises on purpose."""
+
+
+class ShapeError(SplinterpError, ValueError):
+    """An array has the wrong number of dimensions or the wrong size along one of them."""
+
+
+class DTypeError(SplinterpError, TypeError):
+    """An array has a dtype we refuse to convert silently (e.g. int pixels, float64 into a float32 SAE)."""
+
+
+class DeviceError(SplinterpError, ValueError):
+    """Tensors that must share a device do not."""
+
+
+class NonFiniteError(SplinterpError, ValueError):
+    """Data contains NaN or inf; the message names the first bad row."""
+
+
+class EmptyDataError(SplinterpError, ValueError):
+    """A data set has no rows."""
+
+
+class ConfigError(SplinterpError, ValueError):
+    """A configuration is inconsistent (k > d_sae, unknown architecture, negative rate, ...)."""
+
+
+class NotAnSAEFolderError(SplinterpError, FileNotFoundError):
+    """A folder lacks the files of any SAE format we can read."""
+
+
+class CorruptFileError(SplinterpError, ValueError):
+    """A file exists but cannot be parsed, is truncated, or disagrees with its companion files."""
+
+
+class ChecksumError(CorruptFileError):
+    """A cache shard's checksum does not match the manifest."""

@@ -1,0 +1,84 @@
+"""Input checks shared by every public entry point. Each raises a specific error naming the problem."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from splinterp.errors import (
+    ConfigError,
+    DeviceError,
+    DTypeError,
+    EmptyDataError,
+    NonFiniteError,
+    ShapeError,
+)
+
+
+def as_tensor(x, name: str = "X") -> torch.Tensor:
+    """Accept a torch tensor or a numpy array (no copy where possible); refuse anything else."""
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(x)
+    raise DTypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+
+
+def check_finite(x: torch.Tensor, name: str = "X") -> None:
+    """Raise NonFiniteError naming the first row (and column) holding NaN or inf."""
+    ok = torch.isfinite(x)
+    if bool(ok.all()):
+        return
+    bad = (~ok).nonzero()[0].tolist()
+    where = f"row {bad[0]}, column {bad[1]}" if len(bad) >= 2 else f"index {bad[0]}"
+    value = x[tuple(bad)].item()
+    raise NonFiniteError(f"{name} contains a non-finite value ({value}) at {where}")
+
+
+def check_data(
+    x,
+    d_in: int | None = None,
+    *,
+    name: str = "X",
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    allow_empty: bool = False,
+) -> torch.Tensor:
+    """Validate a data matrix [N, d_in]: tensor type, 2-D, width, float dtype, device, finiteness.
+
+    Returns the tensor (numpy input is wrapped without copying). A dtype other than `dtype` is an
+    error, not a silent cast: the message says how to convert.
+    """
+    x = as_tensor(x, name)
+    if x.ndim != 2:
+        raise ShapeError(f"{name} must be 2-D [N, d_in], got shape {tuple(x.shape)}")
+    if not allow_empty and x.shape[0] == 0:
+        raise EmptyDataError(f"{name} has no rows")
+    if d_in is not None and x.shape[1] != d_in:
+        raise ShapeError(f"{name} has {x.shape[1]} columns but the model expects d_in={d_in}")
+    if not x.is_floating_point():
+        raise DTypeError(f"{name} has dtype {x.dtype}; a floating dtype is required (e.g. X.float())")
+    if dtype is not None and x.dtype != dtype:
+        raise DTypeError(
+            f"{name} has dtype {x.dtype} but the model uses {dtype}; convert explicitly with X.to({dtype})"
+        )
+    if device is not None and x.device != torch.device(device):
+        raise DeviceError(f"{name} is on {x.device} but the model is on {device}; move it with X.to(device)")
+    check_finite(x, name)
+    return x
+
+
+def check_positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def check_mask(mask, d_sae: int, name: str = "mask") -> torch.Tensor:
+    """A boolean activation pattern [d_sae] or [R, d_sae]."""
+    mask = as_tensor(mask, name)
+    if mask.dtype != torch.bool:
+        raise DTypeError(f"{name} must be a bool tensor, got {mask.dtype}")
+    if mask.ndim not in (1, 2) or mask.shape[-1] != d_sae:
+        raise ShapeError(f"{name} must have shape [d_sae] or [R, d_sae] with d_sae={d_sae}, got {tuple(mask.shape)}")
+    return mask
