@@ -221,6 +221,20 @@ class SAE(nn.Module):
         """Scores u(x) [..., d_sae] (for gated: the magnitude path)."""
         return self._pre_acts(self._check(x))
 
+    def select_topk(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """TopK architectures only: (indices [..., k] of the selected latents, bool [..., k] active).
+
+        topk ranks u and keeps a selected latent only if u > 0 (TopK then ReLU); topk_abs ranks |u| and
+        keeps every selected latent (signed value).
+        """
+        arch = self.cfg.architecture
+        if arch not in TOPK_ARCHITECTURES:
+            raise ConfigError(f"select_topk is for topk/topk_abs SAEs, not {arch!r}")
+        idx = topk_indices(u.abs() if arch == "topk_abs" else u, self.cfg.k)
+        if arch == "topk":
+            return idx, u.gather(-1, idx) > 0
+        return idx, torch.ones(idx.shape, dtype=torch.bool, device=idx.device)
+
     def select(self, u: torch.Tensor) -> torch.Tensor:
         """The selection rule: bool mask of active latents given scores u [..., d_sae]."""
         arch = self.cfg.architecture
@@ -228,11 +242,8 @@ class SAE(nn.Module):
             return u > 0
         if arch in ("jumprelu", "gated"):
             return u > self.thresholds().to(u.dtype)
-        idx = topk_indices(u.abs() if arch == "topk_abs" else u, self.cfg.k)
-        mask = torch.zeros(u.shape, dtype=torch.bool, device=u.device).scatter_(-1, idx, True)
-        if arch == "topk":
-            mask &= u > 0
-        return mask
+        idx, active = self.select_topk(u)
+        return torch.zeros(u.shape, dtype=torch.bool, device=u.device).scatter_(-1, idx, active)
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         u = self._pre_acts(x)
