@@ -1,0 +1,1 @@
+"""Data: MNIST and friends, toy sets, LLM activation harvesting and caching."""
