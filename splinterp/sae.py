@@ -103,22 +103,13 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     one comparison pass.
     """
     vals, idx = torch.topk(scores, k, dim=-1)
-    kth = vals[..., -1:]
-    n_ge = (scores >= kth).sum(-1)
-    tied = n_ge > k
-    if bool(tied.any()):
-        rows = tied.nonzero(as_tuple=True)
-        stable = torch.sort(scores[rows], dim=-1, descending=True, stable=True).indices[..., :k]
+    boundary_tie = (scores >= vals[..., -1:]).sum(-1) > k  # k-th value shared with an unselected entry
+    inner_tie = (vals[..., 1:] == vals[..., :-1]).any(-1)  # equal values inside the selection
+    redo = boundary_tie | inner_tie
+    if bool(redo.any()):
+        rows = redo.nonzero(as_tuple=True)
         idx = idx.clone()
-        idx[rows] = stable
-    else:
-        # order equal values inside the selection by index too, so the output is canonical
-        inner_ties = (vals[..., 1:] == vals[..., :-1]).any(-1)
-        if bool(inner_ties.any()):
-            rows = inner_ties.nonzero(as_tuple=True)
-            stable = torch.sort(scores[rows], dim=-1, descending=True, stable=True).indices[..., :k]
-            idx = idx.clone()
-            idx[rows] = stable
+        idx[rows] = torch.sort(scores[rows], dim=-1, descending=True, stable=True).indices[..., :k]
     return idx
 
 

@@ -106,8 +106,11 @@ def region_ids(sae: SAE, X, batch_size: int = DEFAULT_BATCH) -> torch.Tensor:
         if not torch.equal(keys, rep_keys[inv]):
             collision = True
             break
-        pos = torch.searchsorted(table_h, uh).clamp_(max=max(table_h.numel() - 1, 0))
-        found = (table_h.numel() > 0) & (table_h[pos] == uh) if table_h.numel() else torch.zeros_like(uh, dtype=torch.bool)
+        if table_h.numel():
+            pos = torch.searchsorted(table_h, uh).clamp_(max=table_h.numel() - 1)
+            found = table_h[pos] == uh
+        else:
+            pos, found = torch.zeros_like(uh), torch.zeros_like(uh, dtype=torch.bool)
         if found.any() and not torch.equal(table_k[pos[found]], rep_keys[found]):
             collision = True
             break
