@@ -45,3 +45,11 @@ class CorruptFileError(SplinterpError, ValueError):
 
 class ChecksumError(CorruptFileError):
     """A cache shard's checksum does not match the manifest."""
+
+
+class DatasetNotFoundError(SplinterpError, FileNotFoundError):
+    """A data set's files are not where we looked; the message says how to get them."""
+
+
+class NotFittedError(SplinterpError, RuntimeError):
+    """A reference autoencoder was used before `fit`."""
