@@ -44,7 +44,11 @@ class CorruptFileError(SplinterpError, ValueError):
 
 
 class ChecksumError(CorruptFileError):
-    """A cache shard's checksum does not match the manifest."""
+    """A file's bytes do not match the checksum recorded next to it (a cache manifest, an SAE's cfg.json)."""
+
+
+class OverwriteError(SplinterpError, FileExistsError):
+    """A write would replace something that is not ours to replace (a file, or a folder with other content)."""
 
 
 class DatasetNotFoundError(SplinterpError, FileNotFoundError):

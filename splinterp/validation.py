@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import types
+import typing
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -82,3 +88,52 @@ def check_mask(mask, d_sae: int, name: str = "mask") -> torch.Tensor:
     if mask.ndim not in (1, 2) or mask.shape[-1] != d_sae:
         raise ShapeError(f"{name} must have shape [d_sae] or [R, d_sae] with d_sae={d_sae}, got {tuple(mask.shape)}")
     return mask
+
+
+def _type_ok(value, tp) -> bool:
+    """Whether `value` fits the annotation `tp` (the subset of typing that configs use)."""
+    if tp is Any or tp is object:
+        return True
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if origin is typing.Literal:
+        return value in typing.get_args(tp)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, (bool, np.bool_))
+    if tp is int:
+        return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if origin is not None:  # dict[str, Any], list[int], tuple[int, ...]: check the container only
+        return isinstance(value, origin)
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True  # an annotation we do not interpret
+
+
+def check_dataclass_types(obj, name: str | None = None) -> None:
+    """Raise ConfigError if a dataclass field holds a value of the wrong type, or a non-finite float.
+
+    Dataclasses do not check their annotations, and a config read from JSON can hold anything
+    (`"tied": "yes"`, `"k": 3.5`, `"lr": NaN`); this catches that before the value is used.
+    """
+    if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
+        raise TypeError(f"check_dataclass_types expects a dataclass instance, got {type(obj).__name__}")
+    name = name or type(obj).__name__
+    try:
+        hints = typing.get_type_hints(type(obj))
+    except Exception:  # unresolvable forward references: check nothing rather than fail
+        return
+    for f in dataclasses.fields(obj):
+        if f.name not in hints:
+            continue
+        value = getattr(obj, f.name)
+        tp = hints[f.name]
+        if not _type_ok(value, tp):
+            shown = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+            raise ConfigError(f"{name}.{f.name} must be {shown}, got {value!r} ({type(value).__name__})")
+        if isinstance(value, (float, np.floating)) and not math.isfinite(value):
+            raise ConfigError(f"{name}.{f.name} must be finite, got {value!r}")
