@@ -275,7 +275,8 @@ def test_sparsify_load_many_is_naturally_sorted(sparsify, tmp_path):
 
 @pytest.mark.parametrize(
     ("cfg_kw", "match"),
-    [({"skip_connection": True}, "skip"), ({"transcode": True}, "transcoder"), ({"activation": "groupmax"}, "groupmax")],
+    [({"skip_connection": True}, "skip"), ({"transcode": True}, "transcoder"),
+     ({"activation": "groupmax"}, "groupmax")],
 )
 def test_sparsify_unsupported_variants_are_refused(sparsify, tmp_path, cfg_kw, match):
     sparsify_sae(sparsify, torch.float32, **cfg_kw).save_to_disk(tmp_path / "sae")
