@@ -48,6 +48,7 @@ from splinterp import __version__
 from splinterp.atomic import atomic_dir, write_bytes, write_json
 from splinterp.data.cache import CACHE_FORMAT, CACHE_FORMAT_VERSION, MANIFEST, STORE_DTYPES, ActivationCache
 from splinterp.errors import ConfigError, EmptyDataError, NonFiniteError, ShapeError
+from splinterp.validation import check_data, check_positive_int
 
 log = logging.getLogger(__name__)
 
@@ -332,7 +333,8 @@ class _ShardWriter:
             self._flush(self.shard_tokens)
 
     def _flush(self, n: int) -> None:
-        full = {k: torch.cat(v) for k, v in self.buf.items()}
+        # a single pending tensor is sliced, not copied, so writing N rows costs O(N), not O(N^2 / shard)
+        full = {k: v[0] if len(v) == 1 else torch.cat(v) for k, v in self.buf.items()}
         shard = {k: v[:n].contiguous() for k, v in full.items()}
         self.buf = {k: [v[n:]] for k, v in full.items()}
         self.n_buf -= n
@@ -346,6 +348,93 @@ class _ShardWriter:
     def close(self) -> None:
         if self.n_buf:
             self._flush(self.n_buf)
+
+
+def _check_out(out: str | os.PathLike, overwrite: bool) -> Path:
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ConfigError(f"{out} exists and is not empty; pass overwrite=True to replace it")
+    return out
+
+
+def _manifest_head() -> dict[str, Any]:
+    return {"format": CACHE_FORMAT, "format_version": CACHE_FORMAT_VERSION, "splinterp_version": __version__}
+
+
+def write_cache(
+    out: str | os.PathLike,
+    acts: torch.Tensor | dict[int, torch.Tensor],
+    *,
+    token_ids: torch.Tensor | None = None,
+    text_ids: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
+    texts: Sequence[str] | None = None,
+    vocab: dict[int, str] | None = None,
+    dtype: str = "float32",
+    shard_tokens: int = 16384,
+    model_name: str | None = None,
+    site: str = "resid_post",
+    metadata: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> ActivationCache:
+    """Write activations you already have ([N, d] per layer, same N tokens in every layer) as a cache.
+
+    For activations from another tool or a toy model, so they get the same streaming reader, split
+    and standardiser. token_ids default to -1 (unknown), text_ids to 0..N-1 (each row its own text),
+    positions to 0.
+    """
+    out = _check_out(out, overwrite)
+    if isinstance(acts, torch.Tensor):
+        acts = {0: acts}
+    if not isinstance(acts, dict) or not acts:
+        raise ConfigError("acts must be a tensor [N, d] or a non-empty dict {layer: tensor [N, d]}")
+    if dtype not in STORE_DTYPES:
+        raise ConfigError(f"dtype must be one of {tuple(STORE_DTYPES)}, got {dtype!r}")
+    layer_ids = sorted(acts)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in layer_ids):
+        raise ConfigError(f"layer keys must be non-negative ints, got {layer_ids}")
+    first = check_data(acts[layer_ids[0]], name=f"acts[{layer_ids[0]}]")
+    n, d = first.shape
+    for v in layer_ids:
+        x = check_data(acts[v], d, name=f"acts[{v}]")
+        if x.shape[0] != n:
+            raise ShapeError(f"acts[{v}] has {x.shape[0]} rows but acts[{layer_ids[0]}] has {n}")
+
+    def index(t: torch.Tensor | None, default: torch.Tensor, name: str) -> torch.Tensor:
+        if t is None:
+            return default
+        t = torch.as_tensor(t)
+        if t.shape != (n,) or t.is_floating_point():
+            raise ShapeError(f"{name} must be an integer tensor [N={n}], got {tuple(t.shape)} {t.dtype}")
+        return t.long()
+
+    rows = {f"layer_{v}": acts[v].detach().cpu().to(STORE_DTYPES[dtype]) for v in layer_ids}
+    rows["token_ids"] = index(token_ids, torch.full((n,), -1, dtype=torch.long), "token_ids")
+    rows["text_ids"] = index(text_ids, torch.arange(n), "text_ids")
+    rows["positions"] = index(positions, torch.zeros(n, dtype=torch.long), "positions")
+    with atomic_dir(out) as tmp:
+        writer = _ShardWriter(tmp, layer_ids, check_positive_int(shard_tokens, "shard_tokens"))
+        writer.add(rows)
+        writer.close()
+        if texts is not None:
+            write_json(tmp / "texts.json", list(texts), indent=None)
+        if vocab is not None:
+            write_json(tmp / "vocab.json", {str(k): v for k, v in vocab.items()}, indent=None)
+        write_json(tmp / MANIFEST, {
+            **_manifest_head(),
+            "model_name": model_name,
+            "layers": layer_ids,
+            "site": site,
+            "dtype": dtype,
+            "d_model": d,
+            "n_tokens": n,
+            "token_selection": None,
+            "has_texts": texts is not None,
+            "has_vocab": vocab is not None,
+            "metadata": metadata or {},
+            "shards": writer.shards,
+        })
+    return ActivationCache.open(out)
 
 
 def harvest(
@@ -377,9 +466,7 @@ def harvest(
     if `drop_special_tokens`) or "last" real token of each text. dtype: storage dtype of the cache
     (the model runs in its own dtype). Returns the opened `ActivationCache`.
     """
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ConfigError(f"{out} exists and is not empty; pass overwrite=True to replace it")
+    out = _check_out(out, overwrite)
     torch.manual_seed(seed)
     dev = torch.device(device)
     mod, tok, name = load_model(model, dev)
@@ -450,9 +537,7 @@ def harvest(
             vocab = dict(zip(map(str, srt), tok.convert_ids_to_tokens(srt)))
             write_json(tmp / "vocab.json", vocab, indent=None)
         manifest = {
-            "format": CACHE_FORMAT,
-            "format_version": CACHE_FORMAT_VERSION,
-            "splinterp_version": __version__,
+            **_manifest_head(),
             "model_name": str(name),
             "model_class": type(mod).__name__,
             "block_list": block_name,
@@ -465,6 +550,8 @@ def harvest(
             "dtype": dtype,
             "d_model": d_model,
             "n_tokens": writer.n_written,
+            "token_selection": token_selection,
+            "max_length": max_length,
             "n_texts": len(texts),
             "text_source": text_source,
             "harvest": asdict(cfg),

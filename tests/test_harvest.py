@@ -1,0 +1,317 @@
+"""Harvesting: site convention, padding (left and right), token selection, shards, atomicity."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from splinterp.data.cache import ActivationCache  # noqa: E402
+from splinterp.data.harvest import (  # noqa: E402
+    _ShardWriter,
+    find_blocks,
+    harvest,
+    load_model,
+    normalise_layers,
+    select_tokens,
+    write_cache,
+)
+from splinterp.data.text import offline_texts  # noqa: E402
+from splinterp.errors import ConfigError, EmptyDataError  # noqa: E402
+
+TEXTS = [
+    "The assert statement is a convenient way to insert debugging assertions.",
+    "Hello world.",
+    "Sparse autoencoders cut activation space into regions; each region is affine.",
+    "A",
+    "Power diagrams generalise Voronoi diagrams with one weight per site and a squared distance.",
+]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    model, tok, _ = load_model(None)
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(minilm):
+    """A random 2-block GPT-2 that reads the MiniLM tokenizer's ids (no download)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = copy.deepcopy(minilm[1])
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=128, vocab_size=len(tok),
+                     bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
+    return GPT2LMHeadModel(cfg).eval(), tok
+
+
+_SINGLE: dict = {}
+
+
+def _single(model, tok, text, max_length=128):
+    """Hidden states of one unpadded text (the reference for every padding test), memoised."""
+    key = (id(model), text, max_length)
+    if key not in _SINGLE:
+        _SINGLE[key] = _single_uncached(model, tok, text, max_length)
+    return _SINGLE[key]
+
+
+def _single_uncached(model, tok, text, max_length):
+    enc = tok([text], return_tensors="pt", truncation=True, max_length=max_length)
+    with torch.no_grad():  # no token_type_ids: GPT-2 would add their embedding (harvest passes none)
+        out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], output_hidden_states=True)
+    return enc["input_ids"][0], out.hidden_states
+
+
+def test_resid_post_matches_hidden_states_and_drops_padding(minilm, tmp_path):
+    model, tok = minilm
+    cache = harvest((model, tok), TEXTS, layers="all", out=tmp_path / "c", shard_tokens=7, batch_size=3,
+                    progress=False)
+    assert cache.layers == list(range(6)) and cache.d_model == 384
+    lengths = [len(tok(t)["input_ids"]) for t in TEXTS]
+    assert cache.n_tokens == sum(lengths)  # every real token, no padding
+    assert len(cache.shards) == -(-sum(lengths) // 7) and all(s["n_tokens"] == 7 for s in cache.shards[:-1])
+    text_ids = cache.text_ids()
+    for layer in (0, 3, 5):
+        acts = cache.load(layer)
+        for i, text in enumerate(TEXTS):
+            ids, hs = _single(model, tok, text)
+            # resid_post of block l = hidden_states[l + 1]; padding in the batch changes nothing
+            torch.testing.assert_close(acts[text_ids == i], hs[layer + 1][0], atol=2e-5, rtol=1e-4)
+    ids0, _ = _single(model, tok, TEXTS[0])
+    assert torch.equal(cache.token_ids()[text_ids == 0], ids0)
+    assert torch.equal(cache.positions()[text_ids == 0], torch.arange(len(ids0)))
+    assert cache.token_strings(index=[0])[0] == "[CLS]"
+    assert cache.texts == TEXTS
+    m = cache.manifest
+    assert m["model_class"] == "BertModel" and m["block_list"] == "encoder.layer" and m["site"] == "resid_post"
+    assert m["token_selection"] == "all" and m["max_length"] == 128 and m["splinterp_version"]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_last_token_is_right_under_both_paddings(minilm, tmp_path, side):
+    model, tok = minilm
+    tok = copy.deepcopy(tok)
+    tok.padding_side = side
+    cache = harvest((model, tok), TEXTS, layers=[1, 4], out=tmp_path / side, token_selection="last",
+                    batch_size=5, progress=False)
+    assert cache.n_tokens == len(TEXTS) and cache.manifest["harvest"]["padding_side"] == side
+    assert (cache.token_ids() == tok.sep_token_id).all()  # BERT's last real token is [SEP]
+    for layer in (1, 4):
+        acts = cache.load(layer)
+        for i, text in enumerate(TEXTS):
+            _, hs = _single(model, tok, text)
+            torch.testing.assert_close(acts[i], hs[layer + 1][0, -1], atol=2e-5, rtol=1e-4)
+
+
+def test_last_token_skipping_special_tokens(minilm, tmp_path):
+    model, tok = minilm
+    tok = copy.deepcopy(tok)
+    tok.padding_side = "left"
+    cache = harvest((model, tok), TEXTS, layers=2, out=tmp_path / "c", token_selection="last",
+                    drop_special_tokens=True, progress=False)
+    for i, text in enumerate(TEXTS):
+        ids, hs = _single(model, tok, text)
+        assert int(cache.token_ids()[i]) == int(ids[-2])  # the token before [SEP]
+        torch.testing.assert_close(cache.load(2)[i], hs[3][0, -2], atol=2e-5, rtol=1e-4)
+
+
+def test_drop_special_tokens_all(minilm, tmp_path):
+    model, tok = minilm
+    cache = harvest((model, tok), TEXTS, layers=0, out=tmp_path / "c", drop_special_tokens=True, progress=False)
+    ids = cache.token_ids()
+    assert not bool(torch.isin(ids, torch.tensor([tok.cls_token_id, tok.sep_token_id, tok.pad_token_id])).any())
+    assert cache.n_tokens == sum(len(tok(t)["input_ids"]) - 2 for t in TEXTS)
+
+
+def test_max_length_truncates(minilm, tmp_path):
+    model, tok = minilm
+    cache = harvest((model, tok), TEXTS, layers=0, out=tmp_path / "c", max_length=6, progress=False)
+    assert cache.n_tokens == sum(min(len(tok(t)["input_ids"]), 6) for t in TEXTS)
+    assert int(cache.positions().max()) == 5
+
+
+def test_gpt2_left_padding_all_tokens_and_sites(tiny_gpt2, tmp_path):
+    """A causal model with absolute positions: left padding must not shift real tokens' positions."""
+    model, tok = tiny_gpt2
+    tok.padding_side = "left"
+    assert find_blocks(model)[0] == "transformer.h"
+    post = harvest((model, tok), TEXTS, layers=[0, 1], out=tmp_path / "post", batch_size=5, progress=False)
+    pre = harvest((model, tok), TEXTS, layers=[1], out=tmp_path / "pre", site="resid_pre", batch_size=5,
+                  progress=False)
+    tids = post.text_ids()
+    for i, text in enumerate(TEXTS):
+        _, hs = _single(model, tok, text)
+        torch.testing.assert_close(post.load(0)[tids == i], hs[1][0], atol=1e-5, rtol=1e-4)
+        # the last block's raw output is kept: HF's hidden_states[-1] has ln_f applied on top
+        raw_last = post.load(1)[tids == i]
+        torch.testing.assert_close(model.transformer.ln_f(raw_last), hs[2][0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(pre.load(1), post.load(0))  # resid_pre of block 1 = resid_post of block 0
+
+
+def test_float16_storage(minilm, tmp_path):
+    model, tok = minilm
+    c16 = harvest((model, tok), TEXTS[:2], layers=5, out=tmp_path / "h", dtype="float16", progress=False)
+    c32 = harvest((model, tok), TEXTS[:2], layers=5, out=tmp_path / "f", progress=False)
+    assert c16.dtype == torch.float16 and c16.load(5, dtype=None).dtype == torch.float16
+    torch.testing.assert_close(c16.load(5), c32.load(5), atol=1e-2, rtol=1e-3)
+    size = {k: os.path.getsize(tmp_path / k / c.shards[0]["file"]) for k, c in (("h", c16), ("f", c32))}
+    assert size["h"] < 0.6 * size["f"]
+
+
+def test_refuses_to_overwrite_and_replaces_when_asked(minilm, tmp_path):
+    model, tok = minilm
+    out = tmp_path / "c"
+    harvest((model, tok), TEXTS[:2], layers=0, out=out, progress=False)
+    with pytest.raises(ConfigError, match="overwrite"):
+        harvest((model, tok), TEXTS[:1], layers=0, out=out, progress=False)
+    c = harvest((model, tok), TEXTS[:1], layers=0, out=out, overwrite=True, progress=False)
+    assert c.manifest["n_texts"] == 1 and ActivationCache.open(out).n_tokens == c.n_tokens
+
+
+def test_crash_mid_harvest_leaves_nothing(minilm, tmp_path, monkeypatch):
+    model, tok = minilm
+    calls = {"n": 0}
+    real_flush = _ShardWriter._flush
+
+    def flaky(self, n):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("disk full")
+        real_flush(self, n)
+
+    monkeypatch.setattr(_ShardWriter, "_flush", flaky)
+    with pytest.raises(RuntimeError, match="disk full"):
+        harvest((model, tok), TEXTS, layers=0, out=tmp_path / "c", shard_tokens=5, progress=False)
+    assert calls["n"] == 2
+    assert not (tmp_path / "c").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_bad_arguments(minilm, tmp_path):
+    model, tok = minilm
+    with pytest.raises(ConfigError, match="out of range"):
+        harvest((model, tok), TEXTS, layers=[6], out=tmp_path / "a", progress=False)
+    with pytest.raises(ConfigError, match="token_selection"):
+        harvest((model, tok), TEXTS, layers=0, out=tmp_path / "b", token_selection="first", progress=False)
+    with pytest.raises(ConfigError, match="site"):
+        harvest((model, tok), TEXTS, layers=0, out=tmp_path / "c", site="mlp_out", progress=False)
+    with pytest.raises(ConfigError, match="list of strings"):
+        harvest((model, tok), "one string", layers=0, out=tmp_path / "d", progress=False)
+    with pytest.raises(EmptyDataError):
+        harvest((model, tok), [], layers=0, out=tmp_path / "e", progress=False)
+    assert not any(tmp_path.iterdir())
+
+
+def test_normalise_layers():
+    assert normalise_layers("all", 3) == [0, 1, 2]
+    assert normalise_layers([-1, 0, 0], 4) == [0, 3]
+    assert normalise_layers(2, 4) == [2]
+    for bad in ([4], [True], "first", []):
+        with pytest.raises(ConfigError):
+            normalise_layers(bad, 4)
+
+
+def test_select_tokens_last_any_padding():
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
+    last = select_tokens(mask, "last")
+    assert last.nonzero().tolist() == [[0, 2], [1, 4], [2, 4]]  # the empty row selects nothing
+    special = torch.zeros_like(mask, dtype=torch.bool)
+    special[:, 4] = True
+    assert select_tokens(mask, "last", special).nonzero().tolist() == [[0, 2], [1, 3], [2, 3]]
+    assert torch.equal(select_tokens(mask, "all"), mask.bool())
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+
+
+def _stack(n):
+    return nn.ModuleList(_Block() for _ in range(n))
+
+
+class _Cfg:
+    num_hidden_layers = 3
+
+
+class _Llama(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.config = _Cfg()
+        self.model = nn.Module()
+        self.model.layers = _stack(3)
+        self.vision = nn.Module()
+        self.vision.encoder = nn.Module()
+        self.vision.encoder.layers = _stack(3)  # deeper: not the main stack
+
+
+class _NeoX(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.config = _Cfg()
+        self.gpt_neox = nn.Module()
+        self.gpt_neox.layers = _stack(3)
+        self.heads = _stack(2)  # wrong length
+
+
+class _EncDec(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.config = _Cfg()
+        self.encoder = nn.Module()
+        self.encoder.block = _stack(3)
+        self.decoder = nn.Module()
+        self.decoder.block = _stack(3)
+
+
+def test_find_blocks_generic():
+    assert find_blocks(_Llama())[0] == "model.layers"
+    assert find_blocks(_NeoX())[0] == "gpt_neox.layers"
+    with pytest.raises(ConfigError, match="ambiguous"):
+        find_blocks(_EncDec())
+    name, blocks = find_blocks(_EncDec(), blocks="decoder.block")
+    assert name == "decoder.block" and len(blocks) == 3
+    with pytest.raises(ConfigError, match="could not find"):
+        find_blocks(_Block())
+    with pytest.raises(ConfigError, match="no submodule"):
+        find_blocks(_Llama(), blocks="model.nope")
+
+
+def test_offline_texts():
+    a = offline_texts(n=20, seed=0)
+    assert a == offline_texts(n=20, seed=0) and a != offline_texts(n=20, seed=1)
+    full = offline_texts(seed=None)
+    assert len(full) > 1000 and sorted(offline_texts()) == sorted(full)
+    assert all(len(t) >= 100 for t in full)
+    assert sum(len(t) > 400 for t in full) < 0.05 * len(full)  # max_chars is exceeded only by glued tails
+    lines = [ln.strip() for t in full for ln in t.split("\n")]
+    assert not any(len(ln) >= 3 and set(ln) <= set("*=~-^#") for ln in lines)  # heading underlines removed
+    with pytest.raises(ConfigError):
+        offline_texts(n=10**6)
+    with pytest.raises(ConfigError):
+        offline_texts(min_chars=50, max_chars=10)
+
+
+def test_write_cache_roundtrip(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    acts = {2: torch.randn(50, 4, generator=g), 7: torch.randn(50, 4, generator=g)}
+    c = write_cache(tmp_path / "c", acts, token_ids=torch.arange(50), shard_tokens=16)
+    assert c.layers == [2, 7] and c.n_tokens == 50 and len(c.shards) == 4
+    assert torch.equal(c.load(7), acts[7]) and torch.equal(c.token_ids(), torch.arange(50))
+    assert json.loads((tmp_path / "c" / "manifest.json").read_text())["shards"][3]["n_tokens"] == 2
+
+
+@pytest.mark.slow
+def test_offline_harvest_all_layers(tmp_path):
+    """The README command: every MiniLM layer over the whole offline text."""
+    cache = harvest(layers="all", out=tmp_path / "minilm", progress=False)
+    assert cache.n_tokens > 100_000 and cache.layers == list(range(6))
+    ActivationCache.open(tmp_path / "minilm", verify=True)
