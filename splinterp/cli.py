@@ -1,0 +1,504 @@
+"""Command line: ``splinterp <command>`` (or ``python -m splinterp <command>``).
+
+    splinterp reproduce [--quick] [--out DIR] [--only NAME ...] [--skip NAME ...] [--seed S] [--device D]
+                        [--force] [--plotlyjs directory|inline|cdn]
+    splinterp figure NAME [--out DIR] [--quick] [--seed S] [--device D] [--force]
+    splinterp list [--json]
+    splinterp geometry SAE_FOLDER --data FILE.npy|.pt|.safetensors|CACHE_FOLDER [--layer L] [--key K]
+                        [--split train|test] [--max-rows N] [--json] [--out REPORT.json]
+    splinterp train --data mnist|FILE|CACHE_FOLDER --out SAE_FOLDER [--method sgd|pam_sgd] [model/training flags]
+
+The output folder of ``reproduce``/``figure`` (``--out``, default ``out``) must be new, empty, or a
+folder a previous ``splinterp reproduce`` wrote (it has our ``results.json``): then the jobs' files are
+replaced and ``results.json``/``summary.md`` are updated, other files stay. Any other non-empty folder is
+refused unless ``--force``. Every job's outputs, ``results.json`` (results, timings, settings per job)
+and ``summary.md`` are written atomically. The exit status is 0 when every job succeeded, 1 when one
+failed (the others still run), 2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime as _dt
+import json
+import logging
+import platform
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from splinterp.errors import ConfigError, OverwriteError, SplinterpError
+
+log = logging.getLogger("splinterp.cli")
+
+RESULTS = "results.json"
+SUMMARY = "summary.md"
+RESULTS_FORMAT = "splinterp.reproduce/1"
+
+
+class CLIError(SplinterpError, ValueError):
+    """A bad command-line argument (exit status 2)."""
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def check_device(device: str) -> str:
+    """A torch device string that exists on this machine."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise CLIError(f"--device {device!r} is not a torch device ({e}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {device!r}: CUDA is not available on this machine; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CLIError(f"--device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise CLIError(f"--device {device!r}: MPS is not available on this machine")
+    return str(dev)
+
+
+def _read_results(out: Path) -> dict | None:
+    path = out / RESULTS
+    if not path.is_file():
+        return None
+    try:
+        d = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return d if isinstance(d, dict) and d.get("format") == RESULTS_FORMAT else None
+
+
+def prepare_out(out: Path, force: bool) -> dict | None:
+    """Check the output folder rules (module doc); create it. Returns the previous results.json, if any."""
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} exists and is not a folder")
+    previous = _read_results(out) if out.is_dir() else None
+    if out.is_dir() and previous is None and any(out.iterdir()) and not force:
+        raise OverwriteError(f"--out {out} is not empty and was not written by `splinterp reproduce` "
+                             f"(no {RESULTS} of ours); choose a new or empty folder, or pass --force to write into it")
+    out.mkdir(parents=True, exist_ok=True)
+    return previous
+
+
+def _scalars(d: Any, prefix: str = "", depth: int = 0) -> list[tuple[str, Any]]:
+    """Flatten the scalar leaves of a results dict (two levels deep) for the summary."""
+    items: list[tuple[str, Any]] = []
+    if isinstance(d, dict) and depth < 2:
+        for k, v in d.items():
+            items += _scalars(v, f"{prefix}{k}." if isinstance(v, dict) else f"{prefix}{k}", depth + 1)
+    elif isinstance(d, (int, float, str, bool)) and not isinstance(d, dict):
+        items.append((prefix.rstrip("."), d))
+    return items
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def summary_markdown(results: dict) -> str:
+    meta = results.get("meta", {})
+    lines = ["# splinterp reproduce: summary", "",
+             f"Last run: {meta.get('finished', '?')}, splinterp {meta.get('splinterp_version', '?')}, "
+             f"torch {meta.get('torch_version', '?')}, {meta.get('machine', '?')}.", "",
+             "| job | status | mode | seed | seconds | quick budget | outputs |",
+             "|---|---|---|---|---|---|---|"]
+    for name, j in results.get("jobs", {}).items():
+        over = " (over budget)" if j.get("quick") and j.get("seconds", 0) > j.get("quick_seconds", 1e9) else ""
+        lines.append(f"| {name} | {j.get('status')} | {'quick' if j.get('quick') else 'full'} | {j.get('seed')} | "
+                     f"{j.get('seconds', 0):.1f}{over} | {j.get('quick_seconds', '')} | "
+                     f"{', '.join(j.get('outputs', []))} |")
+    for name, j in results.get("jobs", {}).items():
+        lines += ["", f"## {name}", "", j.get("description", "")]
+        if j.get("status") != "ok":
+            lines += ["", f"**Failed:** `{j.get('error', '')}`"]
+        sc = _scalars(j.get("results", {}))
+        if sc:
+            lines += [""] + [f"- `{k}`: {_fmt(v)}" for k, v in sc[:40]]
+            if len(sc) > 40:
+                lines.append(f"- ... {len(sc) - 40} more in {RESULTS}")
+    return "\n".join(lines) + "\n"
+
+
+@contextlib.contextmanager
+def _plotlyjs_mode(mode: str | None):
+    from splinterp.viz import output
+
+    old = output.DEFAULT_PLOTLYJS
+    if mode is not None:
+        output.DEFAULT_PLOTLYJS = mode
+    try:
+        yield
+    finally:
+        output.DEFAULT_PLOTLYJS = old
+
+
+def run_jobs(names: Sequence[str], out: Path, quick: bool, seed: int, device: str, force: bool = False,
+             plotlyjs: str | None = None, progress: bool = True) -> dict:
+    """Run the named registered jobs into `out`; write results.json and summary.md. Returns results."""
+    import torch
+    from tqdm.auto import tqdm
+
+    import splinterp
+    from splinterp.atomic import write_json, write_text
+    from splinterp.experiments import registry
+
+    previous = prepare_out(out, force)
+    results = previous or {"format": RESULTS_FORMAT, "meta": {}, "jobs": {}}
+    results.setdefault("jobs", {})
+    t_all = time.perf_counter()
+    bar = tqdm(names, desc="splinterp reproduce", unit="job", disable=not progress)
+    with _plotlyjs_mode(plotlyjs):
+        for name in bar:
+            job = registry.get(name)
+            bar.set_postfix_str(name)
+            log.info("job %s: %s", name, job.description)
+            registry.seed_everything(seed)
+            entry: dict[str, Any] = {"description": job.description, "module": job.module, "quick": quick,
+                                     "seed": seed, "device": device, "quick_seconds": job.quick_seconds,
+                                     "outputs": list(job.outputs)}
+            t0 = time.perf_counter()
+            try:
+                res = job(out, quick, seed, device)
+                if res is None:
+                    res = {}
+                if not isinstance(res, dict):
+                    raise ConfigError(f"job {name} returned {type(res).__name__}, not a dict")
+                entry["results"] = registry.to_jsonable(res, f"{name} result")
+                missing = [o for o in job.outputs if not (out / o).is_file()]
+                if missing:
+                    raise ConfigError(f"job {name} did not write its declared outputs {missing}")
+                entry["status"] = "ok"
+            except Exception as e:  # noqa: BLE001 - one failing job must not stop the others
+                entry["status"] = "failed"
+                entry["error"] = f"{type(e).__name__}: {e}"
+                entry.setdefault("results", {})
+                log.error("job %s failed: %s\n%s", name, entry["error"], traceback.format_exc())
+            entry["seconds"] = round(time.perf_counter() - t0, 2)
+            if quick and entry["seconds"] > job.quick_seconds:
+                log.warning("job %s took %.1f s in quick mode, over its declared %.0f s", name, entry["seconds"],
+                            job.quick_seconds)
+            results["jobs"][name] = entry
+            results["meta"] = {
+                "splinterp_version": splinterp.__version__, "torch_version": torch.__version__,
+                "python": platform.python_version(), "machine": f"{platform.system()} {platform.machine()}",
+                "finished": _dt.datetime.now().isoformat(timespec="seconds"),
+                "last_command": {"jobs": list(names), "quick": quick, "seed": seed, "device": device},
+                "last_total_seconds": round(time.perf_counter() - t_all, 2),
+            }
+            write_json(out / RESULTS, results)  # after every job: an interrupted run keeps what finished
+    write_text(out / SUMMARY, summary_markdown(results))
+    return results
+
+
+# ------------------------------------------------------------------------------------------ commands
+def _all_jobs():
+    from splinterp.experiments import registry
+
+    jobs = registry.load_all()
+    for mod, err in registry.load_errors().items():
+        log.warning("module %s failed to import: %s", mod, err)
+    return jobs
+
+
+def _select(jobs: dict, only: Sequence[str] | None, skip: Sequence[str] | None) -> list[str]:
+    known = ", ".join(jobs) or "(none)"
+    for name in list(only or []) + list(skip or []):
+        if name not in jobs:
+            raise CLIError(f"unknown job {name!r}; known jobs: {known} (see `splinterp list`)")
+    names = list(dict.fromkeys(only)) if only else list(jobs)
+    names = [n for n in names if n not in set(skip or [])]
+    if not names:
+        raise CLIError("no job left to run")
+    return names
+
+
+def _report(results: dict, names: Sequence[str], out: Path) -> int:
+    failed = [n for n in names if results["jobs"][n]["status"] != "ok"]
+    total = sum(results["jobs"][n]["seconds"] for n in names)
+    print(f"splinterp: ran {len(names)} job(s) in {total:.1f} s into {out}/ ({RESULTS}, {SUMMARY})")
+    for n in names:
+        j = results["jobs"][n]
+        status = "ok" if j["status"] == "ok" else f"FAILED ({j['error']})"
+        print(f"  {n:<28} {j['seconds']:7.1f} s  {status}")
+    if failed:
+        print(f"splinterp: {len(failed)} job(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    device = check_device(args.device)
+    jobs = _all_jobs()
+    names = _select(jobs, args.only, args.skip)
+    out = Path(args.out)
+    results = run_jobs(names, out, args.quick, args.seed, device, args.force, args.plotlyjs,
+                       progress=not args.no_progress)
+    return _report(results, names, out)
+
+
+def cmd_figure(args) -> int:
+    device = check_device(args.device)
+    jobs = _all_jobs()
+    names = _select(jobs, [args.name], None)
+    out = Path(args.out)
+    results = run_jobs(names, out, args.quick, args.seed, device, args.force, args.plotlyjs,
+                       progress=not args.no_progress)
+    return _report(results, names, out)
+
+
+def cmd_list(args) -> int:
+    from splinterp.experiments import registry
+
+    jobs = _all_jobs()
+    if args.json:
+        print(json.dumps({n: {"description": j.description, "outputs": list(j.outputs), "module": j.module,
+                              "quick_seconds": j.quick_seconds} for n, j in jobs.items()}, indent=2))
+        return 0
+    if not jobs:
+        print("no jobs registered")
+    for n, j in jobs.items():
+        print(f"{n}  (~{j.quick_seconds:.0f} s quick, {j.module})\n    {j.description}\n    -> {', '.join(j.outputs)}")
+    for mod, err in registry.load_errors().items():
+        print(f"(module {mod} failed to import: {err})")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ geometry
+def load_matrix(path: Path, layer: int | None = None, key: str | None = None, split: str | None = None):
+    """A data matrix [N, d] from .npy, .pt/.pth, .safetensors or an activation-cache folder."""
+    import numpy as np
+    import torch
+
+    if not path.exists():
+        raise CLIError(f"--data {path} does not exist")
+    if path.is_dir():
+        from splinterp.data.cache import ActivationCache
+
+        cache = ActivationCache.open(path)
+        if layer is None:
+            if len(cache.layers) != 1:
+                raise CLIError(f"--data {path} caches layers {cache.layers}; choose one with --layer")
+            layer = cache.layers[0]
+        if layer not in cache.layers:
+            raise CLIError(f"--layer {layer} is not in the cache (layers {cache.layers})")
+        return cache.load(layer, split=split, dtype=None)
+    if split is not None:
+        raise CLIError("--split applies to activation-cache folders only")
+    suffix = path.suffix.lower()
+
+    def pick(d: dict, what: str):
+        if key is not None:
+            if key not in d:
+                raise CLIError(f"--key {key!r} is not in {path} (keys: {sorted(d)})")
+            return d[key]
+        tensors = {k: v for k, v in d.items() if isinstance(v, (torch.Tensor, np.ndarray))}
+        if len(tensors) != 1:
+            raise CLIError(f"{path} holds {len(tensors)} {what} ({sorted(tensors)}); choose one with --key")
+        return next(iter(tensors.values()))
+
+    if suffix == ".npy":
+        try:
+            x = torch.from_numpy(np.load(path, allow_pickle=False))
+        except ValueError as e:
+            raise CLIError(f"cannot read {path} as a .npy array: {e}") from None
+    elif suffix in (".pt", ".pth"):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling problem becomes one clear message
+            raise CLIError(f"cannot read {path} as a torch tensor file: {e}") from None
+        x = obj if isinstance(obj, torch.Tensor) else pick(obj, "tensors") if isinstance(obj, dict) else None
+        if x is None:
+            raise CLIError(f"{path} holds a {type(obj).__name__}, not a tensor or a dict of tensors")
+    elif suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            x = pick(load_file(str(path)), "tensors")
+        except CLIError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise CLIError(f"cannot read {path} as safetensors: {e}") from None
+    else:
+        raise CLIError(f"--data {path}: unknown format {suffix!r}; use .npy, .pt, .safetensors or a cache folder")
+    x = torch.as_tensor(x)
+    if x.ndim != 2:
+        raise CLIError(f"--data {path} has shape {tuple(x.shape)}; a matrix [N, d_in] is needed")
+    return x
+
+
+def geometry_report(sae, X, batch_size: int = 8192) -> dict:
+    """Region statistics plus l0, mse, explained variance and alive latents of `sae` on X."""
+    import torch
+
+    from splinterp.geometry import active_mask, region_stats
+
+    stats = region_stats(sae, X, batch_size=batch_size)
+    mask = active_mask(sae, X, batch_size=batch_size)
+    sq_err = 0.0
+    with torch.no_grad():
+        for s in range(0, X.shape[0], batch_size):
+            xb = X[s: s + batch_size].to(sae.device)
+            sq_err += float(((xb - sae(xb)) ** 2).double().sum())
+    Xd = X.double()
+    total = float(((Xd - Xd.mean(0)) ** 2).sum())
+    n, d = X.shape
+    sizes = stats.pop("region_sizes")
+    stats.pop("size_histogram")
+    return {
+        "architecture": sae.cfg.architecture, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "k": sae.cfg.k,
+        "n_rows": n,
+        "l0": float(mask.sum(1).double().mean()),
+        "mse": sq_err / (n * d),
+        "explained_variance": 1.0 - sq_err / total if total > 0 else float("nan"),
+        "frac_alive": float(mask.any(0).double().mean()),
+        **stats,
+        "largest_region_sizes": sizes[:10],
+    }
+
+
+def cmd_geometry(args) -> int:
+    import torch
+
+    import splinterp
+    from splinterp.atomic import write_json
+    from splinterp.experiments.registry import to_jsonable
+
+    device = check_device(args.device)
+    sae = splinterp.load(args.folder, device=device)
+    X = load_matrix(Path(args.data), args.layer, args.key, args.split)
+    if args.max_rows is not None:
+        if args.max_rows < 1:
+            raise CLIError(f"--max-rows must be >= 1, got {args.max_rows}")
+        if X.shape[0] > args.max_rows:
+            g = torch.Generator().manual_seed(args.seed)
+            X = X[torch.randperm(X.shape[0], generator=g)[: args.max_rows].sort().values]
+    if X.shape[1] != sae.cfg.d_in:
+        raise CLIError(f"--data has {X.shape[1]} columns but the SAE expects d_in={sae.cfg.d_in}")
+    if not X.is_floating_point():
+        raise CLIError(f"--data has dtype {X.dtype}; the SAE needs floating-point activations")
+    if X.dtype != sae.dtype:
+        log.info("converting data from %s to the SAE's %s", X.dtype, sae.dtype)
+        X = X.to(sae.dtype)
+    if args.standardizer:
+        from splinterp.data.cache import Standardizer
+
+        X = Standardizer.load(args.standardizer).transform(X).to(sae.dtype)
+    report = to_jsonable(geometry_report(sae, X, args.batch_size))
+    report["sae_folder"], report["data"] = str(args.folder), str(args.data)
+    if args.out:
+        write_json(args.out, report)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        w = max(len(k) for k in report)
+        for k, v in report.items():
+            print(f"{k:<{w}}  {_fmt(v)}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- train
+def _add_dataclass_flags(p: argparse.ArgumentParser, cls, skip: set[str], prefix: str = "") -> list[str]:
+    """One --flag per field of a typed dataclass config (bool -> --flag/--no-flag). Returns field names."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    names = []
+    for f in dataclasses.fields(cls):
+        if f.name in skip or f.name.startswith("_"):
+            continue
+        t = hints.get(f.name)
+        flag = "--" + (prefix + f.name).replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        doc = f"(default {default!r})"
+        base = [a for a in typing.get_args(t) if a is not type(None)] if typing.get_origin(t) else [t]
+        base_t = base[0] if len(base) == 1 else None
+        if base_t is bool:
+            p.add_argument(flag, dest=prefix + f.name, action=argparse.BooleanOptionalAction, default=None,
+                           help=doc)
+        elif base_t in (int, float, str):
+            p.add_argument(flag, dest=prefix + f.name, type=base_t, default=None, help=doc)
+        else:
+            continue  # lists, dicts, unions: not settable from the command line
+        names.append(f.name)
+    return names
+
+
+# -------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="splinterp", description="The spline geometry of sparse autoencoders.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def run_flags(q):
+        q.add_argument("--out", default="out", help="output folder: new, empty, or written by a previous "
+                       "reproduce (default: out)")
+        q.add_argument("--quick", action="store_true", help="small settings (all jobs in about 3 minutes on 2 cores)")
+        q.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+        q.add_argument("--device", default="cpu", help="torch device (default cpu)")
+        q.add_argument("--force", action="store_true", help="write into a non-empty folder not made by reproduce")
+        q.add_argument("--plotlyjs", choices=("directory", "inline", "cdn"), default=None,
+                       help="how HTML figures get plotly.js: one shared plotly.min.js in --out (default, "
+                       "offline), inline in every page, or from the CDN (small files, needs network)")
+        q.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    q = sub.add_parser("reproduce", help="run every registered figure/experiment job",
+                       description="Run the registered jobs (see `splinterp list`) and write their figures, "
+                       f"{RESULTS} and {SUMMARY} into --out.")
+    run_flags(q)
+    q.add_argument("--only", nargs="+", metavar="NAME", help="run only these jobs")
+    q.add_argument("--skip", nargs="+", metavar="NAME", help="run every job but these")
+    q.set_defaults(func=cmd_reproduce)
+
+    q = sub.add_parser("figure", help="run one job", description="Run one registered job into --out.")
+    q.add_argument("name", help="job name (see `splinterp list`)")
+    run_flags(q)
+    q.set_defaults(func=cmd_figure)
+
+    q = sub.add_parser("list", help="list the registered jobs and their outputs")
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+    q.set_defaults(func=cmd_list)
+
+    q = sub.add_parser("geometry", help="region report of a saved SAE on your data",
+                       description="Load an SAE folder (splinterp, SAELens or sparsify) and report its regions "
+                       "(region_stats), l0, mse, explained variance and alive latents on --data.")
+    q.add_argument("folder", help="SAE folder (cfg.json + weights)")
+    q.add_argument("--data", required=True, help=".npy, .pt, .safetensors matrix [N, d_in], or an activation "
+                   "cache folder (splinterp.data.harvest)")
+    q.add_argument("--layer", type=int, default=None, help="layer to read from a cache folder")
+    q.add_argument("--key", default=None, help="tensor name inside a .pt/.safetensors file holding several")
+    q.add_argument("--split", choices=("train", "test"), default=None, help="cache split (default: all tokens)")
+    q.add_argument("--standardizer", default=None, help="standardizer JSON the SAE was trained with")
+    q.add_argument("--max-rows", type=int, default=None, help="random subset of this many rows")
+    q.add_argument("--batch-size", type=int, default=8192)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--device", default="cpu")
+    q.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    q.add_argument("--out", default=None, help="also write the report to this JSON file")
+    q.set_defaults(func=cmd_geometry)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (SplinterpError, FileNotFoundError) as e:
+        print(f"splinterp {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Writing figures: PNG through `splinterp.atomic` (never a half-written file) and plotly HTML.
+
+HTML and plotly.js: ``plotlyjs="directory"`` (default) writes one shared ``plotly.min.js`` (~4.8 MB) next
+to the HTML files, so every page works offline and a folder of many pages carries the library once;
+``"inline"`` embeds it in each page (self-contained single file, ~4.8 MB each); ``"cdn"`` loads it
+from the plotly CDN (tiny files, needs network to view).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from splinterp.atomic import write_text, write_with
+
+PLOTLYJS_MODES = ("directory", "inline", "cdn")
+PLOTLY_BUNDLE = "plotly.min.js"
+DEFAULT_PLOTLYJS = "directory"
+"""Mode used when `write_html` gets plotlyjs=None (`splinterp reproduce --plotlyjs` sets it)."""
+
+
+def save_png(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Save a matplotlib figure as PNG, atomically."""
+    path = Path(path)
+    write_with(path, lambda p: fig.savefig(p, format="png", dpi=dpi))
+    return path
+
+
+def write_html(fig, path: str | os.PathLike, plotlyjs: str | None = None) -> Path:
+    """Save a plotly figure as a standalone HTML page, atomically (see the module doc for `plotlyjs`;
+    None means `DEFAULT_PLOTLYJS`)."""
+    plotlyjs = plotlyjs or DEFAULT_PLOTLYJS
+    if plotlyjs not in PLOTLYJS_MODES:
+        raise ValueError(f"plotlyjs must be one of {PLOTLYJS_MODES}, got {plotlyjs!r}")
+    path = Path(path)
+    page = fig.to_html(include_plotlyjs={"inline": True}.get(plotlyjs, plotlyjs), full_html=True)
+    if plotlyjs == "directory":
+        from plotly.offline import get_plotlyjs
+
+        bundle = path.parent / PLOTLY_BUNDLE
+        js = get_plotlyjs()
+        if not bundle.is_file() or bundle.stat().st_size != len(js.encode("utf-8")):
+            write_text(bundle, js)
+    write_text(path, page)
+    return path

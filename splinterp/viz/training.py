@@ -1,0 +1,101 @@
+"""Training curves: SGD vs PAM-SGD (or any runs) from `History` objects or plain dicts of lists."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from splinterp.viz.colors import palette
+
+_LINESTYLES = {"train": "--", "test": "-"}
+
+
+def as_curves(history: Any) -> dict[str, list[float]]:
+    """A run's per-epoch series as {name: list of floats}.
+
+    Accepts a dict, a dataclass (e.g. `splinterp.train.History`), or any object with `to_dict()`; keeps
+    the entries that are sequences of numbers (scalars such as wall time totals are dropped).
+    """
+    if hasattr(history, "to_dict") and callable(history.to_dict):
+        d = history.to_dict()
+    elif dataclasses.is_dataclass(history) and not isinstance(history, type):
+        d = dataclasses.asdict(history)
+    elif isinstance(history, Mapping):
+        d = dict(history)
+    else:
+        raise TypeError(f"cannot read training curves from {type(history).__name__}: pass a History or a dict")
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, (list, tuple, np.ndarray)) and len(v) and all(
+                isinstance(x, (int, float, np.number)) and not isinstance(x, bool) for x in np.ravel(v)):
+            out[str(k)] = [float(x) for x in np.ravel(v)]
+    return out
+
+
+def plot_training_curves(
+    histories: Mapping[str, Any],
+    metrics: Sequence[str] = ("train_mse", "test_mse"),
+    x: str | None = None,
+    logy: bool = True,
+    title: str | None = None,
+    ax=None,
+) -> Figure:
+    """Curves of `metrics` against epoch for each named run (e.g. {"SGD": h1, "PAM-SGD": h2}).
+
+    One colour per run; train dashed, test solid (by the metric name's prefix). `x` names a series to use
+    as the x axis (e.g. "wall_time"); default is the epoch index 1..n. Metrics a run lacks are skipped.
+    """
+    if not histories:
+        raise ValueError("histories is empty: pass {run name: History or dict}")
+    if ax is None:
+        fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+        ax = fig.add_subplot()
+    else:
+        fig = ax.figure
+    cols = palette(max(len(histories), 1))
+    drawn = 0
+    for color, (name, h) in zip(cols, histories.items()):
+        curves = as_curves(h)
+        for m in metrics:
+            if m not in curves:
+                continue
+            y = np.asarray(curves[m])
+            xs = np.asarray(curves[x]) if x is not None and x in curves else np.arange(1, len(y) + 1)
+            style = next((s for p, s in _LINESTYLES.items() if m.startswith(p)), "-")
+            ax.plot(xs[: len(y)], y, style, color=color * 0.8, lw=2, label=f"{name}: {m}", marker="o", ms=3)
+            drawn += 1
+    if drawn == 0:
+        raise ValueError(f"none of the runs has any of the metrics {list(metrics)}")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(x or "epoch")
+    ax.set_ylabel(", ".join(metrics))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def plot_metric_bars(results: Mapping[str, Mapping[str, float]], metric: str, title: str | None = None,
+                     ax=None) -> Figure:
+    """Bar chart of one final metric per run: results = {run: {metric: value}}."""
+    names = [n for n in results if metric in results[n]]
+    if not names:
+        raise ValueError(f"no run has metric {metric!r}")
+    if ax is None:
+        fig = Figure(figsize=(1.2 + 1.1 * len(names), 3.6), layout="constrained")
+        ax = fig.add_subplot()
+    else:
+        fig = ax.figure
+    vals = [float(results[n][metric]) for n in names]
+    bars = ax.bar(names, vals, color=palette(len(names)) * 0.85)
+    ax.bar_label(bars, fmt="%.4g", fontsize=8)
+    ax.set_ylabel(metric)
+    ax.set_title(title or metric)
+    ax.grid(axis="y", alpha=0.3)
+    return fig
