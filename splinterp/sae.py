@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from splinterp import kernels
 from splinterp.errors import ConfigError, ShapeError
 from splinterp.validation import check_data
 
@@ -236,13 +237,63 @@ class SAE(nn.Module):
         idx, active = self.select_topk(u)
         return torch.zeros(u.shape, dtype=torch.bool, device=u.device).scatter_(-1, idx, active)
 
-    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+    def _encode_dense(self, x: torch.Tensor) -> torch.Tensor:
         u = self._pre_acts(x)
         return u * self.select(u.detach())
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def _code(self, x: torch.Tensor, dense: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Code of x [N, d_in]: (values, indices) when sparse, (z, None) when dense.
+
+        TopK codes always go sparse (see splinterp.kernels); threshold codes only while sparse enough
+        to pay. `dense=True` or `kernels.dense_reference()` gives the plain formulas.
+        """
+        if dense or not kernels.sparse_enabled():
+            return self._encode_dense(x), None
+        arch = self.cfg.architecture
+        W, b = self.encoder_affine()
+        if arch in TOPK_ARCHITECTURES:
+            return kernels.encode_topk(x, W, b, self.cfg.k, absolute=arch == "topk_abs")
+        u = x @ W + b
+        mask = self.select(u.detach())
+        if kernels.is_sparse_enough(mask):
+            return kernels.encode_masked(x, W, b, u.detach(), mask)
+        return u * mask, None
+
+    def _encode(self, x: torch.Tensor, dense: bool = False) -> torch.Tensor:
+        a, idx = self._code(x.reshape(-1, self.cfg.d_in), dense)
+        z = a if idx is None else kernels.densify(a, idx, self.cfg.d_sae)
+        return z.reshape(*x.shape[:-1], self.cfg.d_sae)
+
+    def encode(self, x: torch.Tensor, dense: bool = False) -> torch.Tensor:
         """Dense code z [..., d_sae]: z_i = u_i on active latents, 0 elsewhere."""
-        return self._encode(self._check(x))
+        return self._encode(self._check(x), dense)
+
+    def encode_sparse(self, x: torch.Tensor, dense: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sparse code (values [..., m], indices [..., m]), differentiable in values.
+
+        TopK: m = k, in decreasing order of the ranking score (ties towards the lower index); for topk
+        a selected latent with u <= 0 has value 0. Threshold rules: m = the most active latents in a
+        row, shorter rows padded with index 0 and value 0.
+        """
+        x = self._check(x)
+        x2 = x.reshape(-1, self.cfg.d_in)
+        W, b = self.encoder_affine()
+        if self.cfg.architecture in TOPK_ARCHITECTURES:
+            if dense or not kernels.sparse_enabled():
+                u = x2 @ W + b
+                idx, active = self.select_topk(u.detach())
+                vals = u.gather(-1, idx) * active
+            else:
+                vals, idx = kernels.encode_topk(x2, W, b, self.cfg.k, absolute=self.cfg.architecture == "topk_abs")
+        else:
+            u = x2 @ W + b
+            mask = self.select(u.detach())
+            if dense or not kernels.sparse_enabled():
+                idx, live = kernels.mask_to_padded(mask)
+                vals = u.gather(-1, idx) * live
+            else:
+                vals, idx = kernels.encode_masked(x2, W, b, u.detach(), mask)
+        return vals.reshape(*x.shape[:-1], -1), idx.reshape(*x.shape[:-1], -1)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """x_hat = z @ W_dec + b_dec."""
@@ -251,9 +302,12 @@ class SAE(nn.Module):
             raise ShapeError(f"z must have shape [..., d_sae={self.cfg.d_sae}], got {shape}")
         return z @ self.W_dec + self.b_dec
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Reconstruction x_hat [..., d_in]."""
-        return self._encode(self._check(x)) @ self.W_dec + self.b_dec
+    def forward(self, x: torch.Tensor, dense: bool = False) -> torch.Tensor:
+        """Reconstruction x_hat [..., d_in]; sparse end to end for TopK (dense=True: plain formulas)."""
+        x = self._check(x)
+        a, idx = self._code(x.reshape(-1, self.cfg.d_in), dense)
+        x_hat = a @ self.W_dec + self.b_dec if idx is None else kernels.decode(a, idx, self.W_dec, self.b_dec)
+        return x_hat.reshape(x.shape)
 
     def extra_repr(self) -> str:
         c = self.cfg

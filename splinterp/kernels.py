@@ -1,0 +1,375 @@
+"""Sparse SAE kernels: TopK encoding and decoding as sparse products, forward and backward.
+
+Why: a TopK code has k non-zeros out of d_sae per row, so once the scores u = x @ W + b are known (the one
+dense product, needed to choose the k) everything else (the decoder, the decoder's gradients, the
+encoder's weight and bias gradients) is a sparse product of cost B*k*d_in instead of B*d_sae*d_in. The
+dense [B, d_sae] score matrix is never held in full either: it is computed in row chunks that stay in
+cache while the top-k is taken, so memory is O(B*k + chunk*d_sae).
+
+Pure torch ops (`embedding_bag`, `sampled_addmm`, `topk`, ...), so the same code runs on CPU and CUDA.
+
+    vals, idx = encode_topk(x, W_enc, b_enc, k)             # [B, k], [B, k]; differentiable in x, W, b
+    x_hat = decode(vals, idx, W_dec, b_dec)                  # [B, d_in]; differentiable in vals, W_dec, b_dec
+    z = densify(vals, idx, d_sae)                            # the dense code [B, d_sae] if one is needed
+
+`SAE.forward`, `SAE.encode` and `SAE.encode_sparse` use these by default; `dense_reference()` (or
+`SAE.forward(x, dense=True)`) switches back to the plain dense formulas, which the tests compare against.
+
+Selection is canonical and identical to `splinterp.sae.topk_indices`: the k largest scores in decreasing
+order, ties broken towards the lower latent index. Rows with any tie near the top are redone with a
+stable sort (ties have measure zero on real data, so this costs nothing in practice).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import warnings
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from splinterp.errors import ConfigError, DTypeError, ShapeError
+
+__all__ = [
+    "decode",
+    "dense_reference",
+    "densify",
+    "encode_masked",
+    "encode_topk",
+    "is_sparse_enough",
+    "mask_to_padded",
+    "set_sparse_enabled",
+    "sparse_enabled",
+    "topk_select",
+]
+
+# ---------------------------------------------------------------------------------------------- switches
+_state = threading.local()
+
+MAX_DENSITY = 1 / 16
+"""Threshold codes (relu, jumprelu, gated) go sparse only while the busiest row has at most this fraction
+of d_sae active: above it the gathers of the sparse products cost more than one dense matmul."""
+
+CPU_CHUNK_BYTES = 1 << 22
+"""Score rows computed at once on CPU (4 MiB): small enough to stay in cache for the top-k pass."""
+
+GPU_CHUNK_ELEMENTS = 1 << 28
+"""Score elements computed at once on an accelerator: only a memory bound, kernels like big launches."""
+
+
+def sparse_enabled() -> bool:
+    """Whether SAE.forward / encode take the sparse path (the default; per thread)."""
+    return getattr(_state, "enabled", True)
+
+
+def set_sparse_enabled(flag: bool) -> None:
+    """Turn the sparse path on or off for this thread (off = the plain dense formulas)."""
+    _state.enabled = bool(flag)
+
+
+@contextlib.contextmanager
+def dense_reference() -> Iterator[None]:
+    """Run the block with the dense formulas: the reference the sparse kernels are tested against."""
+    old = sparse_enabled()
+    set_sparse_enabled(False)
+    try:
+        yield
+    finally:
+        set_sparse_enabled(old)
+
+
+# ---------------------------------------------------------------------------------------------- selection
+def _stable_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The tie rule itself: decreasing score, equal scores by increasing index."""
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def topk_select(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices [R, k] of the k largest scores per row, decreasing, ties towards the lower index.
+
+    Same result as `splinterp.sae.topk_indices`, cheaper: one `topk` of k+1 tells whether the k-th and
+    (k+1)-th scores are tied, so no extra pass over the scores is needed; tied rows use a stable sort.
+    """
+    if scores.ndim != 2:
+        raise ShapeError(f"scores must be 2-D [rows, d_sae], got shape {tuple(scores.shape)}")
+    n = scores.shape[1]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+        raise ConfigError(f"k must be an integer with 1 <= k <= {n}, got {k!r}")
+    if scores.shape[0] == 0:
+        return torch.empty(0, k, dtype=torch.long, device=scores.device)
+    if k == n:
+        return _stable_topk(scores, k)
+    v, i = torch.topk(scores, k + 1, dim=-1)
+    # ties (and NaN, whose order topk does not define) anywhere in the top k+1: redo the row exactly
+    bad = ~(v[:, :-1] > v[:, 1:]).all(-1)
+    idx = i[:, :k]
+    if bool(bad.any()):
+        rows = bad.nonzero().squeeze(1)
+        idx = idx.clone()
+        idx[rows] = _stable_topk(scores[rows], k)
+    return idx.contiguous()
+
+
+def _chunk_rows(n_rows: int, d_sae: int, x: torch.Tensor) -> int:
+    if x.device.type == "cpu":
+        rows = CPU_CHUNK_BYTES // (d_sae * x.element_size())
+    else:
+        rows = GPU_CHUNK_ELEMENTS // d_sae
+    return max(1, min(n_rows, rows))
+
+
+# ---------------------------------------------------------------------------------------------- patterns
+class _LatentMajor:
+    """The code's pattern transposed (batch rows grouped by latent), built once per indices tensor.
+
+    Why: the weight gradients of encoder and decoder are both sums over the batch rows where a latent
+    fires; sorting the indices once serves both backward passes (the holder rides on the indices tensor).
+    """
+
+    __slots__ = ("version", "rows", "order", "offsets", "n")
+
+    def __init__(self) -> None:
+        self.version = None
+        self.rows = self.order = self.offsets = None
+        self.n = None
+
+    def get(self, idx: torch.Tensor, n: int) -> _LatentMajor:
+        if self.rows is None or self.version != idx._version or self.n != n:
+            flat = idx.reshape(-1)
+            order = torch.sort(flat, stable=True).indices  # stable: deterministic sums
+            counts = torch.bincount(flat, minlength=n)
+            itype = torch.int32 if flat.numel() < 2**31 else torch.long
+            self.rows = torch.div(order, max(idx.shape[-1], 1), rounding_mode="floor").to(itype)
+            self.order = order
+            self.offsets = (counts.cumsum(0) - counts).to(itype)
+            self.version, self.n = idx._version, n
+        return self
+
+
+def _pattern_of(idx: torch.Tensor) -> _LatentMajor:
+    holder = getattr(idx, "_splinterp_latent_major", None)
+    if not isinstance(holder, _LatentMajor):
+        holder = _LatentMajor()
+        try:
+            idx._splinterp_latent_major = holder
+        except (AttributeError, RuntimeError):  # e.g. a tensor subclass that refuses attributes
+            pass
+    return holder
+
+
+def _latent_sum(pat: _LatentMajor, weights: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """out[i] = sum over (b, j) with idx[b, j] == i of weights[b, j] * table[b]: [n, d], cost nnz * d."""
+    w = weights.reshape(-1)[pat.order].to(table.dtype)
+    return F.embedding_bag(pat.rows, table.contiguous(), pat.offsets, mode="sum", per_sample_weights=w)
+
+
+_SAMPLED_OK = {torch.float32, torch.float64}
+
+
+def _rowdot(a: torch.Tensor, table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """out[b, j] = <table[idx[b, j]], a[b]>: [B, m], cost B*m*d (a sampled dense-dense product)."""
+    B, m = idx.shape
+    n = table.shape[0]
+    if B * m == 0:
+        return a.new_zeros(B, m)
+    if a.device.type == "cpu" and a.dtype in _SAMPLED_OK and table.dtype == a.dtype:
+        crow = torch.arange(0, B * m + 1, m, device=a.device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+            pattern = torch.sparse_csr_tensor(
+                crow, idx.reshape(-1), a.new_zeros(B * m), size=(B, n), check_invariants=False
+            )
+            return torch.sparse.sampled_addmm(pattern, a, table.t(), beta=0.0).values().view(B, m)
+    out = a.new_empty(B, m)
+    step = max(1, (1 << 24) // max(1, m * table.shape[1]))
+    for s in range(0, B, step):
+        rows = table[idx[s : s + step]]  # [r, m, d]
+        out[s : s + step] = torch.bmm(rows, a[s : s + step].unsqueeze(-1).to(rows.dtype)).squeeze(-1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- encoder
+class _AffineGather(torch.autograd.Function):
+    """values[b, j] = u[b, idx[b, j]] with u = x @ W + b (where live; 0 elsewhere), sparse backward.
+
+    The forward receives the values already selected (the selection is not differentiable); this
+    function only supplies the gradient: grad_W = x^T G and grad_x = G W^T with G the sparse
+    [B, d_sae] pre-activation gradient, both as B*m*d_in gathers instead of dense matmuls.
+    """
+
+    @staticmethod
+    def forward(ctx, x, W, b, values, idx, live):
+        ctx.save_for_backward(x, W, idx, live)
+        ctx.holder = _pattern_of(idx)
+        ctx.has_live = live is not None
+        return values.clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_values):
+        x, W, idx, live = ctx.saved_tensors
+        g = grad_values if not ctx.has_live else grad_values * live
+        n = W.shape[1]
+        grad_x = grad_W = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(idx, W.t().contiguous(), mode="sum", per_sample_weights=g.to(W.dtype))
+            grad_x = grad_x.to(x.dtype)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            pat = ctx.holder.get(idx, n)
+            if ctx.needs_input_grad[1]:
+                grad_W = _latent_sum(pat, g, x).to(W.dtype).t()
+            if ctx.needs_input_grad[2]:
+                grad_b = torch.zeros(n, dtype=g.dtype, device=g.device).index_add_(0, idx.reshape(-1), g.reshape(-1))
+        return grad_x, grad_W, grad_b, None, None, None
+
+
+def _check_affine(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> None:
+    if x.ndim != 2 or W.ndim != 2 or b.ndim != 1:
+        raise ShapeError(
+            f"need x [B, d_in], W [d_in, d_sae], b [d_sae]; got {tuple(x.shape)}, {tuple(W.shape)}, {tuple(b.shape)}"
+        )
+    if x.shape[1] != W.shape[0] or b.shape[0] != W.shape[1]:
+        raise ShapeError(f"x {tuple(x.shape)}, W {tuple(W.shape)} and b {tuple(b.shape)} do not fit x @ W + b")
+    if not (x.is_floating_point() and W.is_floating_point() and b.is_floating_point()):
+        raise DTypeError("x, W and b must be floating point")
+
+
+def encode_topk(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    b: torch.Tensor,
+    k: int,
+    *,
+    absolute: bool = False,
+    chunk_rows: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """TopK code of x [B, d_in] under scores u = x @ W + b: (values [B, k], indices [B, k]).
+
+    absolute=False: the k largest u, then ReLU (values <= 0 become 0 and pass no gradient), as SAELens
+    and sparsify. absolute=True: the k largest |u|, signed values kept (the SplInterp paper's variant).
+    Indices are in decreasing order of the ranking score, ties towards the lower index.
+    """
+    _check_affine(x, W, b)
+    B, n = x.shape[0], W.shape[1]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+        raise ConfigError(f"k must be an integer with 1 <= k <= d_sae={n}, got {k!r}")
+    rows = chunk_rows or _chunk_rows(B, n, x)
+    with torch.no_grad():
+        idx = torch.empty(B, k, dtype=torch.long, device=x.device)
+        vals = torch.empty(B, k, dtype=torch.result_type(x, W), device=x.device)
+        Wd, bd = W.detach(), b.detach()
+        buf = torch.empty(min(rows, B), n, dtype=vals.dtype, device=x.device)
+        sbuf = torch.empty_like(buf) if absolute else None
+        for s in range(0, B, rows):
+            xs = x.detach()[s : s + rows]
+            u = buf[: xs.shape[0]]
+            torch.mm(xs, Wd, out=u)
+            u += bd  # as x @ W + b, so values match the dense formula
+            score = torch.abs(u, out=sbuf[: xs.shape[0]]) if absolute else u
+            ix = topk_select(score, k)
+            idx[s : s + rows] = ix
+            torch.gather(u, 1, ix, out=vals[s : s + rows])
+        if absolute:
+            live = None
+        else:
+            live = vals > 0
+            vals = torch.where(live, vals, vals.new_zeros(()))
+    values = _AffineGather.apply(x, W, b, vals, idx, live)
+    return values, idx
+
+
+def is_sparse_enough(mask: torch.Tensor, max_density: float | None = None) -> bool:
+    """Whether a bool activation mask [B, d_sae] is sparse enough for the sparse products to pay."""
+    if mask.numel() == 0:
+        return True
+    limit = MAX_DENSITY if max_density is None else max_density
+    per_row = torch.count_nonzero(mask, dim=-1)
+    return int(per_row.max()) <= limit * mask.shape[-1]
+
+
+def mask_to_padded(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices [B, m], live [B, m]) of a bool mask [B, d_sae]: active latents in increasing order,
+    rows padded to the busiest row's count m with index 0 (live False)."""
+    if mask.ndim != 2 or mask.dtype != torch.bool:
+        raise ShapeError(f"mask must be a 2-D bool tensor, got {mask.dtype} of shape {tuple(mask.shape)}")
+    B = mask.shape[0]
+    rows, cols = mask.nonzero(as_tuple=True)
+    counts = torch.bincount(rows, minlength=B)
+    m = int(counts.max()) if B else 0
+    pos = torch.arange(rows.numel(), device=mask.device) - (counts.cumsum(0) - counts)[rows]
+    idx = torch.zeros(B, m, dtype=torch.long, device=mask.device)
+    idx[rows, pos] = cols
+    live = torch.zeros(B, m, dtype=torch.bool, device=mask.device)
+    live[rows, pos] = True
+    return idx, live
+
+
+def encode_masked(
+    x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, u: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse form of z = u * mask for a threshold rule (relu, jumprelu, gated): (values, indices) [B, m].
+
+    m is the largest number of active latents in a row; shorter rows are padded with index 0 and value 0
+    (padding passes no gradient). `u` is x @ W + b, already computed (detached); the gradient goes to
+    x, W and b through the sparse backward.
+    """
+    _check_affine(x, W, b)
+    if u.shape != (x.shape[0], W.shape[1]) or mask.shape != u.shape:
+        raise ShapeError(f"u and mask must have shape {(x.shape[0], W.shape[1])}")
+    with torch.no_grad():
+        idx, live = mask_to_padded(mask)
+        vals = u.detach().gather(1, idx) * live
+    values = _AffineGather.apply(x, W, b, vals, idx, live)
+    return values, idx
+
+
+# ---------------------------------------------------------------------------------------------- decoder
+class _SparseDecode(torch.autograd.Function):
+    """x_hat[b] = sum_j values[b, j] W_dec[idx[b, j]] + b_dec, every pass a B*m*d_in gather."""
+
+    @staticmethod
+    def forward(ctx, values, idx, W_dec, b_dec):
+        ctx.save_for_backward(values, idx, W_dec)
+        ctx.holder = _pattern_of(idx)
+        out = F.embedding_bag(idx, W_dec.contiguous(), mode="sum", per_sample_weights=values.to(W_dec.dtype))
+        if b_dec is not None:
+            out += b_dec
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        values, idx, W_dec = ctx.saved_tensors
+        grad_values = grad_W = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_values = _rowdot(grad_out, W_dec, idx).to(values.dtype)
+        if ctx.needs_input_grad[2]:
+            pat = ctx.holder.get(idx, W_dec.shape[0])
+            grad_W = _latent_sum(pat, values, grad_out).to(W_dec.dtype)
+        if ctx.needs_input_grad[3]:
+            grad_b = grad_out.sum(0)
+        return grad_values, None, grad_W, grad_b
+
+
+def decode(
+    values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x_hat = sum_j values[:, j] * W_dec[indices[:, j]] + b_dec for a sparse code [B, m]."""
+    if values.ndim != 2 or values.shape != indices.shape:
+        raise ShapeError(
+            f"values and indices must both be [B, m], got {tuple(values.shape)} and {tuple(indices.shape)}"
+        )
+    if W_dec.ndim != 2 or (b_dec is not None and b_dec.shape != (W_dec.shape[1],)):
+        raise ShapeError(f"need W_dec [d_sae, d_in] and b_dec [d_in], got {tuple(W_dec.shape)}")
+    if indices.dtype not in (torch.long, torch.int32):
+        raise DTypeError(f"indices must be int64 or int32, got {indices.dtype}")
+    return _SparseDecode.apply(values, indices, W_dec, b_dec)
+
+
+def densify(values: torch.Tensor, indices: torch.Tensor, d_sae: int) -> torch.Tensor:
+    """The dense code z [B, d_sae] of a sparse one (padding entries add 0); differentiable in values."""
+    z = values.new_zeros(*values.shape[:-1], d_sae)
+    return z.scatter_add(-1, indices, values)
