@@ -23,7 +23,7 @@ from splinterp.data.harvest import (  # noqa: E402
     write_cache,
 )
 from splinterp.data.text import offline_texts  # noqa: E402
-from splinterp.errors import ConfigError, EmptyDataError  # noqa: E402
+from splinterp.errors import ConfigError, EmptyDataError, OverwriteError  # noqa: E402
 
 TEXTS = [
     "The assert statement is a convenient way to insert debugging assertions.",
@@ -170,7 +170,7 @@ def test_refuses_to_overwrite_and_replaces_when_asked(minilm, tmp_path):
     model, tok = minilm
     out = tmp_path / "c"
     harvest((model, tok), TEXTS[:2], layers=0, out=out, progress=False)
-    with pytest.raises(ConfigError, match="overwrite"):
+    with pytest.raises(OverwriteError, match="overwrite"):
         harvest((model, tok), TEXTS[:1], layers=0, out=out, progress=False)
     c = harvest((model, tok), TEXTS[:1], layers=0, out=out, overwrite=True, progress=False)
     assert c.manifest["n_texts"] == 1 and ActivationCache.open(out).n_tokens == c.n_tokens

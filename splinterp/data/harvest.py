@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from splinterp import __version__
 from splinterp.atomic import atomic_dir, write_bytes, write_json
 from splinterp.data.cache import CACHE_FORMAT, CACHE_FORMAT_VERSION, MANIFEST, STORE_DTYPES, ActivationCache
-from splinterp.errors import ConfigError, EmptyDataError, NonFiniteError, ShapeError
+from splinterp.errors import ConfigError, EmptyDataError, NonFiniteError, OverwriteError, ShapeError
 from splinterp.validation import check_data, check_positive_int
 
 log = logging.getLogger(__name__)
@@ -353,7 +353,7 @@ class _ShardWriter:
 def _check_out(out: str | os.PathLike, overwrite: bool) -> Path:
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ConfigError(f"{out} exists and is not empty; pass overwrite=True to replace it")
+        raise OverwriteError(f"{out} exists and is not empty; pass overwrite=True to replace it")
     return out
 
 
