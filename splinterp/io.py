@@ -124,8 +124,15 @@ def _sha256(path: Path) -> str:
 
 
 def state_tensors(sae: SAE) -> dict[str, torch.Tensor]:
-    """The SAE's weights under their SAELens names (W_dec written out even when tied)."""
-    return {n: getattr(sae, n).detach().contiguous().cpu() for n in _param_names(sae.cfg)}
+    """The SAE's weights under their SAELens names (W_dec written out even when tied).
+
+    A tied W_dec is copied: with d_in or d_sae = 1, W_enc.T is already contiguous and would share storage
+    with W_enc, which safetensors refuses to write.
+    """
+    out = {n: getattr(sae, n).detach().contiguous().cpu() for n in _param_names(sae.cfg)}
+    if sae.cfg.tied:
+        out["W_dec"] = out["W_dec"].clone()
+    return out
 
 
 def saelens_cfg(cfg: SAEConfig) -> dict:
@@ -283,7 +290,12 @@ def _build(cfg: SAEConfig, tensors: dict[str, torch.Tensor], source: Path, exact
     _check_tensors(cfg, tensors, source, exact_dtype)
     if cfg.tied and not torch.equal(tensors["W_dec"], tensors["W_enc"].T):
         raise CorruptFileError(f"{source}: cfg says tied but W_dec != W_enc.T")
-    sae = SAE(cfg)
+    try:
+        sae = SAE(cfg)
+    except SplinterpError:
+        raise
+    except (RuntimeError, ValueError, TypeError, OverflowError) as e:  # e.g. a threshold that overflows the dtype
+        raise ConfigError(f"{source}: cannot build an SAE from cfg.json: {e}") from None
     with torch.no_grad():
         for name in _expected_shapes(cfg):
             if name == "W_dec" and cfg.tied:
