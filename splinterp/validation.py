@@ -36,7 +36,12 @@ def check_finite(x: torch.Tensor, name: str = "X") -> None:
     if bool(ok.all()):
         return
     bad = (~ok).nonzero()[0].tolist()
-    where = f"row {bad[0]}, column {bad[1]}" if len(bad) >= 2 else f"index {bad[0]}"
+    if len(bad) == 2:
+        where = f"row {bad[0]}, column {bad[1]}"
+    elif len(bad) == 1:
+        where = f"index {bad[0]}"
+    else:
+        where = f"index {tuple(bad)}"
     value = x[tuple(bad)].item()
     raise NonFiniteError(f"{name} contains a non-finite value ({value}) at {where}")
 
@@ -71,6 +76,46 @@ def check_data(
     if device is not None and x.device != torch.device(device):
         raise DeviceError(f"{name} is on {x.device} but the model is on {device}; move it with X.to(device)")
     check_finite(x, name)
+    return x
+
+
+def check_batch(
+    x,
+    width: int,
+    *,
+    name: str = "x",
+    dim_name: str = "d_in",
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Validate a batch [..., width] for a model method (encode: width d_in; decode: width d_sae).
+
+    Any leading shape is allowed (a single vector, [N, d], [batch, seq, d]), and so is an empty batch.
+    A numpy array is refused with a hint (models take tensors; `check_data` is the place that converts).
+    The first non-finite entry is named by its row in the flattened [-1, width] view and its full index.
+    """
+    if isinstance(x, np.ndarray):
+        raise DTypeError(f"{name} is a numpy array; pass a torch tensor (torch.from_numpy({name}))")
+    if not isinstance(x, torch.Tensor):
+        raise DTypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim < 1 or x.shape[-1] != width:
+        raise ShapeError(f"{name} must have shape [..., {dim_name}={width}], got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise DTypeError(f"{name} has dtype {x.dtype}; a floating dtype is required (e.g. {name}.float())")
+    if dtype is not None and x.dtype != dtype:
+        raise DTypeError(
+            f"{name} has dtype {x.dtype} but the model uses {dtype}; convert explicitly with {name}.to({dtype})"
+        )
+    if device is not None and x.device != torch.device(device):
+        raise DeviceError(f"{name} is on {x.device} but the model is on {device}; move it with {name}.to(device)")
+    ok = torch.isfinite(x)
+    if not bool(ok.all()):
+        bad = (~ok).nonzero()[0].tolist()
+        row = int(np.ravel_multi_index(bad[:-1], x.shape[:-1])) if x.ndim > 1 else 0
+        raise NonFiniteError(
+            f"{name} contains a non-finite value ({x[tuple(bad)].item()}) at row {row}, column {bad[-1]}"
+            + (f" (index {tuple(bad)})" if x.ndim != 2 else "")
+        )
     return x
 
 
