@@ -3,6 +3,14 @@
 Everything else in splinterp (metrics, figures, experiments, the CLI) calls these functions.
 """
 
+from splinterp.geometry.lp import region_is_nonempty
+from splinterp.geometry.power import (
+    Cell2D,
+    PowerDiagram,
+    diagram_from_affine,
+    power_diagram,
+    section_weights,
+)
 from splinterp.geometry.regions import (
     active_mask,
     affine_map,
@@ -11,8 +19,19 @@ from splinterp.geometry.regions import (
     region_ids,
     region_stats,
 )
+from splinterp.geometry.slice import Plane, Slice2D, plane_through, slice_2d
 
 __all__ = [
+    "Cell2D",
+    "Plane",
+    "PowerDiagram",
+    "Slice2D",
+    "diagram_from_affine",
+    "plane_through",
+    "power_diagram",
+    "region_is_nonempty",
+    "section_weights",
+    "slice_2d",
     "active_mask",
     "affine_map",
     "affine_maps",

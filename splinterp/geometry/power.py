@@ -1,0 +1,363 @@
+"""Power diagrams of SAEs: sites, k-th order assignment, exact 2-D cells, LP non-emptiness, lifting.
+
+Sites (c_i, alpha_i), power distance pow_i(x) = |x - c_i|^2 - alpha_i. With c_i = W[:, i] and
+alpha_i = |c_i|^2 + 2 b_i (W, b from `SAE.encoder_affine`), the scores are u_i(x) = (|x|^2 - pow_i(x)) / 2,
+so ranking scores from largest to smallest ranks power distances from smallest to largest.
+
+What the diagram means for each architecture (`power_diagram(sae)`):
+- ``topk``: order k with the null site (centre 0, weight 0, pow = |x|^2). The TopK set is the k-th order
+  power cell; a selected latent is active iff it also beats the null site (u_i > 0). Regions are the
+  order-k cells split by the null site, keyed by their active set.
+- ``relu``: order d_sae with the null site: every site beating the null site is active, i.e. the cells of
+  the hyperplane arrangement {u_i = 0} (TopK with k = d_sae is ReLU).
+- ``jumprelu`` / ``gated``: as relu with weights alpha_i - 2 theta_i (u_i > theta_i iff
+  pow_i + 2 theta_i < |x|^2), theta from `SAE.thresholds`.
+- ``topk_abs``: ranking |u| is not a power diagram of these sites. It is the order-k diagram (no null
+  site) of 2 d_sae signed sites: site 2i+1 has score +u_i (c = w_i, alpha = |w_i|^2 + 2 b_i) and site 2i
+  score -u_i (c = -w_i, alpha = |w_i|^2 - 2 b_i); the k largest of the 2 d_sae signed scores are exactly
+  the k largest |u_i| with their signs. `signed_pairs=True` marks this layout; site s is latent s // 2 with
+  sign + iff s is odd (the same code `region_ids` uses).
+
+Numbers are numpy float64 throughout (exact geometry needs float64, and scipy's LP and hulls are numpy);
+inputs may be torch or numpy, float32 or float64, and are converted to float64.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from itertools import combinations
+
+import numpy as np
+import torch
+
+from splinterp.errors import ConfigError, DTypeError, ShapeError
+from splinterp.geometry import cells2d
+from splinterp.geometry.lp import LP_TOL, pattern_lp
+from splinterp.sae import SAE, topk_indices
+from splinterp.validation import as_tensor, check_finite
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 16384
+
+
+def _f64(x, name: str, ndim: int) -> np.ndarray:
+    t = as_tensor(x, name)
+    if not t.is_floating_point():
+        raise DTypeError(f"{name} must be a floating array, got {t.dtype}")
+    if t.ndim != ndim:
+        raise ShapeError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    check_finite(t, name)
+    return np.ascontiguousarray(t.detach().cpu().numpy(), dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class Cell2D:
+    """One cell of a 2-D diagram: its key (sorted k-set, or the active set with a null site) and an exact
+    convex polygon [V, 2] (counter-clockwise, float64) clipped to the box."""
+
+    key: tuple[int, ...]
+    vertices: np.ndarray
+
+    @property
+    def area(self) -> float:
+        v = self.vertices
+        x, y = v[:, 0], v[:, 1]
+        return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y))
+
+
+@dataclass(frozen=True, eq=False)
+class PowerDiagram:
+    """A k-th order power diagram: centers [m, n], weights [m] (float64), order k, optional null site.
+
+    null_site: a site at the origin with weight 0 (power distance |x|^2); a site in the k-set is *active*
+    only if it is strictly closer than the null site (the ReLU rule). Cells are then keyed by the active
+    set. signed_pairs: sites come in (-u_i, +u_i) pairs (the topk_abs layout, see the module docstring).
+    """
+
+    centers: np.ndarray
+    weights: np.ndarray
+    order: int = 1
+    null_site: bool = False
+    signed_pairs: bool = False
+
+    def __post_init__(self):
+        c = _f64(self.centers, "centers", 2)
+        w = _f64(self.weights, "weights", 1)
+        if w.shape[0] != c.shape[0]:
+            raise ShapeError(f"weights has {w.shape[0]} entries but there are {c.shape[0]} centers")
+        if c.shape[0] < 1 or c.shape[1] < 1:
+            raise ShapeError(f"need at least one site in at least one dimension, got centers {c.shape}")
+        k = self.order
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= c.shape[0]:
+            raise ConfigError(f"order must be an integer in [1, {c.shape[0]}], got {k!r}")
+        if self.signed_pairs and c.shape[0] % 2:
+            raise ConfigError("signed_pairs needs an even number of sites")
+        c.setflags(write=False)
+        w.setflags(write=False)
+        object.__setattr__(self, "centers", c)
+        object.__setattr__(self, "weights", w)
+        object.__setattr__(self, "order", int(k))
+        # linear form f_i(x) = pow_i(x) - |x|^2 = g_i . x + h_i: what every comparison uses
+        g = -2.0 * c
+        h = np.einsum("ij,ij->i", c, c) - w
+        g.setflags(write=False)
+        h.setflags(write=False)
+        object.__setattr__(self, "_g", g)
+        object.__setattr__(self, "_h", h)
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def n_sites(self) -> int:
+        return self.centers.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.centers.shape[1]
+
+    def __repr__(self) -> str:
+        extra = ", null_site" if self.null_site else ""
+        extra += ", signed_pairs" if self.signed_pairs else ""
+        return f"PowerDiagram(m={self.n_sites}, dim={self.dim}, order={self.order}{extra})"
+
+    def _points(self, X, name="X") -> np.ndarray:
+        X = _f64(X, name, 2)
+        if X.shape[1] != self.dim:
+            raise ShapeError(f"{name} has {X.shape[1]} columns but the diagram lives in dim={self.dim}")
+        return X
+
+    def _f(self, X: np.ndarray) -> np.ndarray:
+        return X @ self._g.T + self._h
+
+    def power_distances(self, X) -> np.ndarray:
+        """float64 [N, m]: pow_i(x) = |x - c_i|^2 - alpha_i (the null site's is |x|^2)."""
+        X = self._points(X)
+        return self._f(X) + np.einsum("ij,ij->i", X, X)[:, None]
+
+    def ksets(self, X) -> np.ndarray:
+        """int64 [N, k]: the k nearest (real) sites in power distance, nearest first, ties towards the
+        lower index (the SAE's rule). Computed from f = pow - |x|^2 (same ranking, less rounding)."""
+        X = self._points(X)
+        out = np.empty((X.shape[0], self.order), dtype=np.int64)
+        for s in range(0, X.shape[0], _CHUNK):
+            f = torch.from_numpy(self._f(X[s : s + _CHUNK]))
+            out[s : s + _CHUNK] = topk_indices(-f, self.order).numpy()
+        return out
+
+    def active(self, X) -> np.ndarray:
+        """bool [N, m]: site i is in the k-set and (with a null site) strictly beats the null site."""
+        X = self._points(X)
+        out = np.zeros((X.shape[0], self.n_sites), dtype=bool)
+        for s in range(0, X.shape[0], _CHUNK):
+            f = self._f(X[s : s + _CHUNK])
+            if self.null_site and self.order == self.n_sites:
+                out[s : s + _CHUNK] = f < 0
+                continue
+            ks = topk_indices(-torch.from_numpy(f), self.order).numpy()
+            keep = np.take_along_axis(f, ks, 1) < 0 if self.null_site else np.ones(ks.shape, bool)
+            rows = np.broadcast_to(np.arange(ks.shape[0])[:, None], ks.shape)
+            out[s : s + _CHUNK][rows[keep], ks[keep]] = True
+        return out
+
+    def keys(self, X) -> np.ndarray:
+        """int64 [N, k]: the cell key of each point, sorted; with a null site the sites that lose to it
+        are replaced by m (so a key is the active set padded with m)."""
+        X = self._points(X)
+        out = np.empty((X.shape[0], self.order), dtype=np.int64)
+        for s in range(0, X.shape[0], _CHUNK):
+            f = self._f(X[s : s + _CHUNK])
+            ks = topk_indices(-torch.from_numpy(f), self.order).numpy()
+            if self.null_site:
+                ks = np.where(np.take_along_axis(f, ks, 1) < 0, ks, self.n_sites)
+            out[s : s + _CHUNK] = np.sort(ks, 1)
+        return out
+
+    def _key_rows(self, X) -> np.ndarray:
+        """A compact per-point row identifying the cell (packed bits for the arrangement case)."""
+        if self.null_site and self.order == self.n_sites:
+            return np.packbits(self.active(X), axis=1)
+        return self.keys(X)
+
+    def assign(self, X) -> np.ndarray:
+        """int64 [N]: canonical cell ids, equal iff same cell, numbered 0.. in order of first appearance
+        (the convention of `geometry.region_ids`, so power_diagram(sae).assign(X) == region_ids(sae, X))."""
+        rows = self._key_rows(X)
+        _, first, inv = np.unique(rows, axis=0, return_index=True, return_inverse=True)
+        inv = inv.reshape(-1)
+        rank = np.empty(len(first), dtype=np.int64)
+        rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+        return rank[inv]
+
+    def latent_mask(self, site_mask) -> np.ndarray:
+        """signed_pairs only: bool [..., 2m] site mask -> (latent mask [..., m], positive-sign mask [..., m])."""
+        if not self.signed_pairs:
+            raise ConfigError("latent_mask is for signed-pair diagrams (topk_abs); here site i is latent i")
+        sm = np.asarray(site_mask, dtype=bool)
+        pairs = sm.reshape(*sm.shape[:-1], -1, 2)
+        return pairs.any(-1), pairs[..., 1]
+
+    # ------------------------------------------------------------------ exact 2-D cells
+    def cells_2d(
+        self, bounds=(-1.0, 1.0, -1.0, 1.0), area_tol: float | None = None, max_cells: int = 2_000_000
+    ) -> list[Cell2D]:
+        """The exact cells of a 2-D diagram inside the box (xmin, xmax, ymin, ymax), any order.
+
+        Order k by refinement of order k-1 (see `cells2d`); with a null site and order = m (relu view) by
+        the line arrangement. Cells with area <= area_tol (default 1e-13 of the box) are dropped as
+        rounding slivers; the polygons tile the box up to that and float64 rounding.
+        """
+        if self.dim != 2:
+            raise ShapeError(f"cells_2d needs a 2-D diagram, this one has dim={self.dim} (use a slice)")
+        if self.null_site and self.order == self.n_sites:
+            masks, polys = cells2d.arrangement_cells(self._g, self._h, bounds, area_tol, max_cells)
+            keys = [tuple(np.flatnonzero(mk).tolist()) for mk in masks]
+        else:
+            keys, polys = cells2d.order_k_cells(
+                self._g, self._h, self.order, bounds, self.null_site, area_tol, max_cells
+            )
+        return [Cell2D(k, p) for k, p in zip(keys, polys)]
+
+    # ------------------------------------------------------------------ LP non-emptiness
+    def is_nonempty(self, S, bounds=None, tol: float = LP_TOL):
+        """Is the cell S non-empty (with interior)? -> (bool, witness point or None). Any dimension.
+
+        S: site indices or a bool mask [m]: the k-set, or with a null site the active set (at most k).
+        Exact LP (see `lp.pattern_lp`): maximise the margin t with max_{i in S} pow_i + t <= min_{j not in S}
+        pow_j (and pow_i + t <= |x|^2 for the null site); non-empty iff t* > tol (normalised). Cells of
+        measure zero (only ties) count as empty. bounds: restrict to a box (see `lp.check_box`).
+        """
+        mask = np.zeros(self.n_sites, dtype=bool)
+        Sa = np.asarray(S)
+        if Sa.dtype == bool:
+            if Sa.shape != (self.n_sites,):
+                raise ShapeError(f"S as a mask must have shape [{self.n_sites}], got {Sa.shape}")
+            mask = Sa.copy()
+        else:
+            idx = Sa.astype(np.int64).reshape(-1)
+            if idx.size and (idx.min() < 0 or idx.max() >= self.n_sites):
+                raise ConfigError(f"site indices must be in [0, {self.n_sites}), got {idx.tolist()}")
+            if len(set(idx.tolist())) != idx.size:
+                raise ConfigError(f"S has repeated sites: {idx.tolist()}")
+            mask[idx] = True
+        # scores u_i = (|x|^2 - pow_i) / 2 = -f_i / 2 are affine: x @ (-g/2)^T - h/2
+        res = pattern_lp(
+            -0.5 * self._g.T, -0.5 * self._h, mask, k=self.order, null=self.null_site, bounds=bounds, tol=tol
+        )
+        if res.nonempty:
+            key = self.keys(res.witness[None])[0]
+            want = np.sort(np.concatenate([np.flatnonzero(mask), np.full(self.order - mask.sum(), self.n_sites)]))
+            if not np.array_equal(key, want):
+                log.warning("is_nonempty: witness with margin %.3g lands in cell %s", res.margin, key)
+        return res.nonempty, res.witness
+
+    # ------------------------------------------------------------------ lifting
+    def lift(self, K: float | None = None) -> np.ndarray:
+        """Lifted Voronoi sites [m (+1), n+1]: (c_i, h_i) with h_i = sqrt(K - alpha_i), K >= max alpha
+        (default: the max, counting the null site's weight 0). The section {h = 0} of the Voronoi diagram
+        of these points, with x embedded as (x, 0), is this power diagram: |(x,0) - (c,h)|^2 = pow + K.
+        With a null site its lifted point (0, sqrt(K)) is the last row.
+        """
+        w = np.append(self.weights, 0.0) if self.null_site else self.weights
+        wmax = float(w.max())
+        K = wmax if K is None else float(K)
+        if not math.isfinite(K) or K < wmax:
+            raise ConfigError(f"K must be >= max weight ({wmax}), got {K}")
+        c = np.vstack([self.centers, np.zeros((1, self.dim))]) if self.null_site else self.centers
+        return np.hstack([c, np.sqrt(K - w)[:, None]])
+
+    @classmethod
+    def from_lifted(
+        cls, points, plane_height: float = 0.0, order: int = 1, null_site: bool = False, signed_pairs: bool = False
+    ) -> PowerDiagram:
+        """The section {h = plane_height} of the Voronoi diagram of points [m, n+1], as a power diagram:
+        centres points[:, :n], weights `section_weights(points[:, n], plane_height)`. With null_site the
+        last point is taken as the null site and must sit over the origin at the same height offset as
+        the weights' zero (i.e. as produced by `lift`); its weight becomes the zero of the result."""
+        P = _f64(points, "points", 2)
+        if P.shape[1] < 2:
+            raise ShapeError("lifted points need at least 2 coordinates")
+        w = section_weights(P[:, -1], plane_height)
+        c = P[:, :-1]
+        if null_site:
+            if np.abs(c[-1]).max() > 0:
+                raise ConfigError("with null_site the last lifted point must lie over the origin")
+            w = w[:-1] - w[-1]
+            c = c[:-1]
+        return cls(c, w, order=order, null_site=null_site, signed_pairs=signed_pairs)
+
+    # ------------------------------------------------------------------ Aurenhammer
+    def as_first_order(self, max_sites: int = 200_000) -> tuple[PowerDiagram, np.ndarray]:
+        """The order-k diagram as a first-order power diagram over subsets -> (diagram, subsets bool [C, m]).
+
+        Site S: mu_S = sum_{i in S} c_i, alpha_S = |mu_S|^2 - sum_{i in S}(|c_i|^2 - alpha_i), so that
+        pow_S(x) = |x|^2 + sum_{i in S} f_i(x). Without a null site the subsets are the k-subsets; with it
+        they are all subsets of size <= k (the null site fills the rest with f = 0), whose first-order cells
+        are the active sets (for relu, k = m: the 2^m patterns of Balestriero et al.'s view).
+        """
+        m, k = self.n_sites, self.order
+        sizes = range(0, k + 1) if self.null_site else [k]
+        total = sum(math.comb(m, s) for s in sizes)
+        if total > max_sites:
+            raise ConfigError(f"the first-order form has {total} sites (> max_sites={max_sites})")
+        subsets = np.zeros((total, m), dtype=bool)
+        r = 0
+        for s in sizes:
+            for comb in combinations(range(m), s):
+                subsets[r, list(comb)] = True
+                r += 1
+        S = subsets.astype(np.float64)
+        mu = S @ self.centers
+        alpha = np.einsum("ij,ij->i", mu, mu) - S @ self._h
+        return PowerDiagram(mu, alpha, order=1), subsets
+
+
+def section_weights(heights, plane_height: float = 0.0) -> np.ndarray:
+    """Weights of the power diagram cut by the plane {h = plane_height} from the Voronoi diagram of points
+    at these heights: alpha_i = -(h_i - plane_height)^2 (any common constant may be added)."""
+    h = np.asarray(heights, dtype=np.float64)
+    return -((h - float(plane_height)) ** 2)
+
+
+# ---------------------------------------------------------------------------------------------- SAEs
+def diagram_from_affine(W, b, architecture: str, k: int | None = None, thresholds=None) -> PowerDiagram:
+    """The power diagram of affine scores u(x) = x @ W + b (W [n, m]) under an SAE selection rule."""
+    W = _f64(W, "W", 2)
+    b = _f64(b, "b", 1)
+    if b.shape[0] != W.shape[1]:
+        raise ShapeError(f"b has {b.shape[0]} entries but W has {W.shape[1]} columns")
+    c = W.T
+    alpha = np.einsum("ij,ij->i", c, c) + 2.0 * b
+    m = c.shape[0]
+    if architecture == "topk":
+        return PowerDiagram(c, alpha, order=k, null_site=True)
+    if architecture == "relu":
+        return PowerDiagram(c, alpha, order=m, null_site=True)
+    if architecture in ("jumprelu", "gated"):
+        if thresholds is None:
+            raise ConfigError(f"{architecture} needs thresholds")
+        theta = _f64(thresholds, "thresholds", 1)
+        return PowerDiagram(c, alpha - 2.0 * theta, order=m, null_site=True)
+    if architecture == "topk_abs":
+        cc = np.empty((2 * m, c.shape[1]))
+        cc[0::2], cc[1::2] = -c, c
+        sq = np.einsum("ij,ij->i", c, c)
+        aa = np.empty(2 * m)
+        aa[0::2], aa[1::2] = sq - 2.0 * b, sq + 2.0 * b
+        return PowerDiagram(cc, aa, order=k, signed_pairs=True)
+    raise ConfigError(f"unknown architecture {architecture!r}")
+
+
+@torch.no_grad()
+def power_diagram(sae: SAE) -> PowerDiagram:
+    """The SAE's power diagram (see the module docstring for what it means per architecture)."""
+    W, b = sae.encoder_affine()
+    th = sae.thresholds()
+    return diagram_from_affine(
+        W.detach().double(),
+        b.detach().double(),
+        sae.cfg.architecture,
+        sae.cfg.k,
+        None if th is None else th.detach().double(),
+    )
