@@ -1,0 +1,282 @@
+"""Sparse kernels against the dense formulas: selection, values, gradients (gradcheck in float64), SAE routing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import splinterp as sp
+from splinterp import kernels
+from splinterp.errors import ConfigError, DTypeError, ShapeError
+from splinterp.sae import topk_indices
+
+ARCHS = [("topk", 4), ("topk_abs", 4), ("relu", None), ("jumprelu", None), ("gated", None)]
+
+
+def randomised(sae: sp.SAE, seed: int = 0, scale: float = 0.3) -> sp.SAE:
+    """Move every parameter off its initial value so biases, thresholds and gates all matter."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * scale)
+    return sae
+
+
+def grads(sae: sp.SAE) -> dict[str, torch.Tensor | None]:
+    return {n: None if p.grad is None else p.grad.clone() for n, p in sae.named_parameters()}
+
+
+# ------------------------------------------------------------------------------------------ selection
+tied_rows = hnp.arrays(np.float64, st.tuples(st.integers(1, 6), st.integers(1, 12)), elements=st.integers(-3, 3))
+
+
+@settings(max_examples=200, deadline=None)
+@given(scores=tied_rows, data=st.data())
+def test_topk_select_is_topk_indices_even_with_ties(scores, data):
+    s = torch.from_numpy(scores)
+    k = data.draw(st.integers(1, s.shape[1]))
+    assert torch.equal(kernels.topk_select(s, k), topk_indices(s, k))
+
+
+def test_topk_select_random_rows_and_all_equal_rows():
+    s = torch.randn(50, 300, generator=torch.Generator().manual_seed(0))
+    s[3] = 0.0  # every score tied (an SAE at initialisation on x = 0)
+    s[7, ::2] = s[7, 0]  # a tie straddling the k-th place
+    for k in (1, 7, 299, 300):
+        assert torch.equal(kernels.topk_select(s, k), topk_indices(s, k))
+
+
+def test_topk_select_rejects_bad_k_and_shapes():
+    with pytest.raises(ConfigError):
+        kernels.topk_select(torch.zeros(2, 5), 6)
+    with pytest.raises(ConfigError):
+        kernels.topk_select(torch.zeros(2, 5), 0)
+    with pytest.raises(ShapeError):
+        kernels.topk_select(torch.zeros(5), 2)
+
+
+# ------------------------------------------------------------------------------------------ gradcheck
+def _affine(B=5, d_in=4, n=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, d_in, generator=g, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(d_in, n, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(n, generator=g, dtype=torch.float64, requires_grad=True)
+    return x, W, b
+
+
+@pytest.mark.parametrize("absolute", [False, True])
+def test_encode_topk_gradcheck(absolute):
+    x, W, b = _affine()
+    # small perturbations cannot change the selection of continuous random scores
+    assert torch.autograd.gradcheck(lambda x, W, b: kernels.encode_topk(x, W, b, 3, absolute=absolute)[0], (x, W, b))
+
+
+def test_decode_gradcheck():
+    g = torch.Generator().manual_seed(1)
+    vals = torch.randn(6, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    idx = torch.stack([torch.randperm(8, generator=g)[:3] for _ in range(6)])
+    idx[0] = torch.tensor([5, 5, 2])  # a repeated latent in one row still sums
+    W_dec = torch.randn(8, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    b_dec = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v, W, b: kernels.decode(v, idx, W, b), (vals, W_dec, b_dec))
+
+
+def test_encode_masked_gradcheck():
+    x, W, b = _affine(seed=2)
+
+    def f(x, W, b):
+        u = (x @ W + b).detach()
+        return kernels.encode_masked(x, W, b, u, u > 0.3)[0]
+
+    assert torch.autograd.gradcheck(f, (x, W, b))
+
+
+def test_topk_relu_zero_values_pass_no_gradient():
+    x, W, b = _affine(seed=3)
+    with torch.no_grad():
+        b -= 10.0  # every score negative: the code is all zeros
+    vals, _ = kernels.encode_topk(x, W, b, 3)
+    vals.sum().backward()
+    assert torch.equal(vals, torch.zeros_like(vals))
+    assert not W.grad.any() and not b.grad.any() and not x.grad.any()
+
+
+# ------------------------------------------------------------------------------------------ SAE routing
+@pytest.mark.parametrize("arch,k", ARCHS)
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("b_dec_in", [False, True])
+def test_sae_sparse_path_matches_dense_float64(arch, k, tied, b_dec_in):
+    sae = randomised(sp.make_sae(6, 20, arch, k, tied=tied, apply_b_dec_to_input=b_dec_in, dtype="float64"), 1)
+    x = torch.randn(2, 5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(4))  # leading dims
+    weight = torch.linspace(-1, 1, 20, dtype=torch.float64)
+    out = {}
+    for dense in (True, False):
+        sae.zero_grad()
+        x_hat = sae(x, dense=dense)
+        z = sae.encode(x, dense=dense)
+        vals, idx = sae.encode_sparse(x, dense=dense)
+        loss = (x_hat - x).pow(2).sum() + (z * weight).sum() + (vals.pow(2) * (idx + 1)).sum()
+        loss.backward()
+        out[dense] = (x_hat.detach(), z.detach(), vals.detach(), idx, grads(sae))
+    (xd, zd, vd, id_, gd), (xs, zs, vs, is_, gs) = out[True], out[False]
+    assert xs.shape == x.shape and zs.shape == (2, 5, 20)
+    torch.testing.assert_close(xs, xd)
+    torch.testing.assert_close(zs, zd)
+    assert torch.equal(is_, id_)
+    torch.testing.assert_close(vs, vd)
+    assert gs.keys() == gd.keys()
+    for name in gd:
+        if gd[name] is None:
+            assert gs[name] is None, name
+        else:
+            torch.testing.assert_close(gs[name], gd[name], msg=name)
+
+
+@pytest.mark.parametrize("arch,k", [("topk", 16), ("topk_abs", 16), ("relu", None)])
+def test_sae_adam_steps_match_dense_float32(arch, k):
+    """A few full training steps at a realistic width: same weights to float32 tolerance."""
+    torch.manual_seed(0)
+    x = torch.randn(96, 40)
+    models = {}
+    for dense in (True, False):
+        sae = sp.make_sae(40, 256, arch, k, seed=3)
+        if arch == "relu":
+            with torch.no_grad():
+                sae.b_enc -= 2.5  # sparse enough for the sparse route (and it must be the one taken)
+                assert kernels.is_sparse_enough(sae.select(sae.pre_acts(x)))
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+        for _ in range(3):
+            opt.zero_grad()
+            (sae(x, dense=dense) - x).pow(2).mean().backward()
+            opt.step()
+        models[dense] = sae
+    for (name, a), (_, b) in zip(models[True].named_parameters(), models[False].named_parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_topk_values_and_indices_are_canonical_and_match_select_topk():
+    sae = randomised(sp.make_sae(8, 30, "topk", 5), 5)
+    x = torch.randn(40, 8)
+    vals, idx = sae.encode_sparse(x)
+    u = sae.pre_acts(x).detach()
+    ref_idx, active = sae.select_topk(u)
+    assert torch.equal(idx, ref_idx)
+    assert torch.equal(vals.detach() > 0, active)
+
+
+def test_ties_follow_the_lower_index_rule():
+    """x = 0 and b_enc = 0: every score ties and the code is latents 0..k-1 (topk_abs) at value 0."""
+    sae = sp.make_sae(4, 12, "topk_abs", 3)
+    vals, idx = sae.encode_sparse(torch.zeros(2, 4))
+    assert idx.tolist() == [[0, 1, 2], [0, 1, 2]]
+    assert not vals.any()
+
+
+def test_small_chunks_give_the_same_code():
+    x, W, b = _affine(B=23, n=17, seed=6)
+    v1, i1 = kernels.encode_topk(x, W, b, 4)
+    v2, i2 = kernels.encode_topk(x, W, b, 4, chunk_rows=5)
+    assert torch.equal(i1, i2)
+    torch.testing.assert_close(v1, v2)  # a BLAS may block a matmul differently for fewer rows
+
+
+def test_grad_through_the_input():
+    sae = randomised(sp.make_sae(6, 20, "topk", 4, dtype="float64"), 7)
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    g = {}
+    for dense in (True, False):
+        x.grad = None
+        sae(x, dense=dense).pow(2).sum().backward()
+        g[dense] = x.grad.clone()
+    torch.testing.assert_close(g[False], g[True])
+
+
+def test_dense_relu_codes_fall_back_to_the_dense_route():
+    sae = sp.make_sae(6, 20, "relu")
+    with torch.no_grad():
+        sae.b_enc += 5.0  # everything fires
+    x = torch.randn(4, 6)
+    assert not kernels.is_sparse_enough(sae.select(sae.pre_acts(x)))
+    _, idx = sae._code(x)
+    assert idx is None
+    torch.testing.assert_close(sae(x), sae(x, dense=True))
+
+
+def test_switches():
+    sae = randomised(sp.make_sae(6, 20, "topk", 4), 8)
+    x = torch.randn(3, 6)
+    assert kernels.sparse_enabled()
+    with kernels.dense_reference():
+        assert not kernels.sparse_enabled()
+        assert sae._code(x)[1] is None
+    assert kernels.sparse_enabled()
+    assert sae._code(x)[1] is not None
+
+
+def test_the_transposed_pattern_is_built_once_and_rebuilt_after_an_in_place_edit():
+    sae = randomised(sp.make_sae(6, 20, "topk", 4), 9)
+    vals, idx = sae.encode_sparse(torch.randn(5, 6))
+    x_hat = kernels.decode(vals, idx, sae.W_dec, sae.b_dec)
+    x_hat.sum().backward()
+    holder = idx._splinterp_latent_major
+    rows = holder.rows
+    assert rows is not None and holder.get(idx, 20).rows is rows  # decoder and encoder shared one sort
+    idx[0, 0] = 19 if idx[0, 0] != 19 else 18
+    assert holder.get(idx, 20).rows is not rows
+
+
+def test_empty_batch():
+    sae = sp.make_sae(6, 20, "topk", 4)
+    x = torch.zeros(0, 6)
+    x_hat = sae(x)
+    assert x_hat.shape == (0, 6)
+    x_hat.sum().backward()
+    assert not sae.W_enc.grad.any()
+
+
+def test_deterministic_gradients():
+    sae = randomised(sp.make_sae(16, 128, "topk", 8), 10)
+    x = torch.randn(64, 16)
+    runs = []
+    for _ in range(2):
+        sae.zero_grad()
+        sae(x).pow(2).sum().backward()
+        runs.append(grads(sae))
+    for name in runs[0]:
+        assert torch.equal(runs[0][name], runs[1][name]), name
+
+
+def test_half_precision_runs():
+    for dt in ("bfloat16", "float16"):
+        sae = randomised(sp.make_sae(8, 32, "topk", 4, dtype=dt), 11, scale=0.1)
+        x = torch.randn(5, 8).to(sae.dtype)
+        sae(x).float().pow(2).sum().backward()
+        torch.testing.assert_close(sae(x), sae(x, dense=True), rtol=2e-2, atol=2e-2)
+
+
+def test_double_backward_is_refused():
+    x, W, b = _affine(seed=12)
+    vals, _ = kernels.encode_topk(x, W, b, 3)
+    (gW,) = torch.autograd.grad(vals.pow(2).sum(), W, create_graph=True)
+    with pytest.raises(RuntimeError):
+        gW.sum().backward()
+
+
+def test_bad_arguments():
+    x, W, b = _affine()
+    with pytest.raises(ConfigError):
+        kernels.encode_topk(x, W, b, 10)
+    with pytest.raises(ShapeError):
+        kernels.encode_topk(x, W.T, b, 2)
+    with pytest.raises(DTypeError):
+        kernels.encode_topk(x.long(), W, b, 2)
+    with pytest.raises(ShapeError):
+        kernels.decode(torch.zeros(3, 2), torch.zeros(3, 3, dtype=torch.long), torch.zeros(5, 4))
+    with pytest.raises(DTypeError):
+        kernels.decode(torch.zeros(3, 2), torch.zeros(3, 2), torch.zeros(5, 4))
+    with pytest.raises(ShapeError):
+        kernels.mask_to_padded(torch.zeros(3, 2))
