@@ -336,33 +336,17 @@ def load_matrix(path: Path, layer: int | None = None, key: str | None = None, sp
 
 
 def geometry_report(sae, X, batch_size: int = 8192) -> dict:
-    """Region statistics plus l0, mse, explained variance and alive latents of `sae` on X."""
-    import torch
+    """`splinterp.metrics.evaluate` (mse, l0, explained variance, alive latents, ...) plus
+    `geometry.region_stats` of `sae` on X, as one flat dict (the 10 largest region sizes only)."""
+    from splinterp.geometry import region_stats
+    from splinterp.metrics import evaluate
 
-    from splinterp.geometry import active_mask, region_stats
-
+    metrics = evaluate(sae, X, batch_size=batch_size)
     stats = region_stats(sae, X, batch_size=batch_size)
-    mask = active_mask(sae, X, batch_size=batch_size)
-    sq_err = 0.0
-    with torch.no_grad():
-        for s in range(0, X.shape[0], batch_size):
-            xb = X[s: s + batch_size].to(sae.device)
-            sq_err += float(((xb - sae(xb)) ** 2).double().sum())
-    Xd = X.double()
-    total = float(((Xd - Xd.mean(0)) ** 2).sum())
-    n, d = X.shape
     sizes = stats.pop("region_sizes")
     stats.pop("size_histogram")
-    return {
-        "architecture": sae.cfg.architecture, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "k": sae.cfg.k,
-        "n_rows": n,
-        "l0": float(mask.sum(1).double().mean()),
-        "mse": sq_err / (n * d),
-        "explained_variance": 1.0 - sq_err / total if total > 0 else float("nan"),
-        "frac_alive": float(mask.any(0).double().mean()),
-        **stats,
-        "largest_region_sizes": sizes[:10],
-    }
+    return {"architecture": sae.cfg.architecture, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "k": sae.cfg.k,
+            "n_rows": int(X.shape[0]), **metrics, **stats, "largest_region_sizes": sizes[:10]}
 
 
 def cmd_geometry(args) -> int:

@@ -36,16 +36,18 @@ class Projection:
 
 
 def pca(X: torch.Tensor, n_components: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(coords [N, n], components [n, d], explained-variance ratios [n]) of centred X, by SVD in float64."""
+    """(coords [N, n], components [n, d], explained-variance ratios [n]) of centred X, from the eigen-
+    decomposition of the d x d scatter matrix in float64 (cheap for N >> d)."""
     Xd = X.double()
     Xc = Xd - Xd.mean(0)
-    _, S, Vh = torch.linalg.svd(Xc, full_matrices=False)
-    comps = Vh[:n_components]
+    evals, evecs = torch.linalg.eigh(Xc.T @ Xc)
+    order = torch.argsort(evals, descending=True)[:n_components]
+    comps = evecs[:, order].T
     # fix the sign so that the largest |entry| of each component is positive: deterministic pictures
     sign = torch.sign(comps.gather(1, comps.abs().argmax(1, keepdim=True)))
     comps = comps * sign
-    var = S**2
-    return (Xc @ comps.T).float(), comps.float(), (var[:n_components] / var.sum()).float()
+    total = evals.clamp(min=0).sum()
+    return (Xc @ comps.T).float(), comps.float(), (evals[order].clamp(min=0) / total).float()
 
 
 def points_from_cache(cache, layer: int, n: int = 3000, split: str | None = "test", seed: int = 0

@@ -17,11 +17,15 @@ _LINESTYLES = {"train": "--", "test": "-"}
 def as_curves(history: Any) -> dict[str, list[float]]:
     """A run's per-epoch series as {name: list of floats}.
 
-    Accepts a dict, a dataclass (e.g. `splinterp.train.History`), or any object with `to_dict()`; keeps
-    the entries that are sequences of numbers (scalars such as wall time totals are dropped).
+    Accepts `splinterp.train.History` (or its `to_dict()`: per-epoch records), a dict of lists, or a
+    dataclass of lists; keeps the numeric columns (epochs where a column is missing become NaN).
     """
-    if hasattr(history, "to_dict") and callable(history.to_dict):
-        d = history.to_dict()
+    records = getattr(history, "records", None)
+    if records is None and isinstance(history, Mapping) and isinstance(history.get("records"), list):
+        records = history["records"]
+    if records is not None:
+        keys = list(dict.fromkeys(k for r in records for k in r))
+        d = {k: [r.get(k) for r in records] for k in keys}
     elif dataclasses.is_dataclass(history) and not isinstance(history, type):
         d = dataclasses.asdict(history)
     elif isinstance(history, Mapping):
@@ -30,9 +34,12 @@ def as_curves(history: Any) -> dict[str, list[float]]:
         raise TypeError(f"cannot read training curves from {type(history).__name__}: pass a History or a dict")
     out = {}
     for k, v in d.items():
-        if isinstance(v, (list, tuple, np.ndarray)) and len(v) and all(
-                isinstance(x, (int, float, np.number)) and not isinstance(x, bool) for x in np.ravel(v)):
-            out[str(k)] = [float(x) for x in np.ravel(v)]
+        if not isinstance(v, (list, tuple, np.ndarray)) or not len(v):
+            continue
+        vals = list(np.ravel(np.asarray(v, dtype=object)))
+        if all(x is None or (isinstance(x, (int, float, np.number)) and not isinstance(x, bool)) for x in vals) \
+                and any(x is not None for x in vals):
+            out[str(k)] = [float("nan") if x is None else float(x) for x in vals]
     return out
 
 
@@ -64,7 +71,12 @@ def plot_training_curves(
             if m not in curves:
                 continue
             y = np.asarray(curves[m])
-            xs = np.asarray(curves[x]) if x is not None and x in curves else np.arange(1, len(y) + 1)
+            if x is not None and x in curves:
+                xs = np.asarray(curves[x])
+            elif x is None and "epoch" in curves:
+                xs = np.asarray(curves["epoch"])
+            else:
+                xs = np.arange(1, len(y) + 1)
             style = next((s for p, s in _LINESTYLES.items() if m.startswith(p)), "-")
             ax.plot(xs[: len(y)], y, style, color=color * 0.8, lw=2, label=f"{name}: {m}", marker="o", ms=3)
             drawn += 1
