@@ -1,0 +1,154 @@
+"""Typed configs of the SGD and PAM-SGD trainers.
+
+Scales: the SGD losses are per-batch means (mse over elements, see `losses`), and the encoder proximal
+weights mu_enc / nu_enc are added to that per-batch loss as is. The decoder weights alpha, beta, mu_dec,
+nu_dec belong to the closed-form solve, whose data term is a *sum* over the training rows
+(paper_splinterp.md section 4.1), so they are on the scale of N, not of a mean.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from splinterp.errors import ConfigError
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+ORDERS = ("encoder_first", "decoder_first")
+
+# fields that may change between a checkpoint and its resumption without changing the trajectory
+RESUME_MUTABLE = frozenset({
+    "epochs", "checkpoint_dir", "checkpoint_every", "checkpoint_every_steps", "keep_checkpoints", "resume",
+    "resume_from", "progress", "device", "eval_batch_size",
+})
+
+
+def _pos_int(v, name: str, allow_zero: bool = False) -> None:
+    lo = 0 if allow_zero else 1
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ConfigError(f"{name} must be an integer >= {lo}, got {v!r}")
+
+
+def _nonneg(v, name: str) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        raise ConfigError(f"{name} must be a finite number >= 0, got {v!r}")
+
+
+@dataclass
+class SGDConfig:
+    """Plain (stochastic) gradient training of every SAE parameter on the architecture's loss."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    """"adam" (coupled L2 weight decay, as torch.optim.Adam), "adamw" (decoupled) or "sgd"."""
+    weight_decay: float = 0.0
+    l1_coefficient: float = 0.0
+    """Sparsity penalty weight of the relu loss (ignored by TopK losses)."""
+    sgd_updates_per_batch: int = 1
+    """Optimiser steps taken on each mini-batch before moving to the next."""
+    grad_clip: float | None = None
+    """Clip the gradient norm of the clipped parameters (see grad_clip_scope) to this value."""
+    grad_clip_scope: str = "encoder"
+    """"encoder": clip the encoder parameters' gradient only; "all": every parameter being optimised."""
+    shuffle: bool = True
+    eval_train: bool = True
+    """Recompute train metrics in a full pass at each epoch end (same definition for every trainer)."""
+    eval_batch_size: int = 4096
+    seed: int = 0
+    device: str | None = None
+    """None: the SAE's device. Tensor data stay where they are and batches are moved here."""
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 1
+    """Write a checkpoint every this many epochs (and after the last); 0 = only after the last."""
+    checkpoint_every_steps: int | None = None
+    """Also write one every this many mini-batches inside an epoch."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep in checkpoint_dir."""
+    resume: bool = False
+    """Continue from the newest checkpoint in checkpoint_dir if there is one (else start fresh)."""
+    resume_from: str | None = None
+    """Continue from this checkpoint folder (or a checkpoint_dir holding latest.json); it must exist."""
+    progress: bool = True
+    loss_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Free settings for the registered loss of the architecture (e.g. {"l1_decoder_norm": True})."""
+
+    def __post_init__(self) -> None:
+        _pos_int(self.epochs, "epochs", allow_zero=True)
+        _pos_int(self.batch_size, "batch_size")
+        _pos_int(self.sgd_updates_per_batch, "sgd_updates_per_batch")
+        _pos_int(self.eval_batch_size, "eval_batch_size")
+        _pos_int(self.checkpoint_every, "checkpoint_every", allow_zero=True)
+        _pos_int(self.keep_checkpoints, "keep_checkpoints")
+        if self.checkpoint_every_steps is not None:
+            _pos_int(self.checkpoint_every_steps, "checkpoint_every_steps")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        _nonneg(self.lr, "lr")
+        if self.lr == 0:
+            raise ConfigError("lr must be > 0")
+        _nonneg(self.weight_decay, "weight_decay")
+        _nonneg(self.l1_coefficient, "l1_coefficient")
+        if self.grad_clip is not None:
+            _nonneg(self.grad_clip, "grad_clip")
+            if self.grad_clip == 0:
+                raise ConfigError("grad_clip must be > 0 (or None for no clipping)")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.grad_clip_scope not in ("encoder", "all"):
+            raise ConfigError(f"grad_clip_scope must be 'encoder' or 'all', got {self.grad_clip_scope!r}")
+        if not isinstance(self.loss_kwargs, dict):
+            raise ConfigError(f"loss_kwargs must be a dict, got {type(self.loss_kwargs).__name__}")
+        if (self.resume or self.resume_from) and self.checkpoint_dir is None and self.resume_from is None:
+            raise ConfigError("resume=True needs checkpoint_dir (where to look for checkpoints)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+        return cls(**d)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class PAMConfig(SGDConfig):
+    """PAM-SGD: SGD epochs on the encoder (decoder frozen), alternated with the exact decoder solve."""
+
+    mu_enc: float = 0.0
+    """Proximal pull mu_enc |W_enc - W_enc^prev|^2 towards the encoder of the previous outer iteration."""
+    nu_enc: float = 0.0
+    """Same for the encoder's vector parameters (b_enc; b_gate, b_mag, r_mag; threshold)."""
+    alpha: float = 1e-6
+    """Ridge on W_dec in the decoder solve (sum scale)."""
+    beta: float = 0.0
+    """Ridge on b_dec in the decoder solve."""
+    mu_dec: float = 0.0
+    """Proximal pull of W_dec towards the previous decoder in the solve."""
+    nu_dec: float = 0.0
+    """Proximal pull of b_dec towards the previous decoder bias in the solve."""
+    order: str = "encoder_first"
+    """"encoder_first" (Algorithm C.1, the MNIST script) or "decoder_first" (the LLM script)."""
+    decoder_batch_size: int = 8192
+    """Rows per batch when accumulating the decoder statistics (tensor data); the solve stays exact."""
+    decoder_method: str = "auto"
+    """"sparse", "dense" or "auto" (see `solve_decoder`)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for n in ("mu_enc", "nu_enc", "alpha", "beta", "mu_dec", "nu_dec"):
+            _nonneg(getattr(self, n), n)
+        if self.order not in ORDERS:
+            raise ConfigError(f"order must be one of {ORDERS}, got {self.order!r}")
+        _pos_int(self.decoder_batch_size, "decoder_batch_size")
+        if self.decoder_method not in ("auto", "sparse", "dense"):
+            raise ConfigError(f"decoder_method must be 'auto', 'sparse' or 'dense', got {self.decoder_method!r}")

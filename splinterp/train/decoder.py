@@ -1,0 +1,305 @@
+"""Exact closed-form decoder update of PAM-SGD (paper_splinterp.md section 4.3).
+
+With the codes z_r fixed, the decoder block of the PAM objective
+
+    sum_r |x_r - z_r W - b|^2 + alpha |W|^2 + beta |b|^2 + mu |W - W_prev|^2 + nu |b - b_prev|^2
+
+(W = W_dec [d_sae, d_in], b = b_dec [d_in], rows x_r, z_r) is a ridge / proximal least-squares problem in
+(W, b) jointly. Setting both gradients to zero gives the (d_sae + 1) x (d_sae + 1) block system
+
+    [ G + (alpha + mu) I    s_z           ] [ W   ]   [ S_zx + mu W_prev           ]
+    [ s_z^T                 N + beta + nu ] [ b^T ] = [ s_x^T + nu b_prev^T        ]
+
+with G = sum z z^T, S_zx = sum z x^T, s_z = sum z, s_x = sum x. Eliminating b gives the paper's form
+(A = G + (alpha+mu) I - s_z s_z^T / (N + beta + nu), ...); solving the block system directly is the same
+answer and needs no special case for the intercept.
+
+Only these sufficient statistics are needed, so they are accumulated over batches
+(`DecoderAccumulator`) and the solve is exact however the data are split. Sparse codes (k non-zeros per
+row) make G cost O(N k^2) by scattering the k x k outer products instead of O(N d_sae^2) by a dense
+matmul; S_zx costs O(N k d_in). Statistics are kept in float64: G's condition number is the square of Z's.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from splinterp.errors import ConfigError, DTypeError, EmptyDataError, NonFiniteError, ShapeError
+from splinterp.validation import check_data, check_finite
+
+log = logging.getLogger(__name__)
+
+# elements per scatter chunk (a chunk allocates a few temporaries of this many float64 values)
+_CHUNK_ELEMS = 1 << 22
+# condition-number estimate above which the Cholesky answer is not trusted
+_MAX_COND = 1e13
+
+
+@dataclass
+class SparseCodes:
+    """Codes stored as k (value, latent index) pairs per row: z_r = sum_j values[r, j] e_{indices[r, j]}.
+
+    Padding entries carry value 0 (any index). Repeated indices in a row add up, as in `to_dense`.
+    """
+
+    values: torch.Tensor  # [N, k] float
+    indices: torch.Tensor  # [N, k] int64
+    d_sae: int
+
+    def __post_init__(self) -> None:
+        v, i = self.values, self.indices
+        if not isinstance(v, torch.Tensor) or not isinstance(i, torch.Tensor):
+            raise DTypeError("SparseCodes values and indices must be torch tensors")
+        if v.ndim != 2 or i.shape != v.shape:
+            raise ShapeError(f"SparseCodes values and indices must both be [N, k]; got {tuple(v.shape)} and "
+                             f"{tuple(i.shape)}")
+        if not v.is_floating_point():
+            raise DTypeError(f"SparseCodes values must be floating point, got {v.dtype}")
+        if i.dtype not in (torch.int64, torch.int32):
+            raise DTypeError(f"SparseCodes indices must be int64 (or int32), got {i.dtype}")
+        if isinstance(self.d_sae, bool) or not isinstance(self.d_sae, int) or self.d_sae < 1:
+            raise ConfigError(f"SparseCodes d_sae must be a positive integer, got {self.d_sae!r}")
+        if i.numel() and (int(i.min()) < 0 or int(i.max()) >= self.d_sae):
+            raise ShapeError(f"SparseCodes indices must lie in [0, {self.d_sae}), got range "
+                             f"[{int(i.min())}, {int(i.max())}]")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.values.shape[0], self.d_sae)
+
+    def __len__(self) -> int:
+        return self.values.shape[0]
+
+    def __getitem__(self, rows) -> SparseCodes:
+        return SparseCodes(self.values[rows], self.indices[rows], self.d_sae)
+
+    def to_dense(self) -> torch.Tensor:
+        z = torch.zeros(self.values.shape[0], self.d_sae, dtype=self.values.dtype, device=self.values.device)
+        return z.scatter_add_(1, self.indices.long(), self.values)
+
+    @classmethod
+    def from_dense(cls, z: torch.Tensor, k: int | None = None) -> SparseCodes:
+        """Keep the k largest |z| per row (k = the largest row count of non-zeros if None): exact when
+        no row has more than k non-zeros."""
+        if z.ndim != 2:
+            raise ShapeError(f"codes must be 2-D [N, d_sae], got {tuple(z.shape)}")
+        if k is None:
+            k = int((z != 0).sum(1).max()) if z.shape[0] else 0
+        k = max(1, min(int(k), z.shape[1]))
+        idx = torch.topk(z.abs(), k, dim=1, sorted=False).indices
+        return cls(torch.gather(z, 1, idx), idx, z.shape[1])
+
+
+class DecoderAccumulator:
+    """Sufficient statistics (G = sum z z^T, S_zx = sum z x^T, s_z, s_x, N) of the decoder problem.
+
+    `update` batch by batch (dense or `SparseCodes` codes), then `solve`: the answer equals the
+    full-batch `solve_decoder` on the concatenated data.
+    """
+
+    def __init__(self, d_sae: int, d_in: int, *, dtype: torch.dtype = torch.float64,
+                 device: str | torch.device = "cpu", method: str = "auto"):
+        if method not in ("auto", "sparse", "dense"):
+            raise ConfigError(f"method must be 'auto', 'sparse' or 'dense', got {method!r}")
+        self.d_sae, self.d_in, self.dtype, self.device, self.method = d_sae, d_in, dtype, torch.device(device), method
+        # G = sum z z^T is kept as P + P^T + diag(g_diag) (see _update_sparse)
+        self._P = torch.zeros(d_sae, d_sae, dtype=dtype, device=self.device)
+        self._g_diag = torch.zeros(d_sae, dtype=dtype, device=self.device)
+        self.S_zx = torch.zeros(d_sae, d_in, dtype=dtype, device=self.device)
+        self.s_z = torch.zeros(d_sae, dtype=dtype, device=self.device)
+        self.s_x = torch.zeros(d_in, dtype=dtype, device=self.device)
+        self.n = 0
+
+    @property
+    def G(self) -> torch.Tensor:
+        """sum_r z_r z_r^T [d_sae, d_sae]."""
+        G = self._P + self._P.T
+        G.diagonal().add_(self._g_diag)
+        return G
+
+    # ------------------------------------------------------------------ accumulation
+    def update(self, Z: torch.Tensor | SparseCodes, X: torch.Tensor) -> DecoderAccumulator:
+        """Add a batch: codes Z ([B, d_sae] dense or SparseCodes) and the inputs X [B, d_in] they encode."""
+        X = check_data(X, self.d_in, name="X", allow_empty=True)
+        n = X.shape[0]
+        if isinstance(Z, SparseCodes):
+            if Z.d_sae != self.d_sae:
+                raise ShapeError(f"SparseCodes has d_sae={Z.d_sae}, the accumulator d_sae={self.d_sae}")
+            if len(Z) != n:
+                raise ShapeError(f"codes have {len(Z)} rows but X has {n}")
+            check_finite(Z.values, "Z.values")
+            sparse = Z
+            if self.method == "dense" or (self.method == "auto" and 8 * Z.values.shape[1] > self.d_sae):
+                Z, sparse = Z.to_dense(), None  # wide padded codes: a BLAS Gram matrix is cheaper
+        else:
+            if not isinstance(Z, torch.Tensor) or Z.ndim != 2 or Z.shape != (n, self.d_sae):
+                shape = tuple(Z.shape) if hasattr(Z, "shape") else type(Z).__name__
+                raise ShapeError(f"Z must be [N={n}, d_sae={self.d_sae}] (or SparseCodes), got {shape}")
+            if Z.is_sparse or Z.layout != torch.strided:
+                Z = Z.to_dense()
+            if not Z.is_floating_point():
+                raise DTypeError(f"Z must be floating point, got {Z.dtype}")
+            check_finite(Z, "Z")
+            sparse = None
+            if self.method != "dense" and n:
+                kmax = int((Z != 0).sum(1).max())
+                # scatter of k x k outer products beats a BLAS Gram matrix only for clearly sparse codes
+                if self.method == "sparse" or 8 * kmax <= self.d_sae:
+                    sparse = SparseCodes.from_dense(Z, kmax)
+        if n == 0:
+            return self
+        X = X.to(device=self.device, dtype=self.dtype)
+        if sparse is not None:
+            self._update_sparse(sparse.values.to(device=self.device, dtype=self.dtype),
+                                sparse.indices.to(device=self.device, dtype=torch.int64), X)
+        else:
+            Z = Z.to(device=self.device, dtype=self.dtype)
+            self._P.addmm_(Z.T, Z, alpha=0.5)
+            self.S_zx.addmm_(Z.T, X)
+            self.s_z += Z.sum(0)
+        self.s_x += X.sum(0)
+        self.n += n
+        return self
+
+    def _update_sparse(self, vals: torch.Tensor, idx: torch.Tensor, X: torch.Tensor) -> None:
+        n, k = vals.shape
+        d = self.d_sae
+        flat_idx, flat_vals = idx.reshape(-1), vals.reshape(-1)
+        self.s_z.index_add_(0, flat_idx, flat_vals)
+        # G: scatter-add of the outer products, O(N k^2). Only position pairs a < b are scattered (into P);
+        # G = P + P^T + diag(sum v^2), which stays right when an index repeats within a row.
+        if k > 1:
+            a, b = torch.triu_indices(k, k, 1, device=idx.device)
+            P = self._P.view(-1)
+            rows = max(1, _CHUNK_ELEMS // a.numel())
+            for s in range(0, n, rows):
+                v, i = vals[s:s + rows], idx[s:s + rows]
+                P.index_add_(0, (i[:, a] * d + i[:, b]).reshape(-1), (v[:, a] * v[:, b]).reshape(-1))
+        self._g_diag.index_add_(0, flat_idx, flat_vals * flat_vals)
+        # S_zx = Z^T X with Z^T as a CSR matrix (rows = latents): O(N k d_in)
+        order = torch.argsort(flat_idx, stable=True)
+        crow = torch.zeros(d + 1, dtype=torch.int64, device=self.device)
+        crow[1:] = torch.bincount(flat_idx, minlength=d).cumsum(0)
+        cols = torch.arange(n, device=self.device).repeat_interleave(k)[order]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+            Zt = torch.sparse_csr_tensor(crow, cols, flat_vals[order], (d, n), check_invariants=False)
+            self.S_zx += Zt @ X
+
+    # ------------------------------------------------------------------ solve
+    def solve(self, alpha: float = 0.0, beta: float = 0.0, mu: float = 0.0, nu: float = 0.0,
+              W_prev: torch.Tensor | None = None, b_prev: torch.Tensor | None = None,
+              out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact joint minimiser (W_dec [d_sae, d_in], b_dec [d_in]) of the accumulated problem.
+
+        Latents that never fired carry no data term: with alpha + mu = 0 their rows are undetermined, so
+        they keep W_prev's row (zero without W_prev) and the rest is solved exactly. A system that is
+        still singular or badly conditioned falls back to an eigendecomposition (minimum-norm solution)
+        with a logged warning.
+        """
+        for name, v in (("alpha", alpha), ("beta", beta), ("mu", mu), ("nu", nu)):
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0 or v == float("inf"):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {v!r}")
+        if self.n == 0:
+            raise EmptyDataError("the decoder accumulator has seen no rows; cannot solve")
+        d, n_in = self.d_sae, self.d_in
+        out_dtype = out_dtype or torch.float32
+        Wp = _check_prev(W_prev, (d, n_in), "W_prev", self.device, self.dtype)
+        bp = _check_prev(b_prev, (n_in,), "b_prev", self.device, self.dtype)
+        if mu > 0 and Wp is None:
+            raise ConfigError("mu > 0 pulls W_dec towards W_prev, which was not given")
+        if nu > 0 and bp is None:
+            raise ConfigError("nu > 0 pulls b_dec towards b_prev, which was not given")
+
+        ridge = float(alpha) + float(mu)
+        G = self.G
+        used = torch.ones(d, dtype=torch.bool, device=self.device)
+        if ridge == 0.0:
+            used = G.diagonal() > 0
+        S = used.nonzero().squeeze(1)
+        m = S.numel()
+        M = torch.empty(m + 1, m + 1, dtype=self.dtype, device=self.device)
+        M[:m, :m] = G if m == d else G[S][:, S]
+        del G
+        M[:m, :m].diagonal().add_(ridge)
+        M[:m, m] = self.s_z[S]
+        M[m, :m] = self.s_z[S]
+        M[m, m] = self.n + float(beta) + float(nu)
+        R = torch.empty(m + 1, n_in, dtype=self.dtype, device=self.device)
+        R[:m] = self.S_zx[S]
+        R[m] = self.s_x
+        if mu > 0:
+            R[:m] += float(mu) * Wp[S]
+        if nu > 0:
+            R[m] += float(nu) * bp
+        sol = _spd_solve(M, R)
+        W = Wp.clone() if Wp is not None else torch.zeros(d, n_in, dtype=self.dtype, device=self.device)
+        W[S] = sol[:m]
+        if m < d:
+            log.debug("decoder solve: %d of %d latents never fired; their rows are kept", d - m, d)
+        return W.to(out_dtype), sol[m].to(out_dtype)
+
+
+def _check_prev(t, shape, name, device, dtype):
+    if t is None:
+        return None
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+        got = tuple(t.shape) if hasattr(t, "shape") else type(t).__name__
+        raise ShapeError(f"{name} must have shape {shape}, got {got}")
+    if not bool(torch.isfinite(t).all()):
+        raise NonFiniteError(f"{name} contains NaN or inf")
+    return t.detach().to(device=device, dtype=dtype)
+
+
+def _spd_solve(M: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """Solve M X = R for symmetric positive semi-definite M: Cholesky, else eigh pseudo-inverse."""
+    L, info = torch.linalg.cholesky_ex(M)
+    if int(info) == 0:
+        dg = L.diagonal()
+        cond_est = float((dg.max() / dg.min()) ** 2)
+        if cond_est < _MAX_COND:
+            return torch.cholesky_solve(R, L)
+        reason = f"condition number about {cond_est:.1e}"
+    else:
+        reason = "the system is singular (Cholesky failed)"
+    evals, evecs = torch.linalg.eigh(M)
+    cutoff = evals.abs().max() * M.shape[0] * torch.finfo(M.dtype).eps
+    keep = evals > cutoff
+    log.warning("decoder solve: %s; using the minimum-norm eigendecomposition solution (%d of %d directions "
+                "kept). Add a small alpha or mu_dec to make the problem well posed.",
+                reason, int(keep.sum()), M.shape[0])
+    V = evecs[:, keep]
+    return V @ ((V.T @ R) / evals[keep, None])
+
+
+def solve_decoder(Z: torch.Tensor | SparseCodes, X: torch.Tensor, alpha: float = 0.0, beta: float = 0.0,
+                  mu: float = 0.0, nu: float = 0.0, W_prev: torch.Tensor | None = None,
+                  b_prev: torch.Tensor | None = None, *, method: str = "auto",
+                  batch_size: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact joint minimiser (W_dec [d_sae, d_in], b_dec [d_in]) of
+    sum_r |x_r - z_r W - b|^2 + alpha|W|^2 + beta|b|^2 + mu|W - W_prev|^2 + nu|b - b_prev|^2.
+
+    Z: dense [N, d_sae], a torch sparse tensor, or `SparseCodes` (values/indices [N, k]). Computed in
+    float64 and returned in X's dtype. `method`: "sparse" (scatter, O(N k^2)), "dense" (BLAS Gram matrix)
+    or "auto" (sparse when rows have at most d_sae/8 non-zeros).
+    """
+    X = check_data(X, name="X")
+    if isinstance(Z, SparseCodes):
+        d_sae = Z.d_sae
+    elif isinstance(Z, torch.Tensor) and Z.ndim == 2:
+        d_sae = Z.shape[1]
+    else:
+        shape = tuple(Z.shape) if hasattr(Z, "shape") else type(Z).__name__
+        raise ShapeError(f"Z must be [N, d_sae] (dense or sparse tensor) or SparseCodes, got {shape}")
+    if (len(Z) if isinstance(Z, SparseCodes) else Z.shape[0]) != X.shape[0]:
+        raise ShapeError(f"Z has {Z.shape[0]} rows but X has {X.shape[0]}")
+    if isinstance(Z, torch.Tensor) and Z.layout != torch.strided:
+        Z = Z.to_dense()
+    acc = DecoderAccumulator(d_sae, X.shape[1], device=X.device, method=method)
+    for s in range(0, X.shape[0], batch_size):
+        acc.update(Z[s:s + batch_size], X[s:s + batch_size])
+    return acc.solve(alpha, beta, mu, nu, W_prev, b_prev, out_dtype=X.dtype)

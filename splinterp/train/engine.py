@@ -1,0 +1,310 @@
+"""The epoch loop shared by the SGD and PAM-SGD trainers: batches, optimiser steps, evaluation, History,
+checkpoints and resume. A trainer subclass says which parameters the optimiser owns and what happens
+before and after the SGD pass of each epoch (PAM: the closed-form decoder solve).
+
+Resume is exact on CPU: the model, the optimiser state, every RNG (torch, CUDA, numpy, python and the
+shuffle generator), the data position (shuffle-generator state at the start of the epoch + batches done),
+the running loss sums and the History are restored, so a run stopped after any checkpoint and resumed
+ends with the same bits as a run that never stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from splinterp import metrics
+from splinterp.errors import ConfigError, DeviceError, NonFiniteError
+from splinterp.sae import SAE
+from splinterp.train import checkpoint as ckpt
+from splinterp.train.config import RESUME_MUTABLE, SGDConfig
+from splinterp.train.data import BatchSource
+from splinterp.train.history import History
+from splinterp.train.losses import get_loss
+from splinterp.validation import check_data
+
+log = logging.getLogger(__name__)
+
+DECODER_PARAMS = ("W_dec", "b_dec")
+
+
+@dataclass
+class TrainEvent:
+    """Passed to the trainer's callback after each mini-batch ("step") and each epoch ("epoch")."""
+
+    kind: str
+    epoch: int
+    """Epochs completed."""
+    batch: int
+    """Batches done in the current epoch (0 at an epoch end)."""
+    step: int
+    """Optimiser steps so far."""
+    record: dict[str, Any] | None = None
+    """The epoch's History record (epoch events)."""
+
+
+Callback = Callable[[TrainEvent], None]
+
+
+def encoder_parameter_names(sae: SAE) -> list[str]:
+    """Every trainable parameter of the SAE except the decoder (W_dec, b_dec)."""
+    return [n for n, _ in sae.named_parameters() if n not in DECODER_PARAMS]
+
+
+def _resolve_device(sae: SAE, device: str | None) -> torch.device:
+    if device is None:
+        return sae.device
+    want = torch.device(device)
+    have = sae.device
+    if want.type != have.type or (want.index is not None and want.index != have.index):
+        raise DeviceError(f"config device is {want} but the SAE is on {have}; move the SAE first "
+                          f"(SAE(cfg.replace(device=...)) or splinterp.load(..., device=...))")
+    return have
+
+
+class Trainer:
+    method = "base"
+
+    def __init__(self, sae: SAE, data, cfg: SGDConfig, eval_data=None, callback: Callback | None = None):
+        if not isinstance(sae, SAE):
+            raise TypeError(f"the trainers train a splinterp SAE, got {type(sae).__name__}")
+        self.sae, self.cfg, self.callback = sae, cfg, callback
+        self.device = _resolve_device(sae, cfg.device)
+        self.loss_fn = get_loss(sae.architecture)
+        self.src = BatchSource(data, sae.cfg.d_in, sae.dtype, self.device, name="data")
+        if eval_data is not None and (isinstance(eval_data, torch.Tensor) or hasattr(eval_data, "__array__")):
+            eval_data = check_data(eval_data, sae.cfg.d_in, name="eval_data", dtype=sae.dtype)
+        self.eval_data = eval_data
+        self.check_config()
+        named = dict(sae.named_parameters())
+        self.train_names = self.trainable_names()
+        self.train_params = [named[n] for n in self.train_names]
+        enc = set(encoder_parameter_names(sae))
+        self.clip_params = (self.train_params if cfg.grad_clip_scope == "all"
+                            else [named[n] for n in self.train_names if n in enc])
+        self.opt = self.make_optimizer()
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.epoch = 0
+        self.batch = 0
+        self.step = 0
+        self.epoch_gen_state = self.gen.get_state()
+        self.run_sums: dict[str, torch.Tensor] = {}
+        self.run_count = 0
+        self.wall_time = 0.0
+        self.epoch_time_acc = 0.0
+        self.history = History(method=self.method, config={"trainer": cfg.to_dict(), "sae": sae.cfg.to_dict()})
+
+    # ------------------------------------------------------------------ hooks for subclasses
+    def check_config(self) -> None:
+        pass
+
+    def trainable_names(self) -> list[str]:
+        return [n for n, _ in self.sae.named_parameters()]
+
+    def before_sgd(self, resumed_mid_epoch: bool) -> None:
+        pass
+
+    def after_sgd(self) -> None:
+        pass
+
+    def extra_loss(self) -> torch.Tensor | None:
+        return None
+
+    def extra_tensors(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_tensors(self, tensors: dict[str, Any]) -> None:
+        pass
+
+    def setup(self) -> None:
+        pass
+
+    def teardown(self) -> None:
+        pass
+
+    # ------------------------------------------------------------------ pieces
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        c = self.cfg
+        if c.optimizer == "adam":
+            return torch.optim.Adam(self.train_params, lr=c.lr, weight_decay=c.weight_decay)
+        if c.optimizer == "adamw":
+            return torch.optim.AdamW(self.train_params, lr=c.lr, weight_decay=c.weight_decay)
+        return torch.optim.SGD(self.train_params, lr=c.lr, weight_decay=c.weight_decay)
+
+    def _sgd_step(self, x: torch.Tensor) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        loss, parts = self.loss_fn(self.sae, x, self.cfg)
+        extra = self.extra_loss()
+        if extra is not None:
+            loss = loss + extra
+            parts = {**parts, "prox": extra.detach()}
+        loss.backward()
+        if self.cfg.grad_clip is not None and self.clip_params:
+            torch.nn.utils.clip_grad_norm_(self.clip_params, self.cfg.grad_clip)
+        self.opt.step()
+        self.step += 1
+        self.run_count += 1
+        for k, v in {"loss": loss.detach(), **parts}.items():
+            v = torch.as_tensor(v, dtype=torch.float64, device=self.device).detach()
+            self.run_sums[k] = self.run_sums[k] + v if k in self.run_sums else v.clone()
+
+    def _evaluate(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        bs = self.cfg.eval_batch_size
+        if self.cfg.eval_train:
+            data = self.src.tensor if self.src.tensor is not None else self.src.iterable
+            for k, v in metrics.evaluate(self.sae, data, batch_size=bs, device=self.device).items():
+                out[f"train_{k}"] = v
+        if self.eval_data is not None:
+            for k, v in metrics.evaluate(self.sae, self.eval_data, batch_size=bs, device=self.device).items():
+                out[f"test_{k}"] = v
+        return out
+
+    def _due(self, epoch: int) -> bool:
+        c = self.cfg
+        return c.checkpoint_dir is not None and (
+            epoch == c.epochs or (c.checkpoint_every > 0 and epoch % c.checkpoint_every == 0))
+
+    def _save(self) -> None:
+        rng_t, rng_meta = ckpt.capture_rng()
+        tensors = {
+            **rng_t,
+            "optimizer": self.opt.state_dict(),
+            "shuffle_gen": self.gen.get_state(),
+            "epoch_gen_state": self.epoch_gen_state,
+            "run_sums": {k: v.cpu() for k, v in self.run_sums.items()},
+            **self.extra_tensors(),
+        }
+        state = {
+            "method": self.method, "epoch": self.epoch, "batch": self.batch, "step": self.step,
+            "run_count": self.run_count, "wall_time": self.wall_time, "epoch_time_acc": self.epoch_time_acc,
+            "trainer_config": self.cfg.to_dict(), "sae_config": self.sae.cfg.to_dict(),
+            "data_fingerprint": self.src.fingerprint(), "history": self.history.to_dict(), "rng": rng_meta,
+        }
+        ckpt.save_checkpoint(self.cfg.checkpoint_dir, self.sae, tensors, state, keep=self.cfg.keep_checkpoints)
+
+    # ------------------------------------------------------------------ resume
+    def _resume_path(self):
+        c = self.cfg
+        if c.resume_from is not None:
+            return ckpt.resolve_checkpoint(c.resume_from)
+        if c.resume:
+            p = ckpt.latest_checkpoint(c.checkpoint_dir)
+            if p is None:
+                log.info("resume=True but %s holds no checkpoint yet: starting from scratch", c.checkpoint_dir)
+            return p
+        return None
+
+    def _restore(self, path) -> None:
+        cp = ckpt.load_checkpoint(path)
+        st = cp.state
+        if st.get("method") != self.method:
+            raise ConfigError(f"{cp.path} is a {st.get('method')!r} checkpoint, not {self.method!r}")
+        self._check_same(st["trainer_config"], self.cfg.to_dict(), RESUME_MUTABLE, "trainer config", cp.path)
+        self._check_same(st["sae_config"], self.sae.cfg.to_dict(), {"device"}, "SAE config", cp.path)
+        fp = self.src.fingerprint()
+        if st.get("data_fingerprint") is not None and fp is not None and fp != st["data_fingerprint"]:
+            raise ConfigError(f"{cp.path} was written while training on different data "
+                              f"(rows / checksums {st['data_fingerprint']} vs {fp})")
+        named = dict(self.sae.named_parameters())
+        with torch.no_grad():
+            for n, p in named.items():
+                p.copy_(cp.sae_tensors[n].to(device=p.device, dtype=p.dtype))
+        t = cp.tensors
+        self.opt.load_state_dict(t["optimizer"])
+        self.gen.set_state(t["shuffle_gen"])
+        self.epoch_gen_state = t["epoch_gen_state"]
+        self.run_sums = {k: v.to(self.device) for k, v in t["run_sums"].items()}
+        self.load_extra_tensors(t)
+        ckpt.restore_rng(t, st["rng"])
+        self.epoch, self.batch, self.step = int(st["epoch"]), int(st["batch"]), int(st["step"])
+        self.run_count = int(st["run_count"])
+        self.wall_time, self.epoch_time_acc = float(st["wall_time"]), float(st["epoch_time_acc"])
+        self.history = History.from_dict(st["history"])
+        log.info("resumed from %s (epoch %d, batch %d, step %d)", cp.path, self.epoch, self.batch, self.step)
+
+    @staticmethod
+    def _check_same(saved: dict, now: dict, mutable, what: str, path) -> None:
+        diff = sorted(k for k in set(saved) | set(now) if k not in mutable and saved.get(k) != now.get(k))
+        if diff:
+            detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diff)
+            raise ConfigError(f"cannot resume from {path}: the {what} differs ({detail})")
+
+    # ------------------------------------------------------------------ main loop
+    def run(self) -> History:
+        path = self._resume_path()
+        if path is not None:
+            self._restore(path)
+        self.setup()
+        try:
+            bar = tqdm(total=self.cfg.epochs, initial=min(self.epoch, self.cfg.epochs), desc=self.method,
+                       disable=not self.cfg.progress, unit="epoch")
+            with bar:
+                while self.epoch < self.cfg.epochs:
+                    self._run_epoch()
+                    bar.update(1)
+                    last = self.history.last
+                    bar.set_postfix({k: f"{last[k]:.4g}" for k in ("train_loss", "test_mse")
+                                     if isinstance(last.get(k), float)})
+        finally:
+            self.teardown()
+        return self.history
+
+    def _run_epoch(self) -> None:
+        c = self.cfg
+        t0 = time.perf_counter()
+        mid = self.batch > 0
+        if mid:
+            self.gen.set_state(self.epoch_gen_state)  # redraw this epoch's permutation, then skip ahead
+        else:
+            self.epoch_gen_state = self.gen.get_state()
+            self.run_sums, self.run_count, self.epoch_time_acc = {}, 0, 0.0
+        self.before_sgd(mid)
+        n_batches = None if self.src.n_rows is None else math.ceil(self.src.n_rows / c.batch_size)
+        batches = self.src.epoch(self.epoch, c.batch_size, self.gen if c.shuffle else None, start_batch=self.batch)
+        inner = tqdm(batches, total=None if n_batches is None else n_batches - self.batch, leave=False,
+                     disable=not c.progress, desc=f"epoch {self.epoch + 1}", unit="batch")
+        for x in inner:
+            for _ in range(c.sgd_updates_per_batch):
+                self._sgd_step(x)
+            self.batch += 1
+            if c.checkpoint_dir is not None and c.checkpoint_every_steps and self.batch % c.checkpoint_every_steps == 0:
+                now = time.perf_counter()
+                self.epoch_time_acc += now - t0
+                t0 = now
+                self._save()
+            if self.callback is not None:
+                self.callback(TrainEvent("step", self.epoch, self.batch, self.step))
+        if self.run_count == 0:
+            raise ConfigError("an epoch had no mini-batches: the training data are empty")
+        self.after_sgd()
+        epoch_time = self.epoch_time_acc + time.perf_counter() - t0
+        means = {k: float(v) / self.run_count for k, v in self.run_sums.items()}
+        if not math.isfinite(means["loss"]):
+            raise NonFiniteError(f"the training loss became {means['loss']} in epoch {self.epoch + 1}; "
+                                 "lower lr or set grad_clip")
+        self.epoch += 1
+        self.batch = 0
+        t1 = time.perf_counter()
+        ev = self._evaluate()
+        eval_time = time.perf_counter() - t1
+        self.wall_time += epoch_time + eval_time
+        record = {"epoch": self.epoch, "step": self.step, "train_loss": means.pop("loss"),
+                  **{f"train_running_{k}": v for k, v in means.items()}, **ev,
+                  "epoch_time": epoch_time, "eval_time": eval_time, "wall_time": self.wall_time}
+        self.history.append(record)
+        log.info("%s epoch %d/%d: %s", self.method, self.epoch, c.epochs, ", ".join(
+            f"{k}={record[k]:.5g}" for k in ("train_loss", "train_mse", "test_mse", "test_l0",
+                                              "test_explained_variance") if isinstance(record.get(k), float)))
+        self.run_sums, self.run_count, self.epoch_time_acc = {}, 0, 0.0
+        if self._due(self.epoch):
+            self._save()
+        if self.callback is not None:
+            self.callback(TrainEvent("epoch", self.epoch, 0, self.step, self.history.last))
