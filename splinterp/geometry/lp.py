@@ -4,17 +4,21 @@ A region is an intersection of half-spaces in the scores u(x) = x @ W + b, so "i
 this pattern?" is an LP. Strict inequalities are handled with a margin t: we maximise t subject to
 
     relu / jumprelu / gated   u_i - theta_i >= t  (i in S),      theta_j - u_j >= t  (j not in S)
-    topk (|S| = k)            u_i >= s + t, u_i >= t  (i in S),  u_j <= s  (j not in S)
-    topk (|S| < k)            u_i >= t  (i in S),                u_j <= -t (j not in S)
-    plain k-set (no ReLU)     u_i >= s + t  (i in S),            u_j <= s  (j not in S)
-    topk_abs (signs sigma)    sigma_i u_i >= s + t, sigma_i u_i >= t (i in S), -s <= u_j <= s (j not in S)
+    topk (|S| = k)            u_i >= s + t, u_i >= t  (i in S),  u_j <= s - t  (j not in S)
+    topk (|S| < k)            u_i >= t  (i in S),                u_j <= -t     (j not in S)
+    plain k-set (no ReLU)     u_i >= s + t  (i in S),            u_j <= s - t  (j not in S)
+    topk_abs (signs sigma)    sigma_i u_i >= s + t, sigma_i u_i >= t (i in S), |u_j| <= s - t (j not in S)
 
-with one auxiliary level s, so there are O(d_sae) rows (not k * (d_sae - k) pairwise ones). The pattern has
-an interior point iff t* > 0. Numerically: scores are normalised (x centred on the box, scores divided by
-their largest magnitude), HiGHS runs with feasibility tolerances 1e-9 and a pattern counts as non-empty
-iff the normalised margin t* > tol (default 1e-7, two orders above the solver's tolerance). Patterns
-realised only on a set of measure zero (ties: t* = 0) count as empty. t is capped at 1 (normalised) so
-unbounded cells give a finite LP; without a box a second LP then finds a witness of smallest infinity
+with one auxiliary level s, so there are O(d_sae) rows (not k * (d_sae - k) pairwise ones). The pattern
+has an interior point iff t* > 0. Ties follow the SAE: latents with identical score functions are ranked
+by index (the k-th place may cut such a group, whose members then sit at the level s without margin),
+and latents with constant scores (zero weights) are decided without the LP.
+
+Numerically: scores are normalised (x centred on the box, scores divided by their largest magnitude),
+HiGHS runs with feasibility tolerances 1e-9 and a pattern counts as non-empty iff the normalised margin
+t* > tol (default 1e-7, two orders above the solver's tolerance). Patterns realised only on a set of
+measure zero (ties: t* = 0) count as empty. t is capped at 1 (normalised) so unbounded cells give a
+finite LP; without a box a second LP then finds a witness of smallest infinity
 norm among those with margin >= t*/2, so witnesses are deep inside the cell *and* of moderate size.
 """
 
@@ -73,40 +77,76 @@ class PatternLP:
     margin: float
 
 
-def _rows(active: np.ndarray, k, null: bool, theta: np.ndarray, signs):
-    """Rows 'sig * u_lat + a_s * s + a_t * t <= kap' of the pattern LP, or None if the pattern is
-    impossible by counting alone."""
+def _tie_groups(W: np.ndarray, b: np.ndarray, absolute: bool) -> np.ndarray:
+    """int [m]: latents whose ranking scores are the same function share a group (exact duplicates; for
+    topk_abs up to a global sign). Ties between them are decided by index, not by geometry."""
+    R = np.concatenate([W.T, b[:, None]], 1)
+    if absolute:
+        first = np.argmax(R != 0, axis=1)
+        sgn = np.sign(R[np.arange(len(R)), first])
+        R = R * np.where(sgn == 0, 1.0, sgn)[:, None]
+    return np.unique(R, axis=0, return_inverse=True)[1].reshape(-1)
 
+
+def _rows(W: np.ndarray, b: np.ndarray, active: np.ndarray, k, null: bool, theta: np.ndarray, signs):
+    """Rows 'sig * u_lat + a_s * s + a_t * t <= kap' of the pattern LP, or None if the pattern is
+    impossible without solving anything (counting, ties between identical latents, constant scores)."""
     S = np.flatnonzero(active)
     N = np.flatnonzero(~active)
+    const = ~W.any(0)  # a latent with no weights has a constant score: its conditions are checked here
     lat, sig, a_s, a_t, kap = [], [], [], [], []
 
     def add(idx, sg, s_, t_, kp):
         lat.append(idx)
         sig.append(np.broadcast_to(np.asarray(sg, np.float64), idx.shape))
         a_s.append(np.full(idx.shape, float(s_)))
-        a_t.append(np.full(idx.shape, float(t_)))
+        a_t.append(np.broadcast_to(np.asarray(t_, np.float64), idx.shape))
         kap.append(np.broadcast_to(np.asarray(kp, np.float64), idx.shape))
 
-    if signs is not None:  # topk_abs
-        if len(S) != k:
+    def threshold_rows(S_, N_):  # u_i > theta_i on S_, u_j <= theta_j on N_
+        if (b[S_[const[S_]]] <= theta[S_[const[S_]]]).any() or (b[N_[const[N_]]] > theta[N_[const[N_]]]).any():
+            return False
+        S_, N_ = S_[~const[S_]], N_[~const[N_]]
+        add(S_, -1.0, 0, 1, -theta[S_])
+        add(N_, 1.0, 0, 1, theta[N_])
+        return True
+
+    if k is None or (signs is None and null and len(S) < k):  # threshold rule (TopK with < k active too)
+        if not threshold_rows(S, N):
             return None
-        sg = signs[S]
-        add(S, -sg, 1, 1, 0.0)
-        add(S, -sg, 0, 1, 0.0)
-        add(N, 1.0, -1, 0, 0.0)
-        add(N, -1.0, -1, 0, 0.0)
-    elif k is None or (null and len(S) < k):  # threshold rule (also TopK with fewer than k active)
-        add(S, -1.0, 0, 1, -theta[S])
-        add(N, 1.0, 0, 1, theta[N])
     else:
-        if len(S) > k or (not null and len(S) != k):
+        if len(S) > k or ((signs is not None or not null) and len(S) != k):
             return None
-        if len(N):
-            add(S, -1.0, 1, 1, 0.0)
-            add(N, 1.0, -1, 0, 0.0)
-        if null:
-            add(S, -1.0, 0, 1, -theta[S])
+        # k-set: S above a level s, the rest below it, margin t on both sides. Identical latents tie and
+        # the lower index wins, so S must take a prefix of each tie group; a group cut by the k-th place
+        # sits exactly at the level (no margin for its members) and at most one group can be cut.
+        grp = _tie_groups(W, b, signs is not None)
+        m = len(grp)
+        cut = np.zeros(m, dtype=bool)
+        if len(np.unique(grp)) < m:
+            order = np.lexsort((np.arange(m), grp))
+            a, g = active[order], grp[order]
+            if ((g[1:] == g[:-1]) & a[1:] & ~a[:-1]).any():
+                return None
+            n_in = np.bincount(grp, weights=active.astype(np.float64))
+            size = np.bincount(grp)
+            split = (n_in > 0) & (n_in < size)
+            if split.sum() > 1:
+                return None
+            cut = split[grp]
+        margin = np.where(cut, 0.0, 1.0)
+        if signs is not None:  # topk_abs: sigma_i u_i >= s + t, sigma_i u_i >= t; -s <= u_j <= s
+            sg = signs[S]
+            add(S, -sg, 1, margin[S], 0.0)
+            add(S, -sg, 0, 1, 0.0)
+            add(N, 1.0, -1, margin[N], 0.0)
+            add(N, -1.0, -1, margin[N], 0.0)
+        else:
+            if len(N):
+                add(S, -1.0, 1, margin[S], 0.0)
+                add(N, 1.0, -1, margin[N], 0.0)
+            if null and not threshold_rows(S, np.zeros(0, dtype=np.int64)):
+                return None
     if not lat:
         z = np.zeros(0)
         return z.astype(np.int64), z, z, z, z
@@ -148,7 +188,7 @@ def pattern_lp(
     theta = np.zeros(m) if theta is None else np.asarray(theta, dtype=np.float64)
     if signs is not None:
         signs = np.where(np.asarray(signs, dtype=np.float64) > 0, 1.0, -1.0)
-    rows = _rows(active, k, null, theta, signs)
+    rows = _rows(W, b, active, k, null, theta, signs)
     if rows is None:
         return PatternLP(False, None, float("-inf"))
     lat, sig, a_s, a_t, kap = rows
