@@ -104,11 +104,14 @@ def test_last_token_is_right_under_both_paddings(minilm, tmp_path, side):
                     batch_size=5, progress=False)
     assert cache.n_tokens == len(TEXTS) and cache.manifest["harvest"]["padding_side"] == side
     assert (cache.token_ids() == tok.sep_token_id).all()  # BERT's last real token is [SEP]
+    assert sorted(cache.text_ids().tolist()) == list(range(len(TEXTS)))
     for layer in (1, 4):
         acts = cache.load(layer)
         for i, text in enumerate(TEXTS):
             _, hs = _single(model, tok, text)
-            torch.testing.assert_close(acts[i], hs[layer + 1][0, -1], atol=2e-5, rtol=1e-4)
+            row = acts[cache.text_ids() == i]
+            assert row.shape == (1, 384)
+            torch.testing.assert_close(row[0], hs[layer + 1][0, -1], atol=2e-5, rtol=1e-4)
 
 
 def test_last_token_skipping_special_tokens(minilm, tmp_path):
@@ -119,8 +122,9 @@ def test_last_token_skipping_special_tokens(minilm, tmp_path):
                     drop_special_tokens=True, progress=False)
     for i, text in enumerate(TEXTS):
         ids, hs = _single(model, tok, text)
-        assert int(cache.token_ids()[i]) == int(ids[-2])  # the token before [SEP]
-        torch.testing.assert_close(cache.load(2)[i], hs[3][0, -2], atol=2e-5, rtol=1e-4)
+        row = cache.text_ids() == i
+        assert int(cache.token_ids()[row]) == int(ids[-2])  # the token before [SEP]
+        torch.testing.assert_close(cache.load(2)[row][0], hs[3][0, -2], atol=2e-5, rtol=1e-4)
 
 
 def test_drop_special_tokens_all(minilm, tmp_path):
@@ -129,6 +133,21 @@ def test_drop_special_tokens_all(minilm, tmp_path):
     ids = cache.token_ids()
     assert not bool(torch.isin(ids, torch.tensor([tok.cls_token_id, tok.sep_token_id, tok.pad_token_id])).any())
     assert cache.n_tokens == sum(len(tok(t)["input_ids"]) - 2 for t in TEXTS)
+
+
+def test_sort_by_length_changes_only_the_order(minilm, tmp_path):
+    model, tok = minilm
+    a = harvest((model, tok), TEXTS, layers=1, out=tmp_path / "a", batch_size=2, progress=False)
+    b = harvest((model, tok), TEXTS, layers=1, out=tmp_path / "b", batch_size=2, sort_by_length=False,
+                progress=False)
+    assert torch.equal(b.text_ids(), torch.sort(b.text_ids(), stable=True).values)  # text order
+    assert not torch.equal(a.text_ids(), b.text_ids())
+    lengths = torch.bincount(a.text_ids())
+    assert (lengths[a.text_ids().unique_consecutive()].diff() >= 0).all()  # short texts first
+    key = lambda c: c.text_ids() * 1000 + c.positions()  # noqa: E731
+    pa, pb = torch.argsort(key(a)), torch.argsort(key(b))
+    torch.testing.assert_close(a.load(1)[pa], b.load(1)[pb], atol=2e-5, rtol=1e-4)
+    assert torch.equal(a.token_ids()[pa], b.token_ids()[pb])
 
 
 def test_max_length_truncates(minilm, tmp_path):

@@ -293,8 +293,9 @@ class HarvestConfig:
     max_length: int = 128
     batch_size: int = 32
     dtype: str = "float32"
-    shard_tokens: int = 16384
+    shard_tokens: int = 8192
     padding_side: str = "right"
+    sort_by_length: bool = True
     seed: int = 0
     device: str = "cpu"
 
@@ -336,7 +337,8 @@ class _ShardWriter:
         # a single pending tensor is sliced, not copied, so writing N rows costs O(N), not O(N^2 / shard)
         full = {k: v[0] if len(v) == 1 else torch.cat(v) for k, v in self.buf.items()}
         shard = {k: v[:n].contiguous() for k, v in full.items()}
-        self.buf = {k: [v[n:]] for k, v in full.items()}
+        # keep a short remainder as a copy, so the concatenated block can be freed after the write
+        self.buf = {k: [v[n:] if v.shape[0] - n > n else v[n:].clone()] for k, v in full.items()}
         self.n_buf -= n
         name = f"shard_{len(self.shards):05d}.safetensors"
         data = st_save(shard, metadata={"format": "pt", "start": str(self.n_written)})
@@ -361,6 +363,15 @@ def _manifest_head() -> dict[str, Any]:
     return {"format": CACHE_FORMAT, "format_version": CACHE_FORMAT_VERSION, "splinterp_version": __version__}
 
 
+def _length_order(tok: Any, texts: Sequence[str], max_length: int, chunk: int = 1024) -> list[int]:
+    """Text indices sorted (stably) by truncated token length."""
+    lengths: list[int] = []
+    for s in range(0, len(texts), chunk):
+        enc = tok(list(texts[s:s + chunk]), truncation=True, max_length=max_length, padding=False)
+        lengths += [len(ids) for ids in enc["input_ids"]]
+    return sorted(range(len(texts)), key=lengths.__getitem__)
+
+
 def write_cache(
     out: str | os.PathLike,
     acts: torch.Tensor | dict[int, torch.Tensor],
@@ -371,7 +382,7 @@ def write_cache(
     texts: Sequence[str] | None = None,
     vocab: dict[int, str] | None = None,
     dtype: str = "float32",
-    shard_tokens: int = 16384,
+    shard_tokens: int = 8192,
     model_name: str | None = None,
     site: str = "resid_post",
     metadata: dict[str, Any] | None = None,
@@ -449,11 +460,12 @@ def harvest(
     max_length: int = 128,
     batch_size: int = 32,
     dtype: str = "float32",
-    shard_tokens: int = 16384,
+    shard_tokens: int = 8192,
     blocks: str | None = None,
     padding_side: str | None = None,
     overwrite: bool = False,
     save_texts: bool = True,
+    sort_by_length: bool = True,
     device: str | torch.device = "cpu",
     seed: int = 0,
     progress: bool = True,
@@ -464,7 +476,9 @@ def harvest(
     (moved to `device`). texts: list of strings, or None = `offline_texts()` (CPython docs).
     token_selection: "all" real tokens (padding dropped; also special tokens such as [CLS]/[SEP]/<bos>
     if `drop_special_tokens`) or "last" real token of each text. dtype: storage dtype of the cache
-    (the model runs in its own dtype). Returns the opened `ActivationCache`.
+    (the model runs in its own dtype). sort_by_length: batch texts of similar token length together
+    (less padding, faster); tokens are then stored in that order, and `text_ids` still index `texts`.
+    Returns the opened `ActivationCache`.
     """
     out = _check_out(out, overwrite)
     torch.manual_seed(seed)
@@ -474,7 +488,7 @@ def harvest(
     layer_ids = normalise_layers(layers, len(block_list))
     cfg = HarvestConfig(layers=layer_ids, site=site, token_selection=token_selection,
                         drop_special_tokens=drop_special_tokens, max_length=max_length, batch_size=batch_size,
-                        dtype=dtype, shard_tokens=shard_tokens,
+                        dtype=dtype, shard_tokens=shard_tokens, sort_by_length=sort_by_length,
                         padding_side=padding_side or getattr(tok, "padding_side", "right"), seed=seed,
                         device=str(dev))
     if texts is None:
@@ -494,11 +508,13 @@ def harvest(
     vocab_ids: set[int] = set()
     with atomic_dir(out) as tmp:
         writer = _ShardWriter(tmp, layer_ids, shard_tokens)
-        starts = range(0, len(texts), batch_size)
-        bar = tqdm(starts, desc=f"harvest {Path(str(name)).name}", unit="batch", disable=not progress)
+        order = _length_order(tok, texts, max_length) if sort_by_length else list(range(len(texts)))
+        batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+        bar = tqdm(batches, desc=f"harvest {Path(str(name)).name}", unit="batch", disable=not progress)
         with torch.no_grad(), BlockCapture(block_list, layer_ids, site, stop_early=True) as cap:
-            for s in bar:
-                chunk = texts[s:s + batch_size]
+            for batch_idx in bar:
+                chunk = [texts[i] for i in batch_idx]
+                text_index = torch.tensor(batch_idx, dtype=torch.long)
                 batch = tokenize_batch(tok, chunk, max_length, drop_special_tokens, cfg.padding_side)
                 cap.acts.clear()
                 try:
@@ -514,14 +530,14 @@ def harvest(
                     h = cap.acts[layer][keep.to(cap.acts[layer].device)].float().cpu()
                     if not bool(torch.isfinite(h).all()):
                         bad = int((~torch.isfinite(h)).any(-1).nonzero()[0, 0])
-                        text_i = s + int(keep.nonzero()[bad, 0])
+                        text_i = int(text_index[keep.nonzero()[bad, 0]])
                         raise NonFiniteError(f"non-finite activation at layer {layer}, text {text_i}")
                     d_model = h.shape[-1]
                     rows[f"layer_{layer}"] = h.to(store_dtype)
                 ids = batch["input_ids"][keep]
                 vocab_ids.update(ids.tolist())
                 rows["token_ids"] = ids
-                rows["text_ids"] = (keep.nonzero()[:, 0] + s).long()
+                rows["text_ids"] = text_index[keep.nonzero()[:, 0]]
                 rows["positions"] = batch["position_ids"][keep].long()
                 writer.add(rows)
                 bar.set_postfix(tokens=writer.n_written + writer.n_buf)
