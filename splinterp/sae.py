@@ -29,7 +29,7 @@ from torch import nn
 
 from splinterp import kernels
 from splinterp.errors import ConfigError, ShapeError
-from splinterp.validation import check_data
+from splinterp.validation import check_batch, check_dataclass_types
 
 ARCHITECTURES = ("relu", "topk", "topk_abs", "jumprelu", "gated")
 TOPK_ARCHITECTURES = ("topk", "topk_abs")
@@ -76,6 +76,7 @@ class SAEConfig:
             torch.device(self.device)
         except (RuntimeError, TypeError) as e:
             raise ConfigError(f"device {self.device!r} is not a valid torch device: {e}") from None
+        check_dataclass_types(self, "SAEConfig")  # the remaining fields (tied, seed, metadata, ...)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -199,11 +200,7 @@ class SAE(nn.Module):
 
     # ------------------------------------------------------------------ forward pieces
     def _check(self, x: torch.Tensor, name: str = "x") -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.ndim < 1 or x.shape[-1] != self.cfg.d_in:
-            shape = tuple(x.shape) if hasattr(x, "shape") else type(x).__name__
-            raise ShapeError(f"{name} must have shape [..., d_in={self.cfg.d_in}], got {shape}")
-        check_data(x.reshape(-1, self.cfg.d_in), name=name, dtype=self.dtype, device=self.device, allow_empty=True)
-        return x
+        return check_batch(x, self.cfg.d_in, name=name, dtype=self.dtype, device=self.device)
 
     def _pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         W, b = self.encoder_affine()
@@ -297,9 +294,7 @@ class SAE(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """x_hat = z @ W_dec + b_dec."""
-        if not isinstance(z, torch.Tensor) or z.ndim < 1 or z.shape[-1] != self.cfg.d_sae:
-            shape = tuple(z.shape) if hasattr(z, "shape") else type(z).__name__
-            raise ShapeError(f"z must have shape [..., d_sae={self.cfg.d_sae}], got {shape}")
+        z = check_batch(z, self.cfg.d_sae, name="z", dim_name="d_sae", dtype=self.dtype, device=self.device)
         return z @ self.W_dec + self.b_dec
 
     def forward(self, x: torch.Tensor, dense: bool = False) -> torch.Tensor:
