@@ -76,6 +76,11 @@ def save_checkpoint(checkpoint_dir: str | Path, sae, tensors: dict[str, Any], st
     checkpoint_dir = Path(checkpoint_dir)
     name = checkpoint_name(state["epoch"], state["batch"])
     state = {"format": FORMAT_VERSION, "splinterp_version": __version__, **state}
+    # temporary folders / files left by a writer that was killed mid-write (atomic_dir / atomic_path names)
+    if checkpoint_dir.is_dir():
+        for junk in [*checkpoint_dir.glob(".ckpt-*.tmp"), *checkpoint_dir.glob(".ckpt-*.old"),
+                     *checkpoint_dir.glob(f".{LATEST}.*.tmp")]:
+            shutil.rmtree(junk, ignore_errors=True) if junk.is_dir() else junk.unlink(missing_ok=True)
     with atomic_dir(checkpoint_dir / name) as tmp:
         save_sae_folder(sae, tmp / SAE_DIR)
         torch.save(tensors, tmp / STATE_PT)

@@ -33,8 +33,8 @@ from splinterp.validation import check_data, check_finite
 
 log = logging.getLogger(__name__)
 
-# elements per scatter chunk (a chunk allocates a few temporaries of this many float64 values)
-_CHUNK_ELEMS = 1 << 22
+# elements per scatter chunk: temporaries of this many values stay cache-sized (measured best near 1M)
+_CHUNK_ELEMS = 1 << 20
 # condition-number estimate above which the Cholesky answer is not trusted
 _MAX_COND = 1e13
 
@@ -174,11 +174,15 @@ class DecoderAccumulator:
         # G = P + P^T + diag(sum v^2), which stays right when an index repeats within a row.
         if k > 1:
             a, b = torch.triu_indices(k, k, 1, device=idx.device)
+            upper = a * k + b  # positions of the pairs a < b in a row's flattened k x k outer product
             P = self._P.view(-1)
-            rows = max(1, _CHUNK_ELEMS // a.numel())
+            rows = max(1, _CHUNK_ELEMS // (k * k))
             for s in range(0, n, rows):
                 v, i = vals[s:s + rows], idx[s:s + rows]
-                P.index_add_(0, (i[:, a] * d + i[:, b]).reshape(-1), (v[:, a] * v[:, b]).reshape(-1))
+                m = v.shape[0]
+                keys = (i[:, :, None] * d + i[:, None, :]).reshape(m, k * k).index_select(1, upper)
+                prods = (v[:, :, None] * v[:, None, :]).reshape(m, k * k).index_select(1, upper)
+                P.index_add_(0, keys.reshape(-1), prods.reshape(-1))
         self._g_diag.index_add_(0, flat_idx, flat_vals * flat_vals)
         # S_zx = Z^T X with Z^T as a CSR matrix (rows = latents): O(N k d_in)
         order = torch.argsort(flat_idx, stable=True)

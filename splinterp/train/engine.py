@@ -208,7 +208,9 @@ class Trainer:
         if st.get("method") != self.method:
             raise ConfigError(f"{cp.path} is a {st.get('method')!r} checkpoint, not {self.method!r}")
         self._check_same(st["trainer_config"], self.cfg.to_dict(), RESUME_MUTABLE, "trainer config", cp.path)
-        self._check_same(st["sae_config"], self.sae.cfg.to_dict(), {"device"}, "SAE config", cp.path)
+        # the SAE's seed only chose its initial weights, which the checkpoint overwrites
+        self._check_same(st["sae_config"], self.sae.cfg.to_dict(), {"device", "seed", "metadata"}, "SAE config",
+                         cp.path)
         fp = self.src.fingerprint()
         if st.get("data_fingerprint") is not None and fp is not None and fp != st["data_fingerprint"]:
             raise ConfigError(f"{cp.path} was written while training on different data "

@@ -1,0 +1,308 @@
+"""Checkpoint and resume: a run stopped at any checkpoint (by an exception, or by SIGKILL in a real
+subprocess) and resumed ends bit-identical to a run that never stopped, on CPU."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import splinterp as sp
+from splinterp.errors import ConfigError, CorruptFileError
+from splinterp.train import PAMConfig, SGDConfig, latest_checkpoint, list_checkpoints, train_pam_sgd, train_sgd
+from splinterp.train import losses as losses_mod
+
+# the data and model recipe, shared verbatim with the subprocess of the SIGKILL test
+SETUP = textwrap.dedent("""
+    import torch
+    import splinterp as sp
+
+    def make_data(seed=0, n=256, d_in=6):
+        basis = torch.randn(4, d_in, generator=torch.Generator().manual_seed(1234))
+        g = torch.Generator().manual_seed(seed)
+        return torch.relu(torch.randn(n, 4, generator=g)) @ basis + 0.05 * torch.randn(n, d_in, generator=g)
+
+    def make_sae(arch="topk", seed=0):
+        return sp.make_sae(6, 16, arch, k=3 if arch.startswith("topk") else None, seed=seed)
+""")
+_ns: dict = {}
+exec(SETUP, _ns)
+make_data, make_sae = _ns["make_data"], _ns["make_sae"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: fast on tiny tensors, and the same reduction order as the subprocess."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class Stop(Exception):
+    pass
+
+
+def stop_at(kind, epoch, batch=0):
+    def cb(ev):
+        if ev.kind == kind and ev.epoch == epoch and ev.batch == batch:
+            raise Stop
+
+    return cb
+
+
+def assert_same_model(a, b):
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    assert pa.keys() == pb.keys()
+    for n in pa:
+        assert torch.equal(pa[n], pb[n]), f"{n} differs"
+
+
+def assert_same_optimizer(dir_a, dir_b):
+    sa = torch.load(latest_checkpoint(dir_a) / "trainer_state.pt", weights_only=True)["optimizer"]
+    sb = torch.load(latest_checkpoint(dir_b) / "trainer_state.pt", weights_only=True)["optimizer"]
+    assert sa["state"].keys() == sb["state"].keys() and sa["state"]
+    for i in sa["state"]:
+        for k, v in sa["state"][i].items():
+            assert torch.equal(v, sb["state"][i][k]), (i, k)
+
+
+def _pam(**kw):
+    base = dict(epochs=4, batch_size=64, lr=1e-2, progress=False, eval_batch_size=100, mu_enc=1e-2, nu_enc=1e-2,
+                alpha=1e-3, beta=0.1, mu_dec=0.5, nu_dec=0.5, grad_clip=0.5, decoder_batch_size=100)
+    base.update(kw)
+    return PAMConfig(**base)
+
+
+def _sgd(**kw):
+    base = dict(epochs=4, batch_size=64, lr=1e-2, progress=False, eval_batch_size=100, seed=3)
+    base.update(kw)
+    return SGDConfig(**base)
+
+
+def test_sgd_resume_after_an_epoch_is_bit_identical(tmp_path):
+    X, Xt = make_data(0), make_data(1, n=64)
+    ref = make_sae("relu")
+    h_ref = train_sgd(ref, X, _sgd(l1_coefficient=1e-3, checkpoint_dir=str(tmp_path / "ref")), eval_data=Xt)
+
+    run = make_sae("relu")
+    cfg = _sgd(l1_coefficient=1e-3, checkpoint_dir=str(tmp_path / "run"))
+    with pytest.raises(Stop):
+        train_sgd(run, X, cfg, eval_data=Xt, callback=stop_at("epoch", 2))
+    assert latest_checkpoint(tmp_path / "run").name == "ckpt-e000002-b00000000"
+    fresh = make_sae("relu", seed=99)  # different init: everything must come from the checkpoint
+    h = train_sgd(fresh, X, cfg.replace(resume=True), eval_data=Xt)
+    assert_same_model(fresh, ref)
+    assert h.without_times() == h_ref.without_times()
+    assert_same_optimizer(tmp_path / "ref", tmp_path / "run")
+
+
+@pytest.mark.parametrize("order", ["encoder_first", "decoder_first"])
+@pytest.mark.parametrize("stop_batch", [3, 2])  # 3: right after a mid-epoch checkpoint; 2: between checkpoints
+def test_pam_resume_mid_epoch_is_bit_identical(tmp_path, order, stop_batch):
+    X, Xt = make_data(0), make_data(1, n=64)
+    ref = make_sae("topk")
+    h_ref = train_pam_sgd(ref, X, _pam(order=order, checkpoint_dir=str(tmp_path / "ref")), eval_data=Xt)
+
+    cfg = _pam(order=order, checkpoint_dir=str(tmp_path / "run"), checkpoint_every=2, checkpoint_every_steps=3)
+    run = make_sae("topk")
+    with pytest.raises(Stop):
+        train_pam_sgd(run, X, cfg, eval_data=Xt, callback=stop_at("step", 2, stop_batch))
+    expect = "ckpt-e000002-b00000003" if stop_batch == 3 else "ckpt-e000002-b00000000"
+    assert latest_checkpoint(tmp_path / "run").name == expect
+    fresh = make_sae("topk", seed=42)
+    h = train_pam_sgd(fresh, X, cfg.replace(resume=True), eval_data=Xt)
+    assert_same_model(fresh, ref)
+    assert h.without_times() == h_ref.without_times()
+    assert_same_optimizer(tmp_path / "ref", tmp_path / "run")
+
+
+def test_global_rng_states_are_restored(tmp_path):
+    """A loss that draws from torch, numpy and python RNGs: resume must continue each stream exactly."""
+
+    def noisy(sae, x, cfg):
+        noise = 0.01 * torch.randn_like(x) + float(np.random.normal()) * 1e-3 + random.random() * 1e-3
+        x_hat, _, _ = losses_mod.encode_decode(sae, x + noise)
+        m = losses_mod.reconstruction_mse(x, x_hat)
+        return m, {"mse": m.detach()}
+
+    old = losses_mod._REGISTRY["topk_abs"]
+    losses_mod.register_loss("topk_abs", noisy, overwrite=True)
+    try:
+        X = make_data(0)
+
+        def seeded():
+            torch.manual_seed(0)
+            np.random.seed(0)
+            random.seed(0)
+
+        seeded()
+        ref = make_sae("topk_abs")
+        train_sgd(ref, X, _sgd(epochs=3))
+        seeded()
+        run = make_sae("topk_abs")
+        cfg = _sgd(epochs=3, checkpoint_dir=str(tmp_path))
+        with pytest.raises(Stop):
+            train_sgd(run, X, cfg, callback=stop_at("epoch", 1))
+        torch.manual_seed(123)  # scramble: the checkpoint must put every stream back
+        np.random.seed(123)
+        random.seed(123)
+        fresh = make_sae("topk_abs")
+        train_sgd(fresh, X, cfg.replace(resume=True))
+        assert_same_model(fresh, ref)
+    finally:
+        losses_mod._REGISTRY["topk_abs"] = old
+
+
+def test_extending_a_finished_run(tmp_path):
+    X = make_data(0)
+    ref = make_sae()
+    h_ref = train_pam_sgd(ref, X, _pam(epochs=3))
+    run = make_sae()
+    train_pam_sgd(run, X, _pam(epochs=2, checkpoint_dir=str(tmp_path)))
+    h = train_pam_sgd(run, X, _pam(epochs=3, checkpoint_dir=str(tmp_path), resume=True))
+    assert_same_model(run, ref)
+    assert h.without_times() == h_ref.without_times()
+    # nothing left to do: resuming a finished run returns its history and restores the model
+    again = make_sae(seed=5)
+    h2 = train_pam_sgd(again, X, _pam(epochs=3, resume_from=str(latest_checkpoint(tmp_path))))
+    assert_same_model(again, ref) and len(h2) == 3
+
+
+def test_resume_with_empty_dir_starts_fresh(tmp_path):
+    X = make_data(0)
+    a, b = make_sae(), make_sae()
+    train_sgd(a, X, _sgd(epochs=2))
+    train_sgd(b, X, _sgd(epochs=2, checkpoint_dir=str(tmp_path / "new"), resume=True))
+    assert_same_model(a, b)
+    with pytest.raises(FileNotFoundError):
+        train_sgd(make_sae(), X, _sgd(resume_from=str(tmp_path / "nothing_here")))
+
+
+def test_checkpoint_folder_is_a_loadable_sae_and_old_ones_are_pruned(tmp_path):
+    X = make_data(0)
+    sae = make_sae()
+    train_pam_sgd(sae, X, _pam(epochs=4, checkpoint_dir=str(tmp_path), keep_checkpoints=2))
+    names = [p.name for p in list_checkpoints(tmp_path)]
+    assert names == ["ckpt-e000003-b00000000", "ckpt-e000004-b00000000"]
+    assert json.loads((tmp_path / "latest.json").read_text())["checkpoint"] == names[-1]
+    loaded = sp.load(tmp_path / names[-1] / "sae")
+    assert_same_model(loaded, sae)  # the PAM decoder is part of the saved model
+    assert not list(tmp_path.glob(".*tmp"))  # no temporary folders left behind
+
+
+def test_bad_resumes(tmp_path):
+    X = make_data(0)
+    cfg = _pam(epochs=2, checkpoint_dir=str(tmp_path))
+    train_pam_sgd(make_sae(), X, cfg)
+    with pytest.raises(ConfigError, match="lr"):
+        train_pam_sgd(make_sae(), X, cfg.replace(lr=0.5, resume=True))
+    with pytest.raises(ConfigError, match="different data"):
+        train_pam_sgd(make_sae(), make_data(7), cfg.replace(resume=True))
+    with pytest.raises(ConfigError, match="pam_sgd"):
+        train_sgd(make_sae(), X, _sgd(checkpoint_dir=str(tmp_path), resume=True))
+    with pytest.raises(ConfigError, match="SAE config"):
+        train_pam_sgd(sp.make_sae(6, 16, "topk", k=4), X, cfg.replace(resume=True))
+    # a truncated state file is reported, not half-loaded
+    ck = latest_checkpoint(tmp_path)
+    raw = (ck / "trainer_state.pt").read_bytes()
+    (ck / "trainer_state.pt").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CorruptFileError):
+        train_pam_sgd(make_sae(), X, cfg.replace(resume=True))
+    (ck / "state.json").write_text("{not json")
+    with pytest.raises(CorruptFileError):
+        train_pam_sgd(make_sae(), X, cfg.replace(resume=True))
+
+
+CHILD = SETUP + textwrap.dedent("""
+    import sys, time
+    torch.set_num_threads(1)
+    from splinterp.train import PAMConfig, train_pam_sgd
+
+    def slow_after_epoch_2(ev):
+        if ev.kind == "step" and ev.epoch >= 2:
+            time.sleep(0.25)  # leave the parent time to kill us mid-epoch
+
+    cfg = PAMConfig(**__CFG__)
+    train_pam_sgd(make_sae(), make_data(0), cfg, eval_data=make_data(1, n=64), callback=slow_after_epoch_2)
+    print("FINISHED")
+""")
+
+
+def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path):
+    ckdir = tmp_path / "ck"
+    kw = dict(epochs=6, batch_size=64, lr=1e-2, progress=False, eval_batch_size=100, mu_enc=1e-2, alpha=1e-3,
+              mu_dec=0.5, nu_dec=0.5, order="decoder_first", checkpoint_dir=str(ckdir),
+              checkpoint_every_steps=2, keep_checkpoints=3)
+    script = tmp_path / "child.py"
+    script.write_text(CHILD.replace("__CFG__", repr(kw)))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONHASHSEED": "0"})
+    try:
+        deadline = time.time() + 240
+        killed_at = None
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                out, err = proc.communicate()
+                pytest.fail(f"child exited (rc {proc.returncode}) before it could be killed:\n{err.decode()[-3000:]}")
+            ck = latest_checkpoint(ckdir) if ckdir.exists() else None
+            if ck is not None and ck.name >= "ckpt-e000002-b00000002":  # mid-way through the third epoch
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+                killed_at = ck.name
+                break
+            time.sleep(0.02)
+        assert killed_at is not None, "the child never reached the third epoch"
+        assert proc.returncode == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    Xt = make_data(1, n=64)
+    resumed = make_sae(seed=77)
+    h = train_pam_sgd(resumed, make_data(0), PAMConfig(**{**kw, "resume": True}), eval_data=Xt)
+    ref = make_sae()
+    h_ref = train_pam_sgd(ref, make_data(0), PAMConfig(**{**kw, "checkpoint_dir": str(tmp_path / "ref")}),
+                          eval_data=Xt)
+    assert len(h) == 6
+    assert_same_model(resumed, ref)
+    assert h.without_times() == h_ref.without_times()
+    assert_same_optimizer(tmp_path / "ref", ckdir)
+
+
+class EpochShuffled:
+    """A re-iterable batch stream whose order is a function of the epoch (set_epoch), like a sampler."""
+
+    def __init__(self, X, batch_size, seed):
+        self.X, self.bs, self.seed, self.epoch = X, batch_size, seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        perm = torch.randperm(len(self.X), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        for s in range(0, len(self.X), self.bs):
+            yield self.X[perm[s:s + self.bs]]
+
+
+def test_iterable_data_resumes_mid_epoch(tmp_path):
+    X = make_data(0)
+    ref = make_sae()
+    h_ref = train_pam_sgd(ref, EpochShuffled(X, 50, seed=4), _pam(epochs=3))
+    run = make_sae()
+    cfg = _pam(epochs=3, checkpoint_dir=str(tmp_path), checkpoint_every_steps=2)
+    with pytest.raises(Stop):
+        train_pam_sgd(run, EpochShuffled(X, 50, seed=4), cfg, callback=stop_at("step", 1, 4))
+    assert latest_checkpoint(tmp_path).name == "ckpt-e000001-b00000004"
+    fresh = make_sae(seed=8)
+    h = train_pam_sgd(fresh, EpochShuffled(X, 50, seed=4), cfg.replace(resume=True))
+    assert_same_model(fresh, ref)
+    assert h.without_times() == h_ref.without_times()
