@@ -211,6 +211,8 @@ def ce_loss_score(
     Returns ce_loss_without_sae / with_sae / with_ablation / score (and the kl_div_* keys if include_kl),
     plus n_tokens (number of predictions averaged over).
     """
+    if model is None:
+        raise ConfigError("the offline model (MiniLM) has no LM head: use embedding_loss_score, or pass a causal LM")
     torch.manual_seed(seed)
     mod, batches = _prepare(model, tokenizer_or_batches, texts, n_texts, max_length, batch_size, device,
                             seed, causal_lm=True)

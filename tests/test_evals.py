@@ -147,6 +147,8 @@ def test_hook_removed_and_errors(gpt2, ids):
         assert torch.equal(gpt2(ids).logits, before)  # not even after an error inside the hook
     with pytest.raises(ConfigError, match="layer"):
         ce_loss_score(gpt2, ids, zero_sae(D), layer=2)
+    with pytest.raises(ConfigError, match="embedding_loss_score"):
+        ce_loss_score(None, ids, zero_sae(D), layer=0)
     with pytest.raises(ConfigError, match="no logits"):
         ce_loss_score(gpt2.transformer, ids, zero_sae(D), layer=0)
 
