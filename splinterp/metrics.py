@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from splinterp import kernels
 from splinterp.errors import EmptyDataError, ShapeError
 from splinterp.validation import as_tensor, check_data
 
@@ -65,7 +66,11 @@ class MetricAccumulator:
         self._fires: torch.Tensor | None = None  # per-latent count of rows where it is non-zero
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor, x_hat: torch.Tensor, z: torch.Tensor | None = None) -> MetricAccumulator:
+    def update(self, x: torch.Tensor, x_hat: torch.Tensor, z: torch.Tensor | None = None, *,
+               sparse: tuple[torch.Tensor, torch.Tensor] | None = None,
+               d_sae: int | None = None) -> MetricAccumulator:
+        """Add a batch. Codes either dense (`z` [B, d_sae]) or sparse (`sparse` = (values [B, m],
+        indices [B, m]) with `d_sae`; zero values are padding and count as inactive)."""
         x, x_hat = _pair(x, x_hat)
         b = x.shape[0]
         if b == 0:
@@ -94,19 +99,35 @@ class MetricAccumulator:
         self._l2r_n += int(ok.sum())
         self._xhat2 += float((nxh ** 2).sum())
         self._xdot += float(dots.sum())
-        if z is not None:
-            z = as_tensor(z, "z")
-            if z.ndim != 2 or z.shape[0] != b:
-                raise ShapeError(f"z must be [N={b}, d_sae], got {tuple(z.shape)}")
+        if z is not None or sparse is not None:
+            if sparse is not None:
+                vals, idx = (as_tensor(t, "codes") for t in sparse)
+                if vals.ndim != 2 or idx.shape != vals.shape or vals.shape[0] != b or d_sae is None:
+                    raise ShapeError(f"sparse codes must be (values, indices) [N={b}, m] with d_sae given, got "
+                                     f"{tuple(vals.shape)} and {tuple(idx.shape)}")
+                width = d_sae
+            else:
+                z = as_tensor(z, "z")
+                if z.ndim != 2 or z.shape[0] != b:
+                    raise ShapeError(f"z must be [N={b}, d_sae], got {tuple(z.shape)}")
+                width = z.shape[1]
             if self.d_sae is None:
-                self.d_sae = z.shape[1]
-                self._fires = torch.zeros(z.shape[1], dtype=torch.int64, device=z.device)
-            elif z.shape[1] != self.d_sae:
-                raise ShapeError(f"z has d_sae={z.shape[1]}, earlier batches had {self.d_sae}")
-            nz = z != 0
-            self._l0 += float(nz.sum())
-            self._l1 += float(z.to(_F64).abs().sum())
-            self._fires += nz.sum(0).to(self._fires.device)
+                self.d_sae = width
+                dev = vals.device if sparse is not None else z.device
+                self._fires = torch.zeros(width, dtype=torch.int64, device=dev)
+            elif width != self.d_sae:
+                raise ShapeError(f"codes have d_sae={width}, earlier batches had {self.d_sae}")
+            if sparse is not None:
+                live = vals != 0
+                self._l0 += float(live.sum())
+                self._l1 += float(vals.to(_F64).abs().sum())
+                fired = torch.bincount(idx[live].to(torch.int64), minlength=width)
+                self._fires += fired.to(self._fires.device)
+            else:
+                nz = z != 0
+                self._l0 += float(nz.sum())
+                self._l1 += float(z.to(_F64).abs().sum())
+                self._fires += nz.sum(0).to(self._fires.device)
         self.n += b
         return self
 
@@ -248,6 +269,12 @@ def _batches(X, batch_size: int, d_in: int | None, dtype, name: str) -> Iterable
         yield check_data(x, d_in, name=f"{name} batch {i}", dtype=dtype, allow_empty=True)
 
 
+def _is_sae(model) -> bool:
+    from splinterp.sae import SAE  # late: sae imports validation, keep metrics importable on its own
+
+    return isinstance(model, SAE) and hasattr(model, "encode_sparse")
+
+
 @torch.no_grad()
 def evaluate(model: Any, X, batch_size: int = 4096, device: str | torch.device | None = None,
              return_density: bool = False) -> dict[str, Any]:
@@ -264,9 +291,15 @@ def evaluate(model: Any, X, batch_size: int = 4096, device: str | torch.device |
     dtype = dtype if isinstance(dtype, torch.dtype) else None
     dev = device if device is not None else _model_attr(model, "device")
     acc = MetricAccumulator()
+    sparse_sae = _is_sae(model)
     for x in _batches(X, batch_size, d_in, dtype, "X"):
         if dev is not None:
             x = x.to(dev)
+        if sparse_sae:  # our SAE: sparse codes, never the dense [B, d_sae] matrix
+            vals, idx = model.encode_sparse(x)
+            x_hat = kernels.decode(vals, idx, model.W_dec, model.b_dec)
+            acc.update(x, x_hat, sparse=(vals, idx), d_sae=model.cfg.d_sae)
+            continue
         z = model.encode(x)  # handed back to decode as the model made it (tensor or array)
         x_hat = as_tensor(model.decode(z), "reconstruction")
         acc.update(x, x_hat, as_tensor(z, "codes"))

@@ -130,3 +130,19 @@ def test_errors():
         M.evaluate(sae, np.zeros((4, 6)))  # float64 data, float32 model: no silent cast
     with pytest.raises(ShapeError):
         M.evaluate(sae, torch.zeros(4, 5))
+
+
+@pytest.mark.parametrize("arch", ["topk", "relu", "topk_abs"])
+def test_evaluate_sae_sparse_path_equals_dense_codes(arch):
+    sae = sp.make_sae(6, 20, arch, k=3 if arch.startswith("topk") else None, seed=3)
+    with torch.no_grad():
+        sae.b_enc -= 0.3  # some relu latents inactive on some rows
+    x = torch.randn(64, 6)
+    out = M.evaluate(sae, x, batch_size=20, return_density=True)
+    with torch.no_grad():
+        z = sae.encode(x, dense=True)
+        xh = z @ sae.W_dec + sae.b_dec
+    ref = M.MetricAccumulator().update(x, xh, z)
+    for k, v in ref.compute().items():
+        assert out[k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
+    assert torch.equal(out["feature_density"], ref.feature_density())
