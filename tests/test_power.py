@@ -61,7 +61,7 @@ def test_topk_set_is_the_kth_order_power_cell(d_in, d_sae, k, seed, b_dec_in):
 @pytest.mark.parametrize("b_dec_in", [False, True])
 def test_diagram_reproduces_every_architecture_and_region_ids(arch, b_dec_in):
     sae = _sae64(arch, d_in=4, d_sae=25, k=4, apply_b_dec_to_input=b_dec_in)
-    X = torch.randn(2000, 4, dtype=torch.float64)
+    X = torch.randn(2000, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     u = sae.pre_acts(X).detach()
     mask = sae.select(u).numpy()
     pd = power_diagram(sae)
@@ -78,7 +78,7 @@ def test_diagram_reproduces_every_architecture_and_region_ids(arch, b_dec_in):
 
 def test_scores_are_half_the_power_gap_to_the_null_site():
     sae = _sae64("jumprelu", d_in=3, d_sae=10)
-    X = torch.randn(100, 3, dtype=torch.float64)
+    X = torch.randn(100, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     W, b = sae.encoder_affine()
     pd = power_diagram(sae)
     theta = sae.thresholds().detach().numpy()
@@ -149,7 +149,7 @@ def test_cells_2d_equal_brute_force_half_plane_intersections(m, k, null, seed):
         assert math.isclose(a, want[s], rel_tol=1e-9, abs_tol=1e-12)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(
     m=st.integers(1, 40),
     k=st.integers(1, 6),
@@ -160,6 +160,7 @@ def test_cells_2d_equal_brute_force_half_plane_intersections(m, k, null, seed):
 def test_cells_2d_tile_the_box_and_contain_their_points(m, k, null, relu_view, seed):
     rng = np.random.default_rng(seed)
     if relu_view:
+        m = min(m, 15)
         k, null = m, True  # the arrangement path
     k = min(k, m)
     pd = PowerDiagram(rng.uniform(-1, 1, (m, 2)), rng.uniform(-0.2, 0.3, m), order=k, null_site=null)
@@ -176,7 +177,7 @@ def test_cells_2d_tile_the_box_and_contain_their_points(m, k, null, relu_view, s
         turn = e[:, 0] * np.roll(e, -1, 0)[:, 1] - e[:, 1] * np.roll(e, -1, 0)[:, 0]
         assert (turn > 0).all()  # strictly convex, counter-clockwise
         assert _key_tuple(pd.keys(v.mean(0)[None])[0], m) == c.key  # the centroid is in the right cell
-    P = np.column_stack([rng.uniform(-1.0, 1.5, 3000), rng.uniform(-0.8, 1.0, 3000)])
+    P = np.column_stack([rng.uniform(-1.0, 1.5, 1500), rng.uniform(-0.8, 1.0, 1500)])
     keys = [_key_tuple(r, m) for r in pd.keys(P)]
     where = {c.key: i for i, c in enumerate(cells)}
     assert set(keys) <= set(where)  # every sampled cell has a polygon
@@ -314,7 +315,7 @@ def test_relu_first_order_form_is_the_pattern_diagram():
     sae = _sae64("relu", d_in=2, d_sae=5)
     first, subsets = power_diagram(sae).as_first_order()
     assert len(subsets) == 2**5
-    X = torch.randn(500, 2, dtype=torch.float64)
+    X = torch.randn(500, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     assert np.array_equal(subsets[first.ksets(X)[:, 0]], sae.select(sae.pre_acts(X).detach()).numpy())
 
 

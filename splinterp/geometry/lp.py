@@ -39,7 +39,7 @@ from splinterp.validation import as_tensor, check_mask
 log = logging.getLogger(__name__)
 
 LP_TOL = 1e-7
-_HIGHS = {"primal_feasibility_tolerance": 1e-9, "dual_feasibility_tolerance": 1e-9}
+_HIGHS = {"primal_feasibility_tolerance": 1e-9, "dual_feasibility_tolerance": 1e-9, "time_limit": 600.0}
 
 
 def check_box(bounds, n: int) -> tuple[np.ndarray, np.ndarray] | None:
