@@ -5,6 +5,8 @@
     hist["test_mse"]
 """
 
+from splinterp.train import gated as _gated  # noqa: F401  (registers the gated loss)
+from splinterp.train import jumprelu as _jumprelu  # noqa: F401  (registers the jumprelu loss)
 from splinterp.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from splinterp.train.config import PAMConfig, SGDConfig
 from splinterp.train.decoder import DecoderAccumulator, SparseCodes, solve_decoder
