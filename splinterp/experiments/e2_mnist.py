@@ -56,6 +56,12 @@ FINAL_KEYS = ("mse", "l0", "explained_variance", "dead_features")
 LABELS = {"sgd": "SGD", "pam_sgd": "PAM-SGD"}
 
 
+def _label(key: str) -> str:
+    if key.startswith("pam_sgd_alpha="):
+        return f"PAM-SGD, ridge alpha={key.split('=', 1)[1]}"
+    return LABELS.get(key, key)
+
+
 @dataclass
 class E2Config:
     """Settings of E2. Defaults are the full run on this machine; see `quick()` and `reference()`."""
@@ -87,6 +93,10 @@ class E2Config:
     """Architectures run under the "paper" epoch policy."""
     equal_steps_architectures: tuple[str, ...] = ("topk",)
     """Architectures also run under the "equal_steps" policy (costly: every fraction trains as long as 100%)."""
+    fraction_pam_alphas: tuple[float, ...] = (100.0,)
+    """Extra PAM-SGD runs of the "paper" training-size sweep with this decoder ridge alpha (sum scale), stored
+    as method "pam_sgd_alpha=<alpha>": with fewer rows than latents the exact decoder interpolates the training
+    set unless it is regularised (the authors' 1e-6 is kept for the main "pam_sgd" runs)."""
     fraction_max_epochs: int = 20
     fraction_min_epochs: int = 10
     # ablations (run with `ablation_epochs` epochs each)
@@ -231,7 +241,8 @@ def train_one(cfg: E2Config, method: str, architecture: str, X_tr: torch.Tensor,
     if method == "sgd":
         hist = train_sgd(sae, X_tr, SGDConfig(**common), eval_data=X_te if curves else None)
     else:
-        hist = train_pam_sgd(sae, X_tr, PAMConfig(alpha=cfg.alpha, **common), eval_data=X_te if curves else None)
+        hist = train_pam_sgd(sae, X_tr, PAMConfig(**{"alpha": cfg.alpha, **common}),
+                             eval_data=X_te if curves else None)
     wall = time.perf_counter() - t0
     rec: dict[str, Any] = {"method": method, "architecture": architecture, "tied": tied, "epochs": epochs,
                            "n_train": int(X_tr.shape[0]), "steps": hist.last.get("step"), "wall_time_s": wall,
@@ -268,11 +279,16 @@ def run_fractions(cfg: E2Config, X_tr, X_te, base: dict[str, Any] | None = None)
     out: dict[str, Any] = {}
     runs = [("paper", a) for a in cfg.fraction_architectures] + [("equal_steps", a)
                                                                   for a in cfg.equal_steps_architectures]
-    jobs = [(p, a, f, m) for p, a in runs for f in cfg.fractions for m in METHODS]
-    for policy, arch, frac, method in tqdm(jobs, desc=f"{cfg.tag} training size", leave=False):
+    jobs = [(p, a, f, m, None) for p, a in runs for f in cfg.fractions for m in METHODS]
+    jobs += [("paper", a, f, "pam_sgd", alpha) for a in cfg.fraction_architectures for alpha in cfg.fraction_pam_alphas
+             for f in cfg.fractions]
+    for policy, arch, frac, method, alpha in tqdm(jobs, desc=f"{cfg.tag} training size", leave=False):
         idx = fraction_subset(n, frac, cfg.seed)
         ep = fraction_epochs(cfg, policy, len(idx), n)
-        if len(idx) == n:
+        key = method if alpha is None else f"pam_sgd_alpha={alpha:g}"
+        if alpha is not None:
+            rec = train_one(cfg, method, arch, X_tr[idx.to(X_tr.device)], X_te, ep, curves=False, alpha=alpha)
+        elif len(idx) == n:
             prev = (base or {}).get(arch, {}).get(method)
             if prev is not None and prev["epochs"] == ep:
                 rec = {k: v for k, v in prev.items() if k != "curves"}
@@ -281,7 +297,7 @@ def run_fractions(cfg: E2Config, X_tr, X_te, base: dict[str, Any] | None = None)
         else:
             rec = train_one(cfg, method, arch, X_tr[idx.to(X_tr.device)], X_te, ep, curves=False)
         rec["fraction"] = frac
-        out.setdefault(policy, {}).setdefault(arch, {}).setdefault(method, []).append(rec)
+        out.setdefault(policy, {}).setdefault(arch, {}).setdefault(key, []).append(rec)
     return out
 
 
@@ -342,11 +358,12 @@ def figure_fractions(fr: dict[str, Any], n_full: int, title: str):
     panels = [(p, a) for p in fr for a in fr[p]]
     fig = Figure(figsize=(4.6 * len(panels), 4.0), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    style = {"sgd": ("tab:blue", "o"), "pam_sgd": ("tab:red", "s")}
+    style = {"sgd": ("tab:blue", "o", "-"), "pam_sgd": ("tab:red", "s", "-")}
     for ax, (policy, arch) in zip(axes, panels):
         for m, recs in fr[policy][arch].items():
             fx = [r["fraction"] for r in recs]
-            ax.plot(fx, [r["test_mse"] for r in recs], marker=style[m][1], color=style[m][0], label=LABELS[m])
+            color, marker, ls = style.get(m, ("tab:orange", "^", "--"))
+            ax.plot(fx, [r["test_mse"] for r in recs], marker=marker, color=color, ls=ls, label=_label(m))
         ax.set_xscale("log")
         ax.set_xlabel(f"training fraction (of {n_full} rows)")
         ax.set_ylabel("final test mse")
@@ -412,11 +429,14 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             s[f"base_{arch}_pam_train_mse_decreased"] = bool(c[-1] < c[0])
     for policy, by_arch in results.get("fractions", {}).items():
         for arch, by_m in by_arch.items():
-            sgd = {r["fraction"]: r["test_mse"] for r in by_m.get("sgd", [])}
-            pam = {r["fraction"]: r["test_mse"] for r in by_m.get("pam_sgd", [])}
-            wins = [f for f in sgd if f in pam and pam[f] < sgd[f]]
-            s[f"fractions_{policy}_{arch}_pam_better_at"] = sorted(wins)
-            s[f"fractions_{policy}_{arch}_test_mse"] = {str(f): {"sgd": sgd[f], "pam_sgd": pam.get(f)} for f in sgd}
+            table = {m: {r["fraction"]: r["test_mse"] for r in recs} for m, recs in by_m.items()}
+            sgd = table.get("sgd", {})
+            for m, vals in table.items():
+                if m != "sgd":
+                    wins = sorted(f for f in vals if f in sgd and vals[f] < sgd[f])
+                    s[f"fractions_{policy}_{arch}_{m}_better_than_sgd_at"] = wins
+            s[f"fractions_{policy}_{arch}_test_mse"] = {
+                str(f): {m: table[m].get(f) for m in table} for f in sorted(sgd)}
     return s
 
 

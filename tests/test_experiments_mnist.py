@@ -1,0 +1,224 @@
+"""E1 (toy), E2 (SGD vs PAM-SGD on MNIST) and the capacity comparison: tiny configs run end to end, write the
+files and JSON keys they promise, and give sane numbers.
+
+MNIST is read once per module (a few hundred real digits) and served to the experiments through a patched
+`splinterp.data.load_mnist`, so the tests stay fast; the real loaders have their own tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import splinterp.data as spdata
+from splinterp.errors import ConfigError, DatasetNotFoundError
+from splinterp.experiments import capacity as cap
+from splinterp.experiments import e1_toy as e1
+from splinterp.experiments import e2_mnist as e2
+from splinterp.experiments.registry import get, load_all
+
+
+@pytest.fixture(scope="module")
+def digits():
+    X, y = spdata.load_mnist("all", n=700, seed=0)
+    return X[:500], X[500:]
+
+
+@pytest.fixture
+def tiny_mnist(monkeypatch, digits):
+    X_tr, X_te = digits
+
+    def fake_load_mnist(split="train", n=None, **kw):
+        X = X_tr if split == "train" else X_te
+        X = X if n is None else X[:n]
+        return X, torch.zeros(X.shape[0], dtype=torch.long)
+
+    monkeypatch.setattr(spdata, "load_mnist", fake_load_mnist)
+    return digits
+
+
+# ------------------------------------------------------------------------------------------------ E1
+def tiny_e1(**kw) -> e1.E1Config:
+    base = dict(n_train=60, n_test=200, sae_sizes=((1, 3),), steps=150, steps_per_record=50, lr=3e-2, n_restarts=1,
+                kmeans_n_init=2, resolution=40)
+    base.update(kw)
+    return e1.E1Config(**base)
+
+
+def test_e1_runs_and_writes_what_it_promises(tmp_path):
+    res = e1.run_e1(tiny_e1(), tmp_path)
+    assert (tmp_path / "e1_toy_k1.png").stat().st_size > 0
+    on_disk = json.loads((tmp_path / "e1_toy.json").read_text())
+    assert on_disk["runs"]["k1"]["n_regions_matched"] == res["runs"]["k1"]["n_regions_matched"]
+    run = res["runs"]["k1"]
+    for key in ("sae", "kmeans", "local_pca_rank1"):
+        assert {"train_mse", "test_mse", "n_parameters"} <= set(run[key])
+    m = run["n_regions_matched"]
+    assert 1 <= m <= 60 and run["kmeans"]["n_regions"] == m == run["local_pca_rank1"]["n_regions"]
+    assert run["sae"]["n_parameters"] == 5 * 3 + 2  # W_enc, b_enc, W_dec (3 x 2 each), b_dec
+    # local PCA starts from the same k-means fit and can only lower the error
+    assert run["local_pca_rank1"]["train_mse"] <= run["kmeans"]["train_mse"] + 1e-9
+    pb = res["paper_baseline"]
+    assert pb["local_pca_rank1"]["train_mse"] <= pb["kmeans"]["train_mse"] + 1e-9
+    # a real TopK SAE trained with Adam beats the trivial "reconstruct the mean" map
+    X, _ = spdata.make_three_clusters(60, seed=0)
+    assert run["sae"]["train_mse"] < float(((X - X.mean(0)) ** 2).mean())
+    assert run["sae"]["train_loss_curve"][-1] <= run["sae"]["train_loss_curve"][0]
+
+
+def test_e1_is_seeded():
+    a = e1.run_e1(tiny_e1(seed=3))["runs"]["k1"]
+    b = e1.run_e1(tiny_e1(seed=3))["runs"]["k1"]
+    assert a["sae"]["train_mse"] == b["sae"]["train_mse"] and a["kmeans"] == b["kmeans"]
+
+
+def test_e1_k3_reports_matched_rank_local_pca():
+    run = e1.run_e1(tiny_e1(sae_sizes=((3, 4),)))["runs"]["k3"]
+    assert run["local_pca_matched_rank"]["rank"] == 2
+    assert run["local_pca_matched_rank"]["train_mse"] < 1e-8  # rank-2 pieces in 2-D are exact
+
+
+@pytest.mark.parametrize("bad", [dict(sae_sizes=((4, 3),)), dict(n_train=2), dict(lr=0.0), dict(sae_sizes=())])
+def test_e1_config_errors(bad):
+    with pytest.raises(ConfigError):
+        tiny_e1(**bad)
+
+
+# ------------------------------------------------------------------------------------------------ E2
+def tiny_e2(**kw) -> e2.E2Config:
+    base = dict(architectures=("topk",), d_sae=16, k=4, epochs=3, fractions=(0.2, 1.0),
+                fraction_architectures=("topk",), equal_steps_architectures=("topk",), fraction_pam_alphas=(100.0,),
+                fraction_max_epochs=3, fraction_min_epochs=2, ablation_architectures=("topk",), ablation_epochs=1,
+                sgd_updates=(1, 2), weight_decays=(0.0, 1e-3), mu_nus=(0.0, 1e-3))
+    base.update(kw)
+    return e2.E2Config(**base)
+
+
+def test_e2_runs_and_writes_what_it_promises(tmp_path, tiny_mnist):
+    cfg = tiny_e2()
+    parts = ("base", "fractions", "ablations")
+    res = e2.run_e2(cfg, tmp_path, parts)
+    for name in e2.output_names(cfg, parts):
+        assert (tmp_path / name).stat().st_size > 0, name
+    main = json.loads((tmp_path / "e2_mnist.json").read_text())
+    assert {"config", "data", "base", "fractions", "summary"} <= set(main)
+    assert main["data"]["n_train"] == 500 and main["fair"] is True
+    base = res["base"]["topk"]
+    for m in ("sgd", "pam_sgd"):
+        r = base[m]
+        assert not r["tied"] and r["epochs"] == 3 and len(r["curves"]["test_mse"]) == 3
+        assert all(math.isfinite(r[f"{s}_mse"]) for s in ("train", "test"))
+    # PAM-SGD decreases the training mse
+    assert base["pam_sgd"]["curves"]["train_mse"][-1] < base["pam_sgd"]["curves"]["train_mse"][0]
+    assert res["summary"]["base_topk_pam_train_mse_decreased"] is True
+    fr = res["fractions"]
+    assert [r["n_train"] for r in fr["paper"]["topk"]["sgd"]] == [100, 500]
+    assert [r["fraction"] for r in fr["paper"]["topk"]["pam_sgd_alpha=100"]] == [0.2, 1.0]
+    # the full-data run is the base run, reused; equal_steps gives every fraction the same optimiser steps
+    assert fr["paper"]["topk"]["sgd"][1]["test_mse"] == base["sgd"]["test_mse"]
+    steps = [r["steps"] for r in fr["equal_steps"]["topk"]["sgd"]]
+    assert steps[0] >= steps[1] == base["sgd"]["steps"]
+    ab = json.loads((tmp_path / "e2_mnist_ablations.json").read_text())["ablations"]
+    assert [r["value"] for r in ab["sgd_updates"]["topk"]["pam_sgd"]] == [1, 2]
+    assert set(ab["weight_decay"]["topk"]) == {"sgd", "pam_sgd"}
+    r = ab["mu_nu"]["topk"]["pam_sgd"][1]
+    assert r["overrides"]["mu_enc"] == 1e-3 and r["overrides"]["mu_dec"] == pytest.approx(1e-3 * 500 * 784)
+    assert ab["sgd_updates"]["topk"]["pam_sgd"][1]["steps"] == 2 * ab["sgd_updates"]["topk"]["pam_sgd"][0]["steps"]
+
+
+def test_e2_methods_share_the_initialisation_and_reference_ties_sgd(tiny_mnist):
+    cfg = tiny_e2()
+    a, b = e2.make_e2_sae(cfg, "topk"), e2.make_e2_sae(cfg, "topk")
+    assert torch.equal(a.W_enc, b.W_enc) and torch.equal(a.W_dec, b.W_dec)
+    X_tr, X_te = tiny_mnist
+    ref = e2.E2Config.reference(d_sae=16, k=4)
+    assert ref.sgd_tied and ref.equal_steps_architectures == ()
+    rec = e2.train_one(ref, "sgd", "topk", X_tr[:64], X_te[:32], 1, curves=False)
+    assert rec["tied"] is True
+    assert e2.train_one(ref, "pam_sgd", "topk", X_tr[:64], None, 1, curves=False)["tied"] is False
+
+
+def test_fraction_epochs_and_subsets():
+    cfg = e2.E2Config()
+    n = 4000
+    paper = [e2.fraction_epochs(cfg, "paper", max(1, round(f * n)), n) for f in cfg.fractions]
+    assert paper == [10, 10, 10, 10, 10, 20]  # the authors' schedule: min(20, max(10, int(20 f)))
+    for f in cfg.fractions:
+        m = len(e2.fraction_subset(n, f, 0))
+        ep = e2.fraction_epochs(cfg, "equal_steps", m, n)
+        assert ep * math.ceil(m / cfg.batch_size) >= 20 * math.ceil(n / cfg.batch_size)
+    assert torch.equal(e2.fraction_subset(n, 0.1, 5), e2.fraction_subset(n, 0.1, 5))
+    with pytest.raises(ConfigError):
+        e2.fraction_epochs(cfg, "nope", 10, n)
+
+
+@pytest.mark.parametrize("bad", [dict(dataset="cifar"), dict(k=300), dict(fractions=(0.0,)),
+                                 dict(architectures=("gated",)), dict(sgd_updates_methods=("adam",)),
+                                 dict(weight_decays=(-1.0,)), dict(lr=0.0)])
+def test_e2_config_errors(bad):
+    with pytest.raises(ConfigError):
+        e2.E2Config(**bad)
+
+
+def test_e2_fashion_skips_with_a_note_when_absent(tmp_path, monkeypatch):
+    def absent(*a, **kw):
+        raise DatasetNotFoundError("no Fashion-MNIST here")
+
+    monkeypatch.setattr(spdata, "load_fashion_mnist", absent)
+    out = e2.e2_fashion_job(tmp_path, quick=True, seed=0, device="cpu")
+    assert out["skipped"] is True
+    for name in get("e2_fashion").outputs:
+        assert (tmp_path / name).stat().st_size > 0
+
+
+# ------------------------------------------------------------------------------------------------ capacity
+def test_capacity_runs_and_writes_what_it_promises(tmp_path, tiny_mnist):
+    cfg = cap.CapacityConfig(kmeans_clusters=(4, 16), kmeans_n_init=1, kmeans_max_iter=20, local_pca_regions=(2,),
+                             sae_sizes=(8,), k=2, sae_methods=("sgd", "pam_sgd"), epochs=1, matched_sae_size=8)
+    res = cap.run_capacity(cfg, tmp_path)
+    assert (tmp_path / "capacity_mnist.png").stat().st_size > 0
+    assert json.loads((tmp_path / "capacity_mnist.json").read_text())["matched"] == res["matched"]
+    assert [r["n_parameters"] for r in res["kmeans"]] == [4 * 784, 16 * 784]
+    assert res["local_pca"][0]["n_parameters"] == 2 * 784 * 3
+    for m in ("sgd", "pam_sgd"):
+        (s,) = res[f"sae_{m}"]
+        assert s["n_parameters"] == cap.sae_parameter_count(784, 8) == 2 * 784 * 8 + 8 + 784
+        assert 1 <= s["n_regions_test"] <= 200 and 1 <= s["n_regions_train"] <= 500
+        assert s["test_l0"] <= 2
+    assert res["matched"]["kmeans"]["n_regions"] == 16  # closest to the SAE's 13,336 parameters
+    assert res["local_pca"][0]["train_mse"] <= res["pca"]["train_mse"] + 1e-6  # 2 regions beat 1 (same rank)
+    assert isinstance(res["matched"]["sae_between_kmeans_and_local_pca"], bool)
+
+
+def test_capacity_config_errors():
+    with pytest.raises(ConfigError):
+        cap.CapacityConfig(matched_sae_size=100)
+    with pytest.raises(ConfigError):
+        cap.CapacityConfig(k=100)
+    with pytest.raises(ConfigError):
+        cap.CapacityConfig(sae_methods=())
+
+
+# ------------------------------------------------------------------------------------------------ registry
+def test_jobs_are_registered_with_their_outputs():
+    load_all()
+    assert set(get("e1_toy").outputs) == {"e1_toy.json", "e1_toy_k1.png", "e1_toy_k3.png"}
+    assert "e2_mnist_training_size.png" in get("e2_mnist").outputs
+    assert "e2_mnist_ablations.json" in get("e2_mnist_ablations").outputs
+    assert "e2_fashion.json" in get("e2_fashion").outputs
+    assert set(get("capacity_mnist").outputs) == {"capacity_mnist.json", "capacity_mnist.png"}
+    for name in ("e1_toy", "e2_mnist", "e2_mnist_ablations", "e2_fashion", "capacity_mnist"):
+        assert get(name).quick_seconds <= 40
+
+
+@pytest.mark.slow
+def test_quick_jobs_end_to_end(tmp_path):
+    for name in ("e1_toy", "e2_mnist", "e2_mnist_ablations", "capacity_mnist"):
+        job = get(name) if name in load_all() else None
+        out = job(tmp_path, True, 0, "cpu")
+        assert isinstance(out, dict)
+        for f in job.outputs:
+            assert (tmp_path / f).exists(), f
