@@ -1,0 +1,335 @@
+"""Shared pieces of the reference autoencoders: the common estimator API and the batched kernels.
+
+All three reference AEs (k-means, local PCA, PCA) are *linear-decoder* autoencoders: `decode(Z) = Z @ W_dec +
+b_dec`, exactly like an SAE. Only the encoders differ. Keeping that in one base class is what lets code written
+for `splinterp.SAE` (which only calls `encode`/`decode`) run on them unchanged.
+
+Numerics: fits work on data centred by its training mean (k-means, k-flats and PCA are translation invariant,
+and centring keeps the |x|^2 - 2 x.c + |c|^2 expansion accurate in float32). Distances are computed in row
+chunks whose temporaries hold at most `_BUDGET` elements, so memory stays bounded for any N.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import nn
+
+from splinterp.errors import DTypeError, NotFittedError, ShapeError
+from splinterp.validation import as_tensor, check_data
+
+log = logging.getLogger(__name__)
+
+_BUDGET = 1 << 24
+"""Max elements of one [rows, columns] temporary (64 MiB in float32)."""
+
+FIT_DTYPES = (torch.float32, torch.float64)
+
+
+def chunk_rows(n_cols: int, chunk_size: int | None = None) -> int:
+    """Rows per chunk so that a [rows, n_cols] temporary stays under the memory budget."""
+    if chunk_size is not None:
+        return max(1, int(chunk_size))
+    return max(1, _BUDGET // max(1, n_cols))
+
+
+def center(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(offset = column mean, X - offset, squared row norms of the centred data)."""
+    offset = X.mean(0)
+    Xc = X - offset
+    return offset, Xc, (Xc * Xc).sum(1)
+
+
+def nearest_centres(
+    Xc: torch.Tensor, x_sq: torch.Tensor, C: torch.Tensor, chunk_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centre of every point, for R centre sets at once.
+
+    Xc [N, d], x_sq [N] = |x|^2, C [R, k, d]. Returns labels [R, N] (int64; ties -> lowest index) and the
+    squared distances to the chosen centre [R, N] (from the expansion, clamped at 0). One GEMM per chunk
+    covers all R restarts.
+    """
+    R, k, d = C.shape
+    N = Xc.shape[0]
+    Cf = C.reshape(R * k, d)
+    c_sq = (Cf * Cf).sum(1)
+    labels = torch.empty(R, N, dtype=torch.long, device=Xc.device)
+    mind = torch.empty(R, N, dtype=Xc.dtype, device=Xc.device)
+    step = chunk_rows(R * k, chunk_size)
+    for s in range(0, N, step):
+        e = min(s + step, N)
+        D = torch.addmm(c_sq, Xc[s:e], Cf.T, alpha=-2.0).view(e - s, R, k)
+        v, i = D.min(dim=2)
+        labels[:, s:e] = i.T
+        mind[:, s:e] = (v + x_sq[s:e, None]).clamp_min_(0).T
+    return labels, mind
+
+
+def cluster_sums(
+    Xc: torch.Tensor, labels: torch.Tensor, k: int, chunk_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-cluster sums [R, k, d] and counts [R, k] for labels [R, N].
+
+    CPU: index_add_ (N*d adds per restart, deterministic there). Other devices: a one-hot GEMM per chunk,
+    deterministic where index_add_ would use atomics, and GPUs are fastest at GEMMs anyway.
+    """
+    R, N = labels.shape
+    d = Xc.shape[1]
+    flat = labels + torch.arange(R, device=labels.device)[:, None] * k  # [R, N] ids in [0, R*k)
+    counts = torch.bincount(flat.reshape(-1), minlength=R * k).view(R, k)
+    if Xc.device.type == "cpu":
+        sums = torch.zeros(R, k, d, dtype=Xc.dtype)
+        for r in range(R):
+            sums[r].index_add_(0, labels[r], Xc)
+        return sums, counts
+    sums = torch.zeros(R * k, d, dtype=Xc.dtype, device=Xc.device)
+    step = chunk_rows(R * k, chunk_size)
+    for s in range(0, N, step):
+        e = min(s + step, N)
+        onehot = torch.zeros(e - s, R * k, dtype=Xc.dtype, device=Xc.device)
+        onehot.scatter_(1, flat[:, s:e].T, 1.0)
+        sums.addmm_(onehot.T, Xc[s:e])
+    return sums.view(R, k, d), counts
+
+
+def exact_sq_errors(
+    Xc: torch.Tensor,
+    labels: torch.Tensor,
+    means: torch.Tensor,
+    bases: torch.Tensor | None = None,
+    coefs: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """|x - mu_l - U_l a|^2 per point, computed from the difference itself (no cancellation).
+
+    labels [N], means [m, d], bases [m, d, r] and coefs [N, r] (None for rank 0). Returns [N] in Xc's dtype.
+    """
+    N, d = Xc.shape
+    r = 0 if bases is None else bases.shape[2]
+    out = torch.empty(N, dtype=Xc.dtype, device=Xc.device)
+    step = chunk_rows(d * max(1, r), chunk_size)
+    for s in range(0, N, step):
+        e = min(s + step, N)
+        lab = labels[s:e]
+        diff = Xc[s:e] - means[lab]
+        if r > 0:
+            diff -= torch.einsum("cr,cdr->cd", coefs[s:e], bases[lab])
+        out[s:e] = (diff * diff).sum(1)
+    return out
+
+
+def sq_dist_to_points(Xc: torch.Tensor, x_sq: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Squared distances from the points Xc[idx] (any index shape S) to all points: [*S, N]."""
+    P = Xc[idx]
+    D = torch.matmul(P, Xc.T).mul_(-2.0)
+    D += x_sq[idx][..., None]
+    D += x_sq
+    return D.clamp_min_(0)
+
+
+def kmeans_plusplus(
+    Xc: torch.Tensor, x_sq: torch.Tensor, k: int, n_restarts: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Greedy k-means++ seeding for `n_restarts` independent restarts at once -> centres [R, k, d].
+
+    Arthur & Vassilvitskii's D^2 sampling with 2 + floor(ln k) candidates per step; the candidate that
+    lowers the total potential most is kept. The loop over the k centres is inherently sequential;
+    restarts and candidates are batched.
+    """
+    N = Xc.shape[0]
+    R = n_restarts
+    n_trials = 2 + int(math.log(k))
+    idx = torch.empty(R, k, dtype=torch.long, device=Xc.device)
+    idx[:, 0] = torch.randint(N, (R,), generator=generator, device=Xc.device)
+    closest = sq_dist_to_points(Xc, x_sq, idx[:, 0])  # [R, N]
+    step = chunk_rows(R * n_trials)
+    for j in range(1, k):
+        w = closest.clone()
+        w[w.sum(1) <= 0] = 1.0  # all points already centres (duplicates): sample uniformly
+        cand = torch.multinomial(w, n_trials, replacement=True, generator=generator)  # [R, t]
+        pots = torch.zeros(R, n_trials, dtype=torch.float64, device=Xc.device)
+        for s in range(0, N, step):
+            e = min(s + step, N)
+            P = Xc[cand]  # [R, t, d]
+            D = torch.matmul(P, Xc[s:e].T).mul_(-2.0)
+            D += x_sq[cand][..., None]
+            D += x_sq[s:e]
+            D.clamp_min_(0)
+            pots += torch.minimum(D, closest[:, None, s:e]).sum(2, dtype=torch.float64)
+        best = cand.gather(1, pots.argmin(1, keepdim=True)).squeeze(1)
+        idx[:, j] = best
+        closest = torch.minimum(closest, sq_dist_to_points(Xc, x_sq, best))
+    return Xc[idx]
+
+
+def flip_signs(U: torch.Tensor) -> torch.Tensor:
+    """Deterministic sign for basis columns [..., d, r]: the largest-|.| entry of each column is positive."""
+    i = U.abs().argmax(dim=-2, keepdim=True)
+    sign = torch.sign(U.gather(-2, i))
+    sign[sign == 0] = 1
+    return U * sign
+
+
+def top_directions(Y: torch.Tensor, r: int, chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-r principal directions of already-centred rows Y [n, d] -> (U [d, r], singular values [r]).
+
+    Exact (eigh of the scatter matrix when n >= d, thin SVD otherwise), in float64 for accuracy. Directions
+    beyond the numerical rank of Y (fewer than r+1 points, duplicates, a degenerate cloud) are returned as
+    zero columns with singular value 0: the flat is then the affine hull of the data, a lower-rank piece,
+    which is still optimal for those points and keeps the code deterministic.
+    """
+    n, d = Y.shape
+    U = torch.zeros(d, r, dtype=torch.float64, device=Y.device)
+    s = torch.zeros(r, dtype=torch.float64, device=Y.device)
+    if r == 0 or n == 0:
+        return U.to(Y.dtype), s.to(Y.dtype)
+    if n >= d:
+        S = torch.zeros(d, d, dtype=torch.float64, device=Y.device)
+        step = chunk_rows(d, chunk_size)
+        for a in range(0, n, step):
+            Yb = Y[a : a + step].double()
+            S.addmm_(Yb.T, Yb)
+        evals, evecs = torch.linalg.eigh(S)
+        q = min(r, d)
+        U[:, :q] = evecs[:, -q:].flip(1)
+        s[:q] = evals[-q:].flip(0).clamp_min(0).sqrt()
+    else:
+        _, sv, Vh = torch.linalg.svd(Y.double(), full_matrices=False)
+        q = min(r, sv.shape[0])
+        U[:, :q] = Vh[:q].T
+        s[:q] = sv[:q]
+    tol = s[0] * max(n, d) * torch.finfo(Y.dtype).eps
+    keep = s > tol
+    U[:, ~keep] = 0
+    s[~keep] = 0
+    return flip_signs(U).to(Y.dtype), s.to(Y.dtype)
+
+
+class ReferenceAE(nn.Module):
+    """Common API of the reference autoencoders (scikit-learn names + the SAE names).
+
+    `encode`/`transform`, `decode`/`inverse_transform`, `forward`/`reconstruct`, `score` (= mse, lower is
+    better, unlike scikit-learn's score), `regions`, `n_parameters`. Subclasses set `W_dec`/`b_dec` and
+    implement `fit` and `_encode`.
+    """
+
+    def __init__(self, device: str | torch.device = "cpu"):
+        super().__init__()
+        self._device = torch.device(device)
+        self._fitted = False
+        self._dtype: torch.dtype | None = None
+        self._d_in: int | None = None
+
+    # ------------------------------------------------------------------ bookkeeping
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        self._require_fitted()
+        return self._dtype
+
+    @property
+    def d_in(self) -> int:
+        self._require_fitted()
+        return self._d_in
+
+    @property
+    def d_sae(self) -> int:
+        """Width of the code (the SAE name, so SAE-agnostic tools can size things)."""
+        return self.W_dec.shape[0]
+
+    @property
+    def W_dec(self) -> torch.Tensor:  # noqa: N802 (SAE name)
+        raise NotImplementedError
+
+    @property
+    def b_dec(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _apply(self, fn, recurse=True):  # keep `device` in step with .to()/.cuda()
+        out = super()._apply(fn, recurse)
+        for b in self.buffers():
+            self._device = b.device
+            break
+        return out
+
+    def _require_fitted(self) -> None:
+        if not self._fitted:
+            raise NotFittedError(f"{type(self).__name__} is not fitted yet: call fit(X) first")
+
+    def _fit_input(self, X) -> torch.Tensor:
+        """Validate training data and copy it to the model's device (fit is the one place that moves data)."""
+        X = check_data(X, name="X")
+        if X.dtype not in FIT_DTYPES:
+            raise DTypeError(f"X has dtype {X.dtype}; fit needs float32 or float64 (convert with X.float())")
+        return X.to(self._device)
+
+    def _check_x(self, X, name: str = "X") -> torch.Tensor:
+        self._require_fitted()
+        return check_data(X, self._d_in, name=name, dtype=self._dtype, device=self._device, allow_empty=True)
+
+    def _mark_fitted(self, X: torch.Tensor) -> None:
+        self._fitted = True
+        self._dtype = X.dtype
+        self._d_in = X.shape[1]
+
+    # ------------------------------------------------------------------ the autoencoder
+    def fit(self, X, **kwargs) -> ReferenceAE:
+        raise NotImplementedError
+
+    def _encode(self, X: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def encode(self, X) -> torch.Tensor:
+        """Code of X [N, d_in] -> [N, d_sae]."""
+        return self._encode(self._check_x(X))
+
+    @torch.no_grad()
+    def decode(self, Z) -> torch.Tensor:
+        """x_hat = Z @ W_dec + b_dec (a linear decoder, like an SAE's)."""
+        self._require_fitted()
+        Z = as_tensor(Z, "Z")
+        if Z.ndim != 2 or Z.shape[1] != self.d_sae:
+            raise ShapeError(f"Z must have shape [N, d_sae={self.d_sae}], got {tuple(Z.shape)}")
+        check_data(Z, name="Z", dtype=self._dtype, device=self._device, allow_empty=True)
+        return Z @ self.W_dec + self.b_dec
+
+    def forward(self, X) -> torch.Tensor:
+        """Reconstruction decode(encode(X))."""
+        return self.decode(self.encode(X))
+
+    def transform(self, X) -> torch.Tensor:
+        """scikit-learn name of `encode`."""
+        return self.encode(X)
+
+    def inverse_transform(self, Z) -> torch.Tensor:
+        """scikit-learn name of `decode`."""
+        return self.decode(Z)
+
+    def reconstruct(self, X) -> torch.Tensor:
+        return self.forward(X)
+
+    def fit_transform(self, X, **kwargs) -> torch.Tensor:
+        self.fit(X, **kwargs)
+        return self.encode(as_tensor(X, "X").to(self._device))
+
+    @torch.no_grad()
+    def score(self, X) -> float:
+        """Reconstruction mse, mean over all elements (lower is better; SAELens/SAEBench `mse`)."""
+        X = self._check_x(X)
+        if X.shape[0] == 0:
+            raise ShapeError("score needs at least one row")
+        err = (X - self.forward(X)).pow(2).sum(dtype=torch.float64)
+        return float(err) / X.numel()
+
+    def regions(self, X) -> torch.Tensor:
+        """Region (cluster) id of every row, int64 [N]."""
+        raise NotImplementedError
+
+    def n_parameters(self) -> int:
+        raise NotImplementedError
