@@ -356,4 +356,3 @@ def test_metrics_evaluate_runs_on_reference_models(make):
     model = make().fit(X)
     out = metrics.evaluate(model, X)
     assert out["mse"] == pytest.approx(model.score(X), rel=1e-5)
-

@@ -247,8 +247,7 @@ def load_fashion_mnist(
     hint = " (install them with: apt-get install dataset-fashion-mnist)" if root == FASHION_MNIST_ROOT else ""
     if not root.is_dir():
         raise DatasetNotFoundError(
-            f"Fashion-MNIST folder {root} does not exist"
-            + (hint or "; pass root=<folder with the IDX files>")
+            f"Fashion-MNIST folder {root} does not exist" + (hint or "; pass root=<folder with the IDX files>")
         )
     pixels, labels = load_idx_split(root, split, missing_hint=hint)
     return _finish(pixels, labels, n, seed, normalize, FASHION_MNIST_MEAN, FASHION_MNIST_STD, device)

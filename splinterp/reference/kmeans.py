@@ -123,7 +123,7 @@ def hartigan_refine(
     max_rounds: int,
     chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Polish a k-means partition with batched Hartigan moves -> (labels, centres, rounds).
+    """Polish a k-means partition with batched Hartigan moves -> (labels, centres, accepted rounds).
 
     Moving x from cluster a (n_a points) to b changes the objective by n_b/(n_b+1)|x-c_b|^2 - n_a/(n_a-1)|x-c_a|^2
     (centroid shifts included), so a Lloyd fixed point can still have improving moves. Each round computes that
@@ -136,8 +136,8 @@ def hartigan_refine(
     C, counts = _means(Xc, labels, k, chunk_size)
     obj = exact_sq_errors(Xc, labels, C, chunk_size=chunk_size).sum(dtype=torch.float64)
     rows = torch.arange(N, device=Xc.device)
-    rounds = 0
-    for rounds in range(1, max_rounds + 1):
+    rounds = 0  # accepted rounds
+    for _ in range(max_rounds):
         gain = torch.empty(N, dtype=Xc.dtype, device=Xc.device)
         dest = torch.empty(N, dtype=torch.long, device=Xc.device)
         n = counts.to(Xc.dtype)
@@ -171,6 +171,7 @@ def hartigan_refine(
                 new_obj = exact_sq_errors(Xc, new, newC, chunk_size=chunk_size).sum(dtype=torch.float64)
                 if new_obj < obj:
                     labels, C, counts, obj, accepted = new, newC, newcounts, new_obj, True
+                    rounds += 1
                     break
             g //= 2
         if not accepted:
@@ -262,8 +263,10 @@ class KMeansAE(ReferenceAE):
         C, n_iter = lloyd(Xc, x_sq, C0, cfg.max_iter, tol_abs, cfg.chunk_size, cfg.progress)
         labels, _ = nearest_centres(Xc, x_sq, C, cfg.chunk_size)
         inertia = torch.stack(
-            [exact_sq_errors(Xc, labels[r], C[r], chunk_size=cfg.chunk_size).sum(dtype=torch.float64)
-             for r in range(C.shape[0])]
+            [
+                exact_sq_errors(Xc, labels[r], C[r], chunk_size=cfg.chunk_size).sum(dtype=torch.float64)
+                for r in range(C.shape[0])
+            ]
         )
         best = int(inertia.argmin())
         centres, best_labels, best_inertia = C[best], labels[best], float(inertia[best])
@@ -274,8 +277,9 @@ class KMeansAE(ReferenceAE):
             )
             # labels_ always = nearest centroid of the final centres (a Hartigan optimum is Lloyd-stable)
             best_labels = nearest_centres(Xc, x_sq, centres[None], cfg.chunk_size)[0][0]
-            best_inertia = float(exact_sq_errors(Xc, best_labels, centres, chunk_size=cfg.chunk_size).sum(
-                dtype=torch.float64))
+            best_inertia = float(
+                exact_sq_errors(Xc, best_labels, centres, chunk_size=cfg.chunk_size).sum(dtype=torch.float64)
+            )
         self._offset = offset
         self._centres = centres.contiguous()
         self.labels_ = best_labels.contiguous()
@@ -284,8 +288,9 @@ class KMeansAE(ReferenceAE):
         self._mark_fitted(X)
         if int(torch.bincount(self.labels_, minlength=k).eq(0).sum()) > 0:
             log.warning("k-means: some clusters are empty at the end (fewer distinct points than n_clusters?)")
-        log.info("k-means k=%d: inertia %.6g after %d iterations (best of %d)", k, self.inertia_, self.n_iter_,
-                 C.shape[0])
+        log.info(
+            "k-means k=%d: inertia %.6g after %d iterations (best of %d)", k, self.inertia_, self.n_iter_, C.shape[0]
+        )
         return self
 
     def _labels(self, X: torch.Tensor) -> torch.Tensor:

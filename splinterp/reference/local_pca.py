@@ -166,8 +166,19 @@ class LocalPCAAE(ReferenceAE):
         chunk_size: int | None = None,
         progress: bool = False,
     ):
-        cfg = LocalPCAConfig(n_regions, rank, n_init, max_iter, tol, kmeans_n_init, kmeans_max_iter, seed,
-                             str(device), chunk_size, progress)
+        cfg = LocalPCAConfig(
+            n_regions,
+            rank,
+            n_init,
+            max_iter,
+            tol,
+            kmeans_n_init,
+            kmeans_max_iter,
+            seed,
+            str(device),
+            chunk_size,
+            progress,
+        )
         super().__init__(cfg.device)
         self.cfg = cfg
         self.register_buffer("_offset", None)
@@ -264,8 +275,15 @@ class LocalPCAAE(ReferenceAE):
         else:
             starts = []
             for i in range(cfg.n_init):
-                km = KMeansAE(m, n_init=cfg.kmeans_n_init, max_iter=cfg.kmeans_max_iter, seed=cfg.seed + i,
-                              device=X.device, chunk_size=cfg.chunk_size, progress=cfg.progress).fit(X)
+                km = KMeansAE(
+                    m,
+                    n_init=cfg.kmeans_n_init,
+                    max_iter=cfg.kmeans_max_iter,
+                    seed=cfg.seed + i,
+                    device=X.device,
+                    chunk_size=cfg.chunk_size,
+                    progress=cfg.progress,
+                ).fit(X)
                 starts.append(km.cluster_centers_ - offset)
         best = None
         for i, M0 in enumerate(starts):

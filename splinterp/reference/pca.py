@@ -84,8 +84,11 @@ class PCAAE(ReferenceAE):
         self.singular_values_ = s
         self._n_samples = N
         self._mark_fitted(X)
-        log.info("PCA rank %d: kept %.4g of the total variance", self.cfg.rank,
-                 float(s.double().pow(2).sum() / Xc.double().pow(2).sum().clamp_min(1e-300)))
+        log.info(
+            "PCA rank %d: kept %.4g of the total variance",
+            self.cfg.rank,
+            float(s.double().pow(2).sum() / Xc.double().pow(2).sum().clamp_min(1e-300)),
+        )
         return self
 
     def _encode(self, X: torch.Tensor) -> torch.Tensor:
