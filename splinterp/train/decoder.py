@@ -23,7 +23,6 @@ matmul; S_zx costs O(N k d_in). Statistics are kept in float64: G's condition nu
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -121,6 +120,11 @@ class DecoderAccumulator:
         G.diagonal().add_(self._g_diag)
         return G
 
+    def sum_tensors(self) -> list[torch.Tensor]:
+        """The accumulated sums (in place, fixed order). Adding these and `n` across accumulators merges
+        them: `splinterp.distributed` all-reduces them so every process solves the same system."""
+        return [self._P, self._g_diag, self.S_zx, self.s_z, self.s_x]
+
     # ------------------------------------------------------------------ accumulation
     def update(self, Z: torch.Tensor | SparseCodes, X: torch.Tensor) -> DecoderAccumulator:
         """Add a batch: codes Z ([B, d_sae] dense or SparseCodes) and the inputs X [B, d_in] they encode."""
@@ -182,17 +186,12 @@ class DecoderAccumulator:
                 m = v.shape[0]
                 keys = (i[:, :, None] * d + i[:, None, :]).reshape(m, k * k).index_select(1, upper)
                 prods = (v[:, :, None] * v[:, None, :]).reshape(m, k * k).index_select(1, upper)
-                P.index_add_(0, keys.reshape(-1), prods.reshape(-1))
+                P.scatter_add_(0, keys.reshape(-1), prods.reshape(-1))  # serial on CPU: deterministic
         self._g_diag.index_add_(0, flat_idx, flat_vals * flat_vals)
-        # S_zx = Z^T X with Z^T as a CSR matrix (rows = latents): O(N k d_in)
-        order = torch.argsort(flat_idx, stable=True)
-        crow = torch.zeros(d + 1, dtype=torch.int64, device=self.device)
-        crow[1:] = torch.bincount(flat_idx, minlength=d).cumsum(0)
-        cols = torch.arange(n, device=self.device).repeat_interleave(k)[order]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-            Zt = torch.sparse_csr_tensor(crow, cols, flat_vals[order], (d, n), check_invariants=False)
-            self.S_zx += Zt @ X
+        # S_zx = Z^T X, with Z^T as a sparse [d_sae, N] matrix (k entries per column): O(N k d_in)
+        rows_of = torch.arange(n, device=self.device).repeat_interleave(k)
+        Zt = torch.sparse_coo_tensor(torch.stack([flat_idx, rows_of]), flat_vals, (d, n), check_invariants=False)
+        self.S_zx += torch.sparse.mm(Zt, X)
 
     # ------------------------------------------------------------------ solve
     def solve(self, alpha: float = 0.0, beta: float = 0.0, mu: float = 0.0, nu: float = 0.0,
