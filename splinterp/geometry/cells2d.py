@@ -260,8 +260,12 @@ def _level_pieces(verts, n, T, G, H, tol, prio):
     eb = off[cc[ea]] + (np.arange(len(ea)) - np.repeat(np.cumsum(rep) - rep, rep))
     ne = ea != eb
     ea, eb = ea[ne], eb[ne]
-    D = F[ea] - F[eb]
-    dmin, dmax = D.min(1), D.max(1)
+    dmin = np.empty(len(ea))
+    dmax = np.empty(len(ea))
+    pstep = max(1, _CHUNK_ELEMS // V)
+    for s in range(0, len(ea), pstep):
+        D = F[ea[s : s + pstep]] - F[eb[s : s + pstep]]
+        dmin[s : s + pstep], dmax[s : s + pstep] = D.min(1), D.max(1)
     # identical sites tie everywhere: the lower priority (index; the null site first) wins, the other is dead
     a_, b_ = cj[ea], cj[eb]
     lose_tie = (G[a_] == G[b_]).all(1) & (H[a_] == H[b_]) & (prio[a_] > prio[b_])
@@ -325,11 +329,12 @@ def order_k_cells(
 
     keys_out: list[tuple[int, ...]] = []
     polys_out: list[np.ndarray] = []
-    verts = box[None].copy()
-    n = np.array([4])
-    T = np.zeros((1, 0), dtype=np.int64)
     if not null and k == m:
         return [tuple(range(m))], [box]
+    # level 0: the box cut into tiles, so that the first level (where every site is a candidate for the
+    # whole box) is local too; level-1 pieces of one site in several tiles are merged like any others
+    verts, n = _tiles(bounds, int(np.clip(np.ceil(np.sqrt(G.shape[0] / 16)), 1, 32)))
+    T = np.zeros((len(verts), 0), dtype=np.int64)
     for level in range(1, k + 1):
         pc, site, comp, cnt = _level_pieces(verts, n, T, G, H, cand_tol, prio)
         pv, pn = verts[pc], n[pc].copy()
@@ -349,51 +354,75 @@ def order_k_cells(
                 sv = np.concatenate([sv, np.repeat(sv[:, :1], pv.shape[1] - sv.shape[1], axis=1)], axis=1)
             pv[rows], pn[rows] = sv, sn
         pv, pn, pc, site = _drop_small(pv, pn, area_tol, pc, site)
-        if null:
+        if null:  # pieces where the null site is nearest: final, keyed by the active set T
             fin = site == null_id
-            for i in np.flatnonzero(fin):
-                keys_out.append(tuple(int(t) for t in T[pc[i]]))
-                polys_out.append(np.ascontiguousarray(pv[i, : pn[i]]))
+            if fin.any():
+                fk, fv, fn = _merge_by_key(pv[fin], pn[fin], T[pc[fin]], length, area_tol)
+                keys_out.extend(tuple(int(t) for t in row) for row in fk)
+                polys_out.extend(to_list(fv, fn))
             pv, pn, pc, site = pv[~fin], pn[~fin], pc[~fin], site[~fin]
         if len(pc) == 0:
             break
         newkeys = np.sort(np.concatenate([T[pc], site[:, None]], axis=1), axis=1)
-        uk, inv, counts = np.unique(newkeys, axis=0, return_inverse=True, return_counts=True)
-        inv = inv.reshape(-1)
-        # single-piece cells are already convex; only multi-piece cells need the hull
-        multi = counts[inv] > 1
-        G_cells = len(uk)
-        if len(uk) + len(keys_out) > max_cells:
+        T, verts, n = _merge_by_key(pv, pn, newkeys, length, area_tol)
+        if len(T) + len(keys_out) > max_cells:
             raise ConfigError(
                 f"more than max_cells={max_cells} cells at order {level}; use a smaller box or raise max_cells"
             )
-        Vmax = pv.shape[1]
-        cv = np.zeros((G_cells, Vmax, 2))
-        cn = np.zeros(G_cells, dtype=np.int64)
-        single = np.flatnonzero(~multi)
-        cv[inv[single]] = pv[single]
-        cn[inv[single]] = pn[single]
-        mrows = np.flatnonzero(multi)
-        if mrows.size:
-            gid_of = np.unique(inv[mrows])  # group ids that need merging
-            local = np.searchsorted(gid_of, inv[mrows])
-            valid = np.arange(Vmax)[None, :] < pn[mrows][:, None]
-            pts = pv[mrows][valid]
-            grp = np.repeat(local, pn[mrows])
-            hv, hn = hull_groups(pts, grp, len(gid_of), length)
-            if hv.shape[1] > Vmax:
-                cv = np.concatenate([cv, np.repeat(cv[:, :1], hv.shape[1] - Vmax, axis=1)], axis=1)
-                Vmax = hv.shape[1]
-            hv = np.concatenate([hv, np.repeat(hv[:, :1], Vmax - hv.shape[1], axis=1)], axis=1)
-            cv[gid_of], cn[gid_of] = hv, hn
-        cv = _pad_fill(cv, cn)
-        cv, cn, uk = _drop_small(cv, cn, area_tol, uk)
-        verts, n, T = _trim(cv, cn), cn, uk
         if level == k:
-            for i in range(len(T)):
-                keys_out.append(tuple(int(t) for t in T[i]))
-                polys_out.append(np.ascontiguousarray(verts[i, : n[i]]))
+            keys_out.extend(tuple(int(t) for t in row) for row in T)
+            polys_out.extend(to_list(verts, n))
     return keys_out, polys_out
+
+
+def _tiles(bounds, per_side: int):
+    """The box as per_side x per_side rectangles (verts [P, 4, 2], n [P])."""
+    x0, x1, y0, y1 = check_bounds(bounds)
+    xs = np.linspace(x0, x1, per_side + 1)
+    ys = np.linspace(y0, y1, per_side + 1)
+    xs[-1], ys[-1] = x1, y1
+    a, b = np.meshgrid(np.arange(per_side), np.arange(per_side), indexing="ij")
+    a, b = a.ravel(), b.ravel()
+    verts = np.stack(
+        [
+            np.stack([xs[a], ys[b]], -1),
+            np.stack([xs[a + 1], ys[b]], -1),
+            np.stack([xs[a + 1], ys[b + 1]], -1),
+            np.stack([xs[a], ys[b + 1]], -1),
+        ],
+        1,
+    )
+    return verts, np.full(len(verts), 4)
+
+
+def _merge_by_key(pv, pn, keys, length, area_tol):
+    """Union of the pieces that share a key (convex by construction): (unique keys, verts, n).
+
+    Single pieces are kept as they are; groups of several pieces become the hull of their vertices.
+    """
+    uk, inv, counts = np.unique(keys, axis=0, return_inverse=True, return_counts=True)
+    inv = inv.reshape(-1)
+    multi = counts[inv] > 1
+    Vmax = pv.shape[1]
+    cv = np.zeros((len(uk), Vmax, 2))
+    cn = np.zeros(len(uk), dtype=np.int64)
+    single = np.flatnonzero(~multi)
+    cv[inv[single]] = pv[single]
+    cn[inv[single]] = pn[single]
+    mrows = np.flatnonzero(multi)
+    if mrows.size:
+        gid_of = np.unique(inv[mrows])  # the keys that need merging
+        local = np.searchsorted(gid_of, inv[mrows])
+        valid = np.arange(Vmax)[None, :] < pn[mrows][:, None]
+        hv, hn = hull_groups(pv[mrows][valid], np.repeat(local, pn[mrows]), len(gid_of), length)
+        if hv.shape[1] > Vmax:
+            cv = np.concatenate([cv, np.repeat(cv[:, :1], hv.shape[1] - Vmax, axis=1)], axis=1)
+            Vmax = hv.shape[1]
+        hv = np.concatenate([hv, np.repeat(hv[:, :1], Vmax - hv.shape[1], axis=1)], axis=1)
+        cv[gid_of], cn[gid_of] = hv, hn
+    cv = _pad_fill(cv, cn)
+    cv, cn, uk = _drop_small(cv, cn, area_tol, uk)
+    return uk, _trim(cv, cn), cn
 
 
 # ------------------------------------------------------------------------------------ line arrangements
