@@ -126,7 +126,7 @@ def train_test_split(X, y=None, test_frac: float = 0.2, seed: int = 0, stratify:
     if stratify:
         if y is None:
             raise ConfigError("stratify=True needs labels y")
-        yt = as_tensor(y, "y").cpu().long()
+        yt = torch.tensor(y, dtype=torch.long) if isinstance(y, np.ndarray) else as_tensor(y, "y").cpu().long()
         classes, inv, counts = torch.unique(yt, return_inverse=True, return_counts=True)
         by_class = perm[torch.argsort(inv[perm], stable=True)]  # grouped by class, random within a class
         starts = torch.cumsum(counts, 0) - counts
