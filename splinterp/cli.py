@@ -109,12 +109,13 @@ def summary_markdown(results: dict) -> str:
     lines = ["# splinterp reproduce: summary", "",
              f"Last run: {meta.get('finished', '?')}, splinterp {meta.get('splinterp_version', '?')}, "
              f"torch {meta.get('torch_version', '?')}, {meta.get('machine', '?')}.", "",
-             "| job | status | mode | seed | seconds | quick budget | outputs |",
-             "|---|---|---|---|---|---|---|"]
+             "| job | status | mode | seed | seconds | CPU seconds | quick budget | outputs |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, j in results.get("jobs", {}).items():
         over = " (over budget)" if j.get("quick") and j.get("seconds", 0) > j.get("quick_seconds", 1e9) else ""
         lines.append(f"| {name} | {j.get('status')} | {'quick' if j.get('quick') else 'full'} | {j.get('seed')} | "
-                     f"{j.get('seconds', 0):.1f}{over} | {j.get('quick_seconds', '')} | "
+                     f"{j.get('seconds', 0):.1f}{over} | {j.get('cpu_seconds', 0):.1f} | "
+                     f"{j.get('quick_seconds', '')} | "
                      f"{', '.join(j.get('outputs', []))} |")
     for name, j in results.get("jobs", {}).items():
         lines += ["", f"## {name}", "", j.get("description", "")]
@@ -165,7 +166,7 @@ def run_jobs(names: Sequence[str], out: Path, quick: bool, seed: int, device: st
             entry: dict[str, Any] = {"description": job.description, "module": job.module, "quick": quick,
                                      "seed": seed, "device": device, "quick_seconds": job.quick_seconds,
                                      "outputs": list(job.outputs)}
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 res = job(out, quick, seed, device)
                 if res is None:
@@ -183,6 +184,7 @@ def run_jobs(names: Sequence[str], out: Path, quick: bool, seed: int, device: st
                 entry.setdefault("results", {})
                 log.error("job %s failed: %s\n%s", name, entry["error"], traceback.format_exc())
             entry["seconds"] = round(time.perf_counter() - t0, 2)
+            entry["cpu_seconds"] = round(time.process_time() - c0, 2)  # this process, all threads
             if quick and entry["seconds"] > job.quick_seconds:
                 log.warning("job %s took %.1f s in quick mode, over its declared %.0f s", name, entry["seconds"],
                             job.quick_seconds)
@@ -228,7 +230,7 @@ def _report(results: dict, names: Sequence[str], out: Path) -> int:
     for n in names:
         j = results["jobs"][n]
         status = "ok" if j["status"] == "ok" else f"FAILED ({j['error']})"
-        print(f"  {n:<28} {j['seconds']:7.1f} s  {status}")
+        print(f"  {n:<28} {j['seconds']:7.1f} s wall {j.get('cpu_seconds', 0):7.1f} s CPU  {status}")
     if failed:
         print(f"splinterp: {len(failed)} job(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from splinterp.experiments.registry import register
 from splinterp.viz.output import save_png, write_html
@@ -126,3 +127,91 @@ def llm_projection(out_dir: Path, quick: bool, seed: int, device: str) -> dict:
             "train_mse_last": hist.last.get("train_mse"), "n_regions": stats["n_regions"],
             "largest_region_frac": stats["largest_region_frac"], "singleton_frac": stats["singleton_frac"],
             "pca_explained": p_region.explained.round(4).tolist()}
+
+
+def _toy_topk_sae(X: torch.Tensor, d_sae: int, k: int, seed: int, device: str, epochs: int):
+    """A TopK SAE on the 2-D toy, encoder initialised at data points (full-batch Adam via train_sgd)."""
+    from splinterp import SAE, SAEConfig
+    from splinterp.train import SGDConfig, train_sgd
+
+    sae = SAE(SAEConfig(d_in=2, d_sae=d_sae, architecture="topk", k=k, seed=seed, device=device))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        sae.W_enc.copy_(X[torch.randperm(X.shape[0], generator=g)[:d_sae]].T.to(sae.W_enc))
+        sae.b_enc.copy_(0.3 * torch.randn(d_sae, generator=g).to(sae.b_enc))
+    hist = train_sgd(sae, X.to(device), SGDConfig(epochs=epochs, batch_size=X.shape[0], lr=1e-2, seed=seed,
+                                                  eval_train=False, progress=False))
+    return sae, hist
+
+
+@register("sae_power_cells", "A TopK SAE on the 2-D three-cluster toy: its regions drawn as the exact cells of "
+          "its k-th order power diagram (with the ReLU null site) next to sae.encode's active set per pixel",
+          outputs=["sae_topk_power_cells.png"], quick_seconds=12)
+def sae_power_cells(out_dir: Path, quick: bool, seed: int, device: str) -> dict:
+    from splinterp.data.toy import make_three_clusters
+    from splinterp.geometry import active_mask, power_diagram
+    from splinterp.viz.power import plot_sae_power_cells
+
+    X, _ = make_three_clusters(200, seed=seed)
+    sae, hist = _toy_topk_sae(X, d_sae=12, k=2, seed=seed, device=device, epochs=120 if quick else 1000)
+    sae = sae.cpu()
+    bounds = (-2.2, 2.2, -2.2, 2.2)
+    save_png(plot_sae_power_cells(sae, bounds, X=X.numpy()), out_dir / "sae_topk_power_cells.png")
+    # the theorem on random points: polygon containing x <-> active set of encode(x)
+    pd = power_diagram(sae)
+    cells = pd.cells_2d(bounds)
+    rng = np.random.default_rng(seed)
+    P = rng.uniform(-2.2, 2.2, (20000, 2))
+    from splinterp.viz.cells import locate
+
+    idx = locate(cells, P)
+    mask = active_mask(sae, torch.from_numpy(P).float()).numpy()
+    agree = np.mean([i >= 0 and tuple(np.flatnonzero(m).tolist()) == tuple(cells[i].key) for i, m in zip(idx, mask)])
+    return {"n_regions_in_view": len(cells), "polygon_equals_encode_active_set": float(agree),
+            "train_mse_last": hist.last.get("train_running_mse")}
+
+
+@register("mnist_slices", "A plane through three MNIST digits (0, 1, 7) cut by a TopK SAE, a ReLU SAE (exact "
+          "polygons), a k-means AE (exact) and a k-means + local PCA AE (raster), shaded by reconstruction error",
+          outputs=["mnist_slice_partitions.png"], quick_seconds=30)
+def mnist_slices(out_dir: Path, quick: bool, seed: int, device: str) -> dict:
+    from splinterp import SAE, SAEConfig
+    from splinterp.data.mnist import load_mnist
+    from splinterp.geometry import plane_through
+    from splinterp.reference import KMeansAE, LocalPCAAE
+    from splinterp.train import SGDConfig, train_sgd
+    from splinterp.viz.partition import plot_slice_comparison
+
+    n, d_sae, epochs, resolution = (1500, 64, 2, 160) if quick else (4000, 256, 10, 300)
+    X, y = load_mnist("train", n=n, seed=seed, device=device)
+    common = dict(epochs=epochs, batch_size=128, lr=2e-3, seed=seed, eval_train=False, progress=False)
+    topk = SAE(SAEConfig(784, d_sae, "topk", k=8, seed=seed, device=device))
+    train_sgd(topk, X, SGDConfig(**common))
+    relu = SAE(SAEConfig(784, d_sae, "relu", seed=seed, device=device))
+    train_sgd(relu, X, SGDConfig(l1_coefficient=3e-3, **common))
+    n_clusters = 16 if quick else 64
+    km = KMeansAE(n_clusters, n_init=1 if quick else 4, max_iter=50 if quick else 300, seed=seed, device=device).fit(X)
+    # local PCA is fitted on fewer rows in quick mode: its per-region exact PCA dominates the job's time
+    lp = LocalPCAAE(8 if quick else 16, rank=3 if quick else 8, max_iter=4 if quick else 50, kmeans_n_init=1,
+                    seed=seed, device=device).fit(X[:800] if quick else X)
+    picks = [int(torch.nonzero(y == dgt)[0]) for dgt in (0, 1, 7)]
+    plane = plane_through(*(X[i].cpu() for i in picks))
+    bounds = plane.bounds(0.3)
+    models = {"TopK SAE (k=8)": topk.cpu(), "ReLU SAE": relu.cpu(), f"k-means AE ({n_clusters})": km.cpu(),
+              f"local PCA AE ({lp.n_regions} x rank {lp.rank})": lp.cpu()}
+    fig = plot_slice_comparison(models, plane.origin, plane.u, plane.v, bounds, resolution=resolution,
+                                anchors_ab=plane.coords, anchor_labels=["0", "1", "7"],
+                                anchor_images=[X[i].cpu().numpy() for i in picks],
+                                suptitle="One plane through three MNIST digits, cut by four autoencoders")
+    save_png(fig, out_dir / "mnist_slice_partitions.png")
+    from splinterp.geometry import slice_2d
+
+    res = {"n_train": n, "d_sae": d_sae}
+    for name, m in (("topk", topk.cpu()), ("relu", relu.cpu())):
+        sl = slice_2d(m, plane.origin, plane.u, plane.v, bounds)
+        res[f"{name}_regions_in_slice"] = len(sl)
+        res[f"{name}_slice_area_error"] = sl.area_error()
+    with torch.no_grad():
+        for name, m in models.items():
+            res[f"mse[{name}]"] = float(((X.cpu() - m(X.cpu().to(m.dtype))) ** 2).mean())
+    return res

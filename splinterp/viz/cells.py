@@ -27,6 +27,13 @@ def cell_vertices(cell) -> np.ndarray:
     return np.asarray(v, dtype=np.float64)
 
 
+def polygon_area(vertices) -> float:
+    """Signed shoelace area of a polygon [V, 2] (positive if counter-clockwise)."""
+    v = np.asarray(vertices, dtype=np.float64)
+    x, y = v[:, 0], v[:, 1]
+    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y))
+
+
 def polygon_centroid(vertices) -> np.ndarray:
     """Area centroid of a simple polygon [V, 2] (vertex mean if degenerate)."""
     v = np.asarray(vertices, dtype=np.float64)

@@ -242,5 +242,5 @@ def plot_sae_power_cells(sae, bounds, X=None, resolution: int = 300) -> Figure:
     fig.suptitle(f"{arch} SAE with {sae.cfg.d_sae} latents: regions = power-diagram cells", fontsize=13)
     fig.legend(handles=[Line2D([], [], marker="o", ls="", color="k", label="power centres c = W_enc[:, i]"),
                         Line2D([], [], color="crimson", label="circle radius √α, α = |c|² + 2 b_enc")],
-               loc="lower center", ncols=2, fontsize=9, bbox_to_anchor=(0.5, -0.01))
+               loc="outside lower center", ncols=2, fontsize=9)
     return fig

@@ -1,7 +1,7 @@
 """The one raster orientation of splinterp: x to the right, y up, ``origin="lower"``.
 
 A raster over ``bounds = (xmin, xmax, ymin, ymax)`` with ``shape = (H, W)`` has pixel (row r, column c)
-centred at
+centred at (grid from `splinterp.data.make_grid`)
 
     x = xmin + (c + 0.5) * (xmax - xmin) / W,     y = ymin + (r + 0.5) * (ymax - ymin) / H,
 
@@ -44,13 +44,23 @@ def raster_shape(bounds: Sequence[float], resolution: int) -> tuple[int, int]:
 
 
 def pixel_centers(bounds: Sequence[float], shape: tuple[int, int]) -> np.ndarray:
-    """float64 [H*W, 2]: the (x, y) of every pixel centre, row-major with rows along y (row 0 = ymin)."""
+    """float64 [H*W, 2]: the (x, y) of every pixel centre, row-major with rows along y (row 0 = ymin).
+
+    Built with `splinterp.data.make_grid` (the package's one 'xy' grid) over the pixel centres, i.e. the
+    bounds shrunk by half a pixel, so that ``extent=bounds`` in `show_raster` is exact.
+    """
+    import torch
+
+    from splinterp.data.toy import make_grid
+
     xmin, xmax, ymin, ymax = check_bounds(bounds)
     H, W = shape
-    xs = xmin + (np.arange(W) + 0.5) * (xmax - xmin) / W
-    ys = ymin + (np.arange(H) + 0.5) * (ymax - ymin) / H
-    gx, gy = np.meshgrid(xs, ys, indexing="xy")  # [H, W] each: gx varies along columns, gy along rows
-    return np.stack([gx.ravel(), gy.ravel()], axis=1)
+    if H < 2 or W < 2:
+        raise ValueError(f"a raster needs at least 2 x 2 pixels, got shape {shape}")
+    hx, hy = 0.5 * (xmax - xmin) / W, 0.5 * (ymax - ymin) / H
+    pts, grid_shape = make_grid((xmin + hx, xmax - hx, ymin + hy, ymax - hy), (W, H), dtype=torch.float64)
+    assert grid_shape == (H, W)
+    return pts.numpy()
 
 
 def pixel_of(point: Sequence[float], bounds: Sequence[float], shape: tuple[int, int]) -> tuple[int, int]:
