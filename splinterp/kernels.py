@@ -36,6 +36,7 @@ from splinterp.errors import ConfigError, DTypeError, ShapeError
 __all__ = [
     "decode",
     "dense_reference",
+    "clear_workspace",
     "densify",
     "encode_masked",
     "encode_topk",
@@ -53,8 +54,14 @@ MAX_DENSITY = 1 / 16
 """Threshold codes (relu, jumprelu, gated) go sparse only while the busiest row has at most this fraction
 of d_sae active: above it the gathers of the sparse products cost more than one dense matmul."""
 
-CPU_CHUNK_BYTES = 1 << 22
-"""Score rows computed at once on CPU (4 MiB): small enough to stay in cache for the top-k pass."""
+WORKSPACE_BYTES = 256 << 20
+"""CPU: the score rows computed at once fit in this many bytes, and that buffer is kept between calls
+(per thread; `clear_workspace()` frees it). Why: the [rows, d_sae] scores are the one big temporary, and
+a fresh one costs a page fault per 4 KiB (several % of the matmul on a 2-core machine)."""
+
+MIN_CHUNK_ROWS = 1024
+"""Never fewer rows per score matmul (unless the batch is smaller): a BLAS repacks W for every call,
+so small row chunks slow the matmul down (measured: 512 rows +28%, 256 rows +60% at d_sae 4096)."""
 
 GPU_CHUNK_ELEMENTS = 1 << 28
 """Score elements computed at once on an accelerator: only a memory bound, kernels like big launches."""
@@ -87,11 +94,40 @@ def _stable_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
 
 
+TREE_GROUP = 8
+"""Group size of the two-level candidate filter in `topk_select` (CPU)."""
+
+
+def _tree_candidates(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(candidates [R, k*g], ok [R]): a superset of each row's top k, read off two levels of group maxima.
+
+    Why: torch.topk on CPU costs several ns per score; maxima over strided groups are vectorised, and
+    the top k scores can only lie in the k groups with the largest maxima (when the k-th and (k+1)-th
+    group maxima differ: `ok`), so three small top-k's over ~k*g values replace one over d_sae.
+    """
+    g = TREE_GROUP
+    R, n = s.shape
+    if s.device.type != "cpu" or n % (g * g) or n // (g * g) <= k or not s.is_contiguous():
+        return None
+    G1, G2 = n // g, n // (g * g)
+    step = torch.arange(g, device=s.device)[:, None]
+    m1 = s.view(R, g, G1).amax(1)  # group j holds scores j + G1*t
+    m2 = m1.view(R, g, G2).amax(1)  # group i holds level-1 groups i + G2*t
+    v2, i2 = torch.topk(m2, k + 1)
+    ok = v2[:, k - 1] > v2[:, k]
+    c1 = (i2[:, None, :k] + G2 * step).reshape(R, k * g)
+    v1, j1 = torch.topk(m1.gather(1, c1), k + 1)
+    ok &= v1[:, k - 1] > v1[:, k]
+    c0 = (c1.gather(1, j1[:, :k])[:, None, :] + G1 * step).reshape(R, k * g)
+    return c0, ok
+
+
 def topk_select(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices [R, k] of the k largest scores per row, decreasing, ties towards the lower index.
 
-    Same result as `splinterp.sae.topk_indices`, cheaper: one `topk` of k+1 tells whether the k-th and
-    (k+1)-th scores are tied, so no extra pass over the scores is needed; tied rows use a stable sort.
+    Same result as `splinterp.sae.topk_indices`, cheaper: one `topk` of k+1 (over a candidate superset
+    on CPU) tells whether any of the top k+1 scores tie, so no extra pass over the scores is needed;
+    rows with a tie (or NaN) are redone with a stable sort.
     """
     if scores.ndim != 2:
         raise ShapeError(f"scores must be 2-D [rows, d_sae], got shape {tuple(scores.shape)}")
@@ -102,10 +138,16 @@ def topk_select(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.empty(0, k, dtype=torch.long, device=scores.device)
     if k == n:
         return _stable_topk(scores, k)
-    v, i = torch.topk(scores, k + 1, dim=-1)
-    # ties (and NaN, whose order topk does not define) anywhere in the top k+1: redo the row exactly
-    bad = ~(v[:, :-1] > v[:, 1:]).all(-1)
-    idx = i[:, :k]
+    tree = _tree_candidates(scores, k)
+    if tree is None:
+        v, i = torch.topk(scores, k + 1, dim=-1)
+        idx = i[:, :k]
+        bad = ~(v[:, :-1] > v[:, 1:]).all(-1)
+    else:
+        cand, ok = tree
+        v, i = torch.topk(scores.gather(1, cand), k + 1, dim=-1)
+        idx = cand.gather(1, i[:, :k])
+        bad = ~(ok & (v[:, :-1] > v[:, 1:]).all(-1))
     if bool(bad.any()):
         rows = bad.nonzero().squeeze(1)
         idx = idx.clone()
@@ -113,12 +155,28 @@ def topk_select(scores: torch.Tensor, k: int) -> torch.Tensor:
     return idx.contiguous()
 
 
-def _chunk_rows(n_rows: int, d_sae: int, x: torch.Tensor) -> int:
+def _chunk_rows(n_rows: int, d_sae: int, x: torch.Tensor, copies: int) -> int:
     if x.device.type == "cpu":
-        rows = CPU_CHUNK_BYTES // (d_sae * x.element_size())
+        rows = max(MIN_CHUNK_ROWS, WORKSPACE_BYTES // (copies * d_sae * x.element_size()))
     else:
-        rows = GPU_CHUNK_ELEMENTS // d_sae
+        rows = max(1, GPU_CHUNK_ELEMENTS // d_sae)
     return max(1, min(n_rows, rows))
+
+
+def _workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A flat scratch buffer; on CPU the same memory is handed out again while it is big enough."""
+    if device.type != "cpu":
+        return torch.empty(numel, dtype=dtype, device=device)
+    buf = getattr(_state, "workspace", None)
+    if buf is None or buf.dtype != dtype or buf.numel() < numel:
+        buf = torch.empty(numel, dtype=dtype)
+        _state.workspace = buf if numel * buf.element_size() <= WORKSPACE_BYTES else None
+    return buf[:numel]
+
+
+def clear_workspace() -> None:
+    """Free this thread's score buffer (it is rebuilt on the next call)."""
+    _state.workspace = None
 
 
 # ---------------------------------------------------------------------------------------------- patterns
@@ -169,16 +227,24 @@ def _latent_sum(pat: _LatentMajor, weights: torch.Tensor, table: torch.Tensor) -
 _SAMPLED_OK = {torch.float32, torch.float64}
 
 
-def _rowdot(a: torch.Tensor, table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def _rowdot(a: torch.Tensor, table: torch.Tensor, idx: torch.Tensor, pat: _LatentMajor | None = None) -> torch.Tensor:
     """out[b, j] = <table[idx[b, j]], a[b]>: [B, m], cost B*m*d (a sampled dense-dense product)."""
     B, m = idx.shape
     n = table.shape[0]
     if B * m == 0:
         return a.new_zeros(B, m)
     if a.device.type == "cpu" and a.dtype in _SAMPLED_OK and table.dtype == a.dtype:
-        crow = torch.arange(0, B * m + 1, m, device=a.device)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+            if pat is not None and n > B:
+                # latent-major: each table row is read once, the (smaller) batch rows at random
+                crow = torch.cat([pat.offsets.long(), pat.offsets.new_tensor([B * m]).long()])
+                pattern = torch.sparse_csr_tensor(
+                    crow, pat.rows.long(), a.new_zeros(B * m), size=(n, B), check_invariants=False
+                )
+                v = torch.sparse.sampled_addmm(pattern, table, a.t(), beta=0.0).values()
+                return torch.empty_like(v).index_copy_(0, pat.order, v).view(B, m)
+            crow = torch.arange(0, B * m + 1, m, device=a.device)
             pattern = torch.sparse_csr_tensor(
                 crow, idx.reshape(-1), a.new_zeros(B * m), size=(B, n), check_invariants=False
             )
@@ -256,13 +322,16 @@ def encode_topk(
     B, n = x.shape[0], W.shape[1]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
         raise ConfigError(f"k must be an integer with 1 <= k <= d_sae={n}, got {k!r}")
-    rows = chunk_rows or _chunk_rows(B, n, x)
+    copies = 2 if absolute else 1
+    rows = chunk_rows or _chunk_rows(B, n, x, copies)
     with torch.no_grad():
         idx = torch.empty(B, k, dtype=torch.long, device=x.device)
         vals = torch.empty(B, k, dtype=torch.result_type(x, W), device=x.device)
         Wd, bd = W.detach(), b.detach()
-        buf = torch.empty(min(rows, B), n, dtype=vals.dtype, device=x.device)
-        sbuf = torch.empty_like(buf) if absolute else None
+        r = max(1, min(rows, B))
+        work = _workspace(copies * r * n, vals.dtype, x.device)
+        buf = work[: r * n].view(r, n)
+        sbuf = work[r * n :].view(r, n) if absolute else None
         for s in range(0, B, rows):
             xs = x.detach()[s : s + rows]
             u = buf[: xs.shape[0]]
@@ -344,10 +413,10 @@ class _SparseDecode(torch.autograd.Function):
     def backward(ctx, grad_out):
         values, idx, W_dec = ctx.saved_tensors
         grad_values = grad_W = grad_b = None
+        pat = ctx.holder.get(idx, W_dec.shape[0]) if any(ctx.needs_input_grad[:3]) else None
         if ctx.needs_input_grad[0]:
-            grad_values = _rowdot(grad_out, W_dec, idx).to(values.dtype)
+            grad_values = _rowdot(grad_out, W_dec, idx, pat).to(values.dtype)
         if ctx.needs_input_grad[2]:
-            pat = ctx.holder.get(idx, W_dec.shape[0])
             grad_W = _latent_sum(pat, values, grad_out).to(W_dec.dtype)
         if ctx.needs_input_grad[3]:
             grad_b = grad_out.sum(0)

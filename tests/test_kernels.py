@@ -50,6 +50,43 @@ def test_topk_select_random_rows_and_all_equal_rows():
         assert torch.equal(kernels.topk_select(s, k), topk_indices(s, k))
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 5),
+    groups=st.integers(2, 6),
+    levels=st.sampled_from([2, 5, 1000]),
+    data=st.data(),
+)
+def test_topk_select_tree_filter_is_exact(rows, groups, levels, data):
+    """d_sae a multiple of 64: the two-level candidate filter runs; few distinct values force ties
+    between group maxima as well as between scores."""
+    n = 64 * groups
+    k = data.draw(st.integers(1, groups - 1))
+    seed = data.draw(st.integers(0, 2**16))
+    s = torch.randint(0, levels, (rows, n), generator=torch.Generator().manual_seed(seed)).double()
+    assert kernels._tree_candidates(s, k) is not None
+    assert torch.equal(kernels.topk_select(s, k), topk_indices(s, k))
+
+
+def test_topk_select_tree_filter_on_continuous_scores():
+    s = torch.randn(64, 1024, generator=torch.Generator().manual_seed(1))
+    for k in (1, 5, 15):
+        assert torch.equal(kernels.topk_select(s, k), topk_indices(s, k))
+
+
+@pytest.mark.parametrize("B,n", [(30, 8), (6, 40)])
+def test_rowdot_batch_major_and_latent_major(B, n):
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(B, 5, generator=g, dtype=torch.float64)
+    table = torch.randn(n, 5, generator=g, dtype=torch.float64)
+    idx = torch.randint(0, n, (B, 3), generator=g)
+    ref = (table[idx] * a[:, None, :]).sum(-1)
+    pat = kernels._LatentMajor().get(idx, n)
+    torch.testing.assert_close(kernels._rowdot(a, table, idx), ref)
+    torch.testing.assert_close(kernels._rowdot(a, table, idx, pat), ref)
+    torch.testing.assert_close(kernels._rowdot(a.half(), table.half(), idx), ref.half(), rtol=1e-2, atol=1e-2)
+
+
 def test_topk_select_rejects_bad_k_and_shapes():
     with pytest.raises(ConfigError):
         kernels.topk_select(torch.zeros(2, 5), 6)

@@ -1,0 +1,148 @@
+"""One TopK training step (forward, backward, Adam) against the dense encoder matmul, a dense SAE and sparsify.
+
+Why these baselines: x @ W_enc is the floor (every score is needed to choose the top k), a plain dense
+implementation is what the formulas cost without sparse kernels, and EleutherAI sparsify's SparseCoder
+(fused encoder + embedding_bag decoder) is the library users would otherwise train with. All run in one
+process, interleaved, float32, torch's default thread count; sparsify is forced onto its eager decoder
+(its Triton kernel needs a GPU).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+
+from bench.common import interleaved, median, round_ratios, row
+
+CONFIGS = [(784, 4096, 32), (384, 16384, 64)]  # (d_in, d_sae, k)
+BATCH = 4096
+
+
+def _load_sparsify():
+    """sparsify's SparseCoder with its eager (embedding_bag) decoder, or None when not installed."""
+    if torch.cuda.is_available() is False:
+        os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
+    try:
+        import sparsify.sparse_coder as sc
+        from sparsify import SparseCoder, SparseCoderConfig
+        from sparsify.utils import eager_decode
+    except Exception:  # not installed (it is the optional `bench` extra) or broken
+        return None
+    sc.decoder_impl = eager_decode  # never the Triton path on CPU
+    return SparseCoder, SparseCoderConfig
+
+
+def _adam(params) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=1e-4, fused=True)
+
+
+def _steps(d_in: int, d_sae: int, k: int, batch: int) -> tuple[dict[str, Callable[[], object]], list[str]]:
+    import splinterp as sp
+
+    notes: list[str] = []
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, d_in, generator=gen)
+    cases: dict[str, Callable[[], object]] = {}
+
+    W = sp.make_sae(d_in, d_sae, "topk", k).W_enc.detach().clone()
+    cases["floor"] = lambda: x @ W
+
+    def sae_step(dense: bool) -> Callable[[], object]:
+        sae = sp.make_sae(d_in, d_sae, "topk", k, seed=1)
+        opt = _adam(sae.parameters())
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            loss = (sae(x, dense=dense) - x).pow(2).sum(-1).mean()
+            loss.backward()
+            opt.step()
+            return loss
+
+        return step
+
+    cases["ours"] = sae_step(dense=False)
+    cases["dense"] = sae_step(dense=True)
+
+    loaded = _load_sparsify()
+    if loaded is None:
+        notes.append("sparsify (eai-sparsify) not installed: `pip install -e .[bench]` to compare with it")
+    else:
+        SparseCoder, SparseCoderConfig = loaded
+        torch.manual_seed(1)
+        coder = SparseCoder(d_in, SparseCoderConfig(k=k, num_latents=d_sae), device="cpu", dtype=torch.float32)
+        opt = _adam(coder.parameters())
+
+        def sparsify_step():
+            opt.zero_grad(set_to_none=True)
+            out = coder(x)
+            out.fvu.backward()
+            opt.step()
+            return out.fvu
+
+        cases["sparsify"] = sparsify_step
+    return cases, notes
+
+
+def profile_ours(d_in: int, d_sae: int, k: int, batch: int, top: int = 8) -> list[str]:
+    """The ops that dominate our step (self CPU time over two steps), as text lines."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cases, _ = _steps(d_in, d_sae, k, batch)
+    step = cases["ours"]
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+        step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    return [
+        f"{e.key}: {e.self_cpu_time_total / 2e3:.1f} ms/step ({100 * e.self_cpu_time_total / total:.0f}%)"
+        for e in events[:top]
+    ]
+
+
+def run(quick: bool = False) -> dict:
+    batch = 1024 if quick else BATCH
+    rounds = 3 if quick else 9
+    rows, notes = [], [f"torch threads: {torch.get_num_threads()}, float32, batch {batch}, Adam(fused=True)"]
+    for d_in, d_sae, k in CONFIGS:
+        tag = f"d_in {d_in}, d_sae {d_sae}, k {k}"
+        cases, extra = _steps(d_in, d_sae, k, batch)
+        notes += extra
+        t = interleaved(cases, rounds=rounds, warmup=1)
+        ms = {name: 1e3 * median(ts) for name, ts in t.items()}
+        r = round_ratios(t, "ours", "floor")
+        rows.append(
+            row(
+                f"{tag}: our train step",
+                r,
+                "x @ W_enc (dense encoder matmul)",
+                value=ms["ours"],
+                baseline_value=ms["floor"],
+                target="<= 1.3",
+                ok=r <= 1.3,
+            )
+        )
+        r = round_ratios(t, "dense", "ours")
+        rows.append(
+            row(f"{tag}: plain dense train step", r, "our train step", value=ms["dense"], baseline_value=ms["ours"])
+        )
+        if "sparsify" in t:
+            r = round_ratios(t, "sparsify", "ours")
+            rows.append(
+                row(
+                    f"{tag}: sparsify SparseCoder train step",
+                    r,
+                    "our train step",
+                    value=ms["sparsify"],
+                    baseline_value=ms["ours"],
+                    target=">= 2",
+                    ok=r >= 2,
+                )
+            )
+        del cases
+        if not quick and rows[-3 if "sparsify" in t else -2]["ok"] is False:
+            notes.append(f"{tag}: profile of our step: " + "; ".join(profile_ours(d_in, d_sae, k, batch)))
+    return {"name": "train_step", "rows": rows, "notes": notes}
