@@ -131,6 +131,32 @@ class MetricAccumulator:
         self.n += b
         return self
 
+    def merge(self, other: MetricAccumulator) -> MetricAccumulator:
+        """Add the rows `other` saw (e.g. another process's share): the same metrics as one stream over
+        both, up to rounding. Moments merge by Chan et al.'s parallel update."""
+        if not isinstance(other, MetricAccumulator):
+            raise TypeError(f"can only merge a MetricAccumulator, got {type(other).__name__}")
+        if other.n == 0:
+            return self
+        if self.n == 0:
+            for k, v in vars(other).items():
+                setattr(self, k, v.clone() if isinstance(v, torch.Tensor) else v)
+            return self
+        if other.d_in != self.d_in or other.d_sae != self.d_sae:
+            raise ShapeError(f"cannot merge accumulators of (d_in, d_sae) = {(other.d_in, other.d_sae)} into "
+                             f"{(self.d_in, self.d_sae)}")
+        n0, n1 = self.n, other.n
+        tot = n0 + n1
+        delta = other._mean.to(self._mean.device) - self._mean
+        self._m2 += other._m2 + float((delta ** 2).sum()) * n0 * n1 / tot
+        self._mean = self._mean + delta * (n1 / tot)
+        for k in ("_sse", "_cos", "_l2r", "_l2r_n", "_xhat2", "_xdot", "_l0", "_l1"):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+        if self._fires is not None:
+            self._fires = self._fires + other._fires.to(self._fires.device)
+        self.n = tot
+        return self
+
     def feature_density(self) -> torch.Tensor:
         """Fraction of rows on which each latent is non-zero [d_sae] (float64)."""
         if self._fires is None:
@@ -284,6 +310,17 @@ def evaluate(model: Any, X, batch_size: int = 4096, device: str | torch.device |
     X: a tensor / array [N, d_in], or an iterable of such batches. Batches are moved to `device`
     (default: the model's device, else X's); the model itself is not moved.
     """
+    acc = accumulate(model, X, batch_size, device)
+    out: dict[str, Any] = acc.compute()
+    if return_density:
+        out["feature_density"] = acc.feature_density()
+    return out
+
+
+@torch.no_grad()
+def accumulate(model: Any, X, batch_size: int = 4096, device: str | torch.device | None = None) -> MetricAccumulator:
+    """The `MetricAccumulator` that `evaluate` computes from (same arguments), e.g. to `merge` the
+    shares of several processes before `compute`."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     d_in = _model_attr(model, "d_in")
@@ -303,13 +340,10 @@ def evaluate(model: Any, X, batch_size: int = 4096, device: str | torch.device |
         z = model.encode(x)  # handed back to decode as the model made it (tensor or array)
         x_hat = as_tensor(model.decode(z), "reconstruction")
         acc.update(x, x_hat, as_tensor(z, "codes"))
-    out: dict[str, Any] = acc.compute()
-    if return_density:
-        out["feature_density"] = acc.feature_density()
-    return out
+    return acc
 
 
 __all__ = [
-    "MetricAccumulator", "cossim", "dead_features", "evaluate", "explained_variance", "feature_density",
+    "MetricAccumulator", "accumulate", "cossim", "dead_features", "evaluate", "explained_variance", "feature_density",
     "frac_alive", "fvu", "l0", "l1", "l2_ratio", "mse", "relative_reconstruction_bias",
 ]

@@ -5,6 +5,8 @@ the start of the epoch, batches done) pair pins the data position exactly. An it
 of tensors, a DataLoader, a streamed activation cache) is iterated once per epoch; if it has
 ``set_epoch(epoch)`` that is called first (the DistributedSampler convention), and a resumed epoch skips
 the batches already done. Its order must then be a function of the epoch for a bit-identical resume.
+If it also has ``sequential(batch_size)`` (e.g. `splinterp.distributed.CacheBatches`), full passes
+(decoder statistics, evaluation) use that: every row once, unshuffled.
 """
 
 from __future__ import annotations
@@ -77,7 +79,8 @@ class BatchSource:
                 yield self.tensor[s:s + batch_size].to(self.device, non_blocking=True)
             return
         seen = 0
-        for i, x in enumerate(self.iterable):
+        rows = self.iterable.sequential(batch_size) if hasattr(self.iterable, "sequential") else self.iterable
+        for i, x in enumerate(rows):
             seen += 1
             yield self._check(x, i)
         if seen == 0:

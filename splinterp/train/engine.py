@@ -117,6 +117,9 @@ class Trainer:
     def extra_loss(self) -> torch.Tensor | None:
         return None
 
+    def after_backward(self, x: torch.Tensor) -> None:
+        """Hook between backward and gradient clipping (splinterp.distributed averages gradients here)."""
+
     def extra_tensors(self) -> dict[str, Any]:
         return {}
 
@@ -146,6 +149,7 @@ class Trainer:
             loss = loss + extra
             parts = {**parts, "prox": extra.detach()}
         loss.backward()
+        self.after_backward(x)
         if self.cfg.grad_clip is not None and self.clip_params:
             torch.nn.utils.clip_grad_norm_(self.clip_params, self.cfg.grad_clip)
         self.opt.step()
@@ -159,7 +163,7 @@ class Trainer:
         out: dict[str, Any] = {}
         bs = self.cfg.eval_batch_size
         if self.cfg.eval_train:
-            data = self.src.tensor if self.src.tensor is not None else self.src.iterable
+            data = self.src.tensor if self.src.tensor is not None else self.src.sequential(bs)
             for k, v in metrics.evaluate(self.sae, data, batch_size=bs, device=self.device).items():
                 out[f"train_{k}"] = v
         if self.eval_data is not None:
@@ -230,6 +234,7 @@ class Trainer:
         self.run_count = int(st["run_count"])
         self.wall_time, self.epoch_time_acc = float(st["wall_time"]), float(st["epoch_time_acc"])
         self.history = History.from_dict(st["history"])
+        self.history.config = {"trainer": self.cfg.to_dict(), "sae": self.sae.cfg.to_dict()}  # e.g. new epochs
         log.info("resumed from %s (epoch %d, batch %d, step %d)", cp.path, self.epoch, self.batch, self.step)
 
     @staticmethod

@@ -58,10 +58,14 @@ class PAMTrainer(Trainer):
         for x in self.src.sequential(c.decoder_batch_size):
             vals, idx = sae.encode_sparse(x)  # TopK: k (value, index) pairs per row, never the dense code
             acc.update(SparseCodes(vals, idx, sae.cfg.d_sae), x)
+        self.reduce_decoder_statistics(acc)
         W, b = acc.solve(c.alpha, c.beta, c.mu_dec, c.nu_dec, W_prev=sae.W_dec, b_prev=sae.b_dec,
                          out_dtype=sae.dtype)
         sae.W_dec.copy_(W)
         sae.b_dec.copy_(b)
+
+    def reduce_decoder_statistics(self, acc: DecoderAccumulator) -> None:
+        """Hook before the solve: combine the statistics of every process (splinterp.distributed)."""
 
     def before_sgd(self, resumed_mid_epoch: bool) -> None:
         if resumed_mid_epoch:
