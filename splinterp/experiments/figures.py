@@ -9,7 +9,6 @@ fraction of probe points whose polygon agrees with the point-wise rule, which mu
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -84,17 +83,21 @@ def lifting(out_dir: Path, quick: bool, seed: int, device: str) -> dict:
     return {"K": K, "heights": L[:, 2].round(4).tolist(), "nearest_lifted_equals_power_cell": agree}
 
 
-@register("llm_projection", "PCA of real MiniLM layer-3 activations (offline text) coloured by TopK-SAE region "
-          "and by most active latent; hover shows token, region and active latents",
+@register("llm_projection", "PCA of real MiniLM activations (offline text, middle block) coloured by TopK-SAE "
+          "region and by most active latent; hover shows token, context, region and active latents",
           outputs=["llm_pca_regions.html", "llm_pca_top_latent_3d.html", "llm_pca_top_latent.png"],
-          quick_seconds=35)
+          quick_seconds=20)
 def llm_projection(out_dir: Path, quick: bool, seed: int, device: str) -> dict:
-    from splinterp import SAE, SAEConfig
-    from splinterp.data.cache import Standardizer
-    from splinterp.data.harvest import harvest
-    from splinterp.data.text import offline_texts
+    """Uses the LLM jobs' shared activation cache and per-layer SAE store (`experiments.e3_llm`), so the
+    harvest and the SAE are made once per output folder whichever LLM job runs first."""
+    from splinterp.experiments.e3_llm import (
+        LayerSAEConfig,
+        LLMContext,
+        LLMDataConfig,
+        layer_sae_name,
+        train_layers_sae,
+    )
     from splinterp.geometry import region_stats
-    from splinterp.train import SGDConfig, train_sgd
     from splinterp.viz.llm import (
         activation_projection,
         plot_activation_projection,
@@ -102,31 +105,27 @@ def llm_projection(out_dir: Path, quick: bool, seed: int, device: str) -> dict:
         points_from_cache,
     )
 
-    n_texts, epochs, n_points = (30, 3, 1500) if quick else (400, 20, 4000)
-    layer = 3
-    with tempfile.TemporaryDirectory(prefix="splinterp_llm_") as tmp:
-        cache = harvest(None, offline_texts(n_texts, seed=seed), layers=[layer], out=Path(tmp) / "cache",
-                        device=device, seed=seed, progress=False)
-        X_train = cache.load(layer, split="train")
-        std = Standardizer.fit(X_train)
-        sae = SAE(SAEConfig(d_in=cache.d_model, d_sae=256, architecture="topk", k=8, seed=seed, device=device))
-        hist = train_sgd(sae, std.transform(X_train),
-                         SGDConfig(epochs=epochs, batch_size=128, lr=2e-3, seed=seed, eval_train=quick is False,
-                                   progress=False))
-        X, toks, ctx = points_from_cache(cache, layer, n=n_points, split=None, seed=seed)
-    Xs = std.transform(X).to(sae.dtype)
-    sae.eval()
-    p_region = activation_projection(Xs, sae, tokens=toks, contexts=ctx, color_by="region", dims=2, seed=seed)
+    ctx = LLMContext(out_dir, LLMDataConfig.preset(quick), seed=seed, device=device)
+    layer = ctx.pick_layer(None)
+    lcfg = LayerSAEConfig.preset(quick)
+    sae_cfg, train_cfg = lcfg.configs(ctx.d_model, seed, device)
+    trained = train_layers_sae(ctx, [layer], sae_cfg, train_cfg, name=layer_sae_name([layer], lcfg.architecture),
+                               eval_every=lcfg.eval_every)
+    sae = trained.sae.cpu().eval()
+    X, toks, ctx_txt = points_from_cache(ctx.cache, layer, n=1500 if quick else 4000, split="test", seed=seed)
+    Xs = ctx.standardizer(layer).transform(X).to(sae.dtype)
+    kw = dict(tokens=toks, contexts=ctx_txt, seed=seed)
+    p_region = activation_projection(Xs, sae, color_by="region", dims=2, **kw)
     write_html(plot_activation_projection(None, projection=p_region), out_dir / "llm_pca_regions.html")
-    p_top = activation_projection(Xs, sae, tokens=toks, contexts=ctx, color_by="top_latent", dims=3, seed=seed)
-    write_html(plot_activation_projection(None, projection=p_top), out_dir / "llm_pca_top_latent_3d.html")
-    p_top2 = activation_projection(Xs, sae, tokens=toks, contexts=ctx, color_by="top_latent", dims=2, seed=seed)
+    p_top3 = activation_projection(Xs, sae, color_by="top_latent", dims=3, **kw)
+    write_html(plot_activation_projection(None, projection=p_top3), out_dir / "llm_pca_top_latent_3d.html")
+    p_top2 = activation_projection(Xs, sae, color_by="top_latent", dims=2, **kw)
     save_png(plot_activation_projection_static(None, projection=p_top2), out_dir / "llm_pca_top_latent.png")
     stats = region_stats(sae, Xs)
-    return {"n_tokens_cached": cache.n_tokens, "n_points": int(Xs.shape[0]), "layer": layer,
-            "train_mse_last": hist.last.get("train_mse"), "n_regions": stats["n_regions"],
-            "largest_region_frac": stats["largest_region_frac"], "singleton_frac": stats["singleton_frac"],
-            "pca_explained": p_region.explained.round(4).tolist()}
+    return {"layer": layer, "n_points": int(Xs.shape[0]), "sae": f"topk d_sae={sae.cfg.d_sae} k={sae.cfg.k}",
+            "sae_reused": trained.reused, "test_fvu": trained.final[str(layer)].get("fvu"),
+            "n_regions": stats["n_regions"], "largest_region_frac": stats["largest_region_frac"],
+            "singleton_frac": stats["singleton_frac"], "pca_explained": p_region.explained.round(4).tolist()}
 
 
 def _toy_topk_sae(X: torch.Tensor, d_sae: int, k: int, seed: int, device: str, epochs: int):
