@@ -1,0 +1,263 @@
+"""The `splinterp` command line and the job registry: list, reproduce/figure (outputs, results.json, summary,
+output-folder rules, failing jobs), geometry (every data format), train, and clear errors for bad args."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import splinterp
+from splinterp.cli import RESULTS, SUMMARY, main
+from splinterp.errors import ConfigError
+from splinterp.experiments import registry
+
+
+@pytest.fixture
+def temp_job():
+    """Register throw-away jobs for a test and remove them afterwards."""
+    added = []
+
+    def add(name, fn, outputs=()):
+        registry.register(name, f"test job {name}", outputs=outputs, quick_seconds=1)(fn)
+        added.append(name)
+
+    yield add
+    for n in added:
+        registry._JOBS.pop(n, None)
+
+
+def _write_ok(out_dir, quick, seed, device):
+    (out_dir / "t_ok.txt").write_text(f"{quick} {seed} {device}")
+    return {"value": np.float32(1.5), "arr": np.arange(3), "t": torch.tensor(2.0), "nan": float("nan")}
+
+
+def _boom(out_dir, quick, seed, device):
+    raise RuntimeError("boom")
+
+
+def _forgets_output(out_dir, quick, seed, device):
+    return {}
+
+
+# --------------------------------------------------------------------------------------------- list
+def test_list_shows_registered_jobs(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("power_diagrams", "lifting", "sae_power_cells", "mnist_slices", "llm_projection"):
+        assert name in out
+    assert main(["list", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["lifting"]["outputs"] == ["lift_fig7.png", "lift_fig7.html"]
+
+
+def test_python_dash_m_runs_the_cli():
+    r = subprocess.run([sys.executable, "-m", "splinterp", "list"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "power_diagrams" in r.stdout
+
+
+def test_no_command_is_an_argparse_error():
+    with pytest.raises(SystemExit) as e:
+        main([])
+    assert e.value.code == 2
+
+
+# ------------------------------------------------------------------------------------------ reproduce
+def test_reproduce_quick_writes_what_the_registry_declares(tmp_path, capsys):
+    out = tmp_path / "new" / "out"
+    assert main(["reproduce", "--quick", "--out", str(out), "--only", "power_diagrams", "--no-progress"]) == 0
+    job = registry.get("power_diagrams")
+    for o in job.outputs:
+        assert (out / o).is_file() and (out / o).read_bytes()[:4] == b"\x89PNG"
+    res = json.loads((out / RESULTS).read_text())
+    entry = res["jobs"]["power_diagrams"]
+    assert entry["status"] == "ok" and entry["quick"] is True and entry["seed"] == 0
+    assert entry["results"]["fig6_power_order2_polygon_agreement"] == 1.0
+    assert "power_diagrams" in (out / SUMMARY).read_text()
+    assert "ran 1 job" in capsys.readouterr().out
+    assert not list(out.glob(".*.tmp"))  # no temporary files left behind
+
+
+def test_reproduce_merges_into_its_own_folder_and_refuses_others(tmp_path, temp_job, capsys):
+    temp_job("t_ok", _write_ok, ["t_ok.txt"])
+    temp_job("t_ok2", lambda o, q, s, d: {"x": 1}, [])
+    out = tmp_path / "o"
+    assert main(["figure", "t_ok", "--out", str(out), "--seed", "3", "--no-progress"]) == 0
+    assert (out / "t_ok.txt").read_text() == "False 3 cpu"
+    res = json.loads((out / RESULTS).read_text())["jobs"]["t_ok"]
+    assert res["results"] == {"value": 1.5, "arr": [0, 1, 2], "t": 2.0, "nan": None}
+    # a folder written by reproduce is reused: results merge
+    assert main(["reproduce", "--only", "t_ok2", "--out", str(out), "--no-progress"]) == 0
+    jobs = json.loads((out / RESULTS).read_text())["jobs"]
+    assert set(jobs) == {"t_ok", "t_ok2"}
+    # any other non-empty folder is refused unless --force
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "precious.txt").write_text("keep")
+    capsys.readouterr()
+    assert main(["figure", "t_ok", "--out", str(other), "--no-progress"]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert main(["figure", "t_ok", "--out", str(other), "--force", "--no-progress"]) == 0
+    assert (other / "precious.txt").read_text() == "keep"
+    f = tmp_path / "afile"
+    f.write_text("x")
+    assert main(["figure", "t_ok", "--out", str(f), "--no-progress"]) == 2
+
+
+def test_failing_job_does_not_stop_the_others(tmp_path, temp_job, capsys):
+    temp_job("t_boom", _boom)
+    temp_job("t_forget", _forgets_output, ["t_forget.png"])
+    temp_job("t_ok", _write_ok, ["t_ok.txt"])
+    out = tmp_path / "o"
+    assert main(["reproduce", "--out", str(out), "--only", "t_boom", "t_forget", "t_ok", "--no-progress"]) == 1
+    jobs = json.loads((out / RESULTS).read_text())["jobs"]
+    assert jobs["t_boom"]["status"] == "failed" and "boom" in jobs["t_boom"]["error"]
+    assert jobs["t_forget"]["status"] == "failed" and "t_forget.png" in jobs["t_forget"]["error"]
+    assert jobs["t_ok"]["status"] == "ok"
+    assert "failed" in capsys.readouterr().err
+    assert "**Failed:**" in (out / SUMMARY).read_text()
+
+
+def test_bad_reproduce_args(tmp_path, capsys):
+    assert main(["reproduce", "--only", "no_such_job", "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown job 'no_such_job'" in err and "power_diagrams" in err
+    assert main(["reproduce", "--device", "cuda:7" if torch.cuda.is_available() else "cuda",
+                 "--out", str(tmp_path / "b")]) == 2
+    assert "CUDA" in capsys.readouterr().err or "cuda" in capsys.readouterr().err.lower()
+    assert main(["reproduce", "--device", "banana", "--out", str(tmp_path / "c")]) == 2
+    assert main(["figure", "nope", "--out", str(tmp_path / "d")]) == 2
+    with pytest.raises(SystemExit):
+        main(["reproduce", "--seed", "abc"])
+    with pytest.raises(SystemExit):
+        main(["reproduce", "--plotlyjs", "sometimes"])
+
+
+# ------------------------------------------------------------------------------------------- registry
+def test_registry_rules(temp_job):
+    temp_job("t_ok", _write_ok, ["t_ok.txt"])
+    with pytest.raises(ConfigError, match="already registered"):
+        registry.register("t_ok", "again", [])(_boom)
+    with pytest.raises(ConfigError, match="already belong"):
+        registry.register("t_other", "clash", ["t_ok.txt"])(_boom)
+    for bad in (["../escape.png"], ["/abs.png"], ["results.json"], ["a.png", "a.png"]):
+        with pytest.raises(ConfigError):
+            registry.register("t_bad", "bad", bad)
+    with pytest.raises(ConfigError):
+        registry.register("bad name!", "x", [])
+    with pytest.raises(ConfigError, match="unknown job"):
+        registry.get("definitely_not_a_job")
+    with pytest.raises(ConfigError, match="cannot be written as JSON"):
+        registry.to_jsonable({"a": object()})
+    assert registry.to_jsonable({"p": np.float64("inf"), 1: (np.int64(2), True)}) == {"p": None, "1": [2, True]}
+
+
+def test_load_all_imports_every_experiment_module():
+    jobs = registry.load_all()
+    mods = {j.module for j in jobs.values()}
+    assert "splinterp.experiments.figures" in mods
+    assert registry.load_errors() == {}, registry.load_errors()
+
+
+# ------------------------------------------------------------------------------------------- geometry
+@pytest.fixture
+def saved_sae(tmp_path):
+    sae = splinterp.SAE(splinterp.SAEConfig(d_in=6, d_sae=24, architecture="topk", k=3, seed=0))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.3)
+    folder = tmp_path / "sae"
+    splinterp.save(sae, folder)
+    return sae, folder
+
+
+def test_geometry_report_on_every_data_format(tmp_path, saved_sae, capsys):
+    from safetensors.torch import save_file
+
+    from splinterp.geometry import region_stats
+
+    sae, folder = saved_sae
+    X = torch.randn(300, 6)
+    want = region_stats(sae, X)
+    np.save(tmp_path / "x.npy", X.numpy())
+    torch.save(X, tmp_path / "x.pt")
+    torch.save({"acts": X}, tmp_path / "d.pt")
+    save_file({"acts": X, "other": torch.zeros(2)}, str(tmp_path / "x.safetensors"))
+    for data, extra in [("x.npy", []), ("x.pt", []), ("d.pt", []), ("x.safetensors", ["--key", "acts"])]:
+        assert main(["geometry", str(folder), "--data", str(tmp_path / data), "--json", *extra]) == 0, data
+        rep = json.loads(capsys.readouterr().out)
+        assert rep["n_regions"] == want["n_regions"] and rep["n_rows"] == 300
+        assert rep["l0"] <= 3 and 0 <= rep["frac_alive"] <= 1 and "explained_variance" in rep
+    assert main(["geometry", str(folder), "--data", str(tmp_path / "x.npy"), "--out", str(tmp_path / "r.json"),
+                 "--max-rows", "50"]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["n_rows"] == 50
+    assert "n_regions" in capsys.readouterr().out  # the table
+
+
+def test_geometry_on_an_activation_cache(tmp_path, saved_sae, capsys):
+    from splinterp.data.harvest import write_cache
+
+    _, folder = saved_sae
+    acts = {2: torch.randn(40, 6), 4: torch.randn(40, 6)}
+    write_cache(tmp_path / "cache", acts)
+    assert main(["geometry", str(folder), "--data", str(tmp_path / "cache"), "--layer", "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_rows"] == 40
+    assert main(["geometry", str(folder), "--data", str(tmp_path / "cache")]) == 2  # two layers: which?
+    assert "--layer" in capsys.readouterr().err
+
+
+def test_geometry_bad_args(tmp_path, saved_sae, capsys):
+    _, folder = saved_sae
+    np.save(tmp_path / "wide.npy", np.zeros((5, 7), np.float32))
+    np.save(tmp_path / "cube.npy", np.zeros((5, 6, 2), np.float32))
+    (tmp_path / "x.csv").write_text("1,2")
+    torch.save({"a": torch.zeros(3, 6), "b": torch.zeros(3, 6)}, tmp_path / "two.pt")
+    cases = [
+        ([str(folder), "--data", str(tmp_path / "missing.npy")], "does not exist"),
+        ([str(folder), "--data", str(tmp_path / "wide.npy")], "d_in=6"),
+        ([str(folder), "--data", str(tmp_path / "cube.npy")], "matrix"),
+        ([str(folder), "--data", str(tmp_path / "x.csv")], "unknown format"),
+        ([str(folder), "--data", str(tmp_path / "two.pt")], "--key"),
+        ([str(tmp_path), "--data", str(tmp_path / "wide.npy")], "cfg.json"),
+    ]
+    for argv, msg in cases:
+        assert main(["geometry", *argv]) == 2, argv
+        assert msg in capsys.readouterr().err, (argv, msg)
+    with pytest.raises(SystemExit):
+        main(["geometry", str(folder)])  # --data is required
+
+
+# ---------------------------------------------------------------------------------------------- train
+def test_train_saves_a_loadable_sae(tmp_path, capsys):
+    X = torch.randn(200, 5)
+    np.save(tmp_path / "x.npy", X.numpy())
+    out = tmp_path / "sae"
+    assert main(["train", "--data", str(tmp_path / "x.npy"), "--out", str(out), "--d-sae", "12", "--k", "2",
+                 "--method", "pam_sgd", "--epochs", "2", "--batch-size", "50", "--no-progress"]) == 0
+    sae = splinterp.load(out)
+    assert sae.cfg.d_sae == 12 and sae.cfg.k == 2 and sae.cfg.d_in == 5
+    hist = json.loads((out / "history.json").read_text())
+    assert len(hist["records"]) == 2 and "test_mse" in hist["records"][-1]
+    assert "saved to" in capsys.readouterr().out
+    # the CLI's train -> geometry round trip
+    assert main(["geometry", str(out), "--data", str(tmp_path / "x.npy"), "--json"]) == 0
+
+
+def test_train_bad_args(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.zeros((20, 4), np.float32))
+    base = ["train", "--data", str(tmp_path / "x.npy"), "--out", str(tmp_path / "s"), "--d-sae", "8"]
+    assert main(base + ["--k", "2", "--mu-enc", "0.1"]) == 2
+    assert "pam_sgd" in capsys.readouterr().err
+    assert main(base) == 2
+    assert "--k" in capsys.readouterr().err
+    assert main(base + ["--architecture", "softmax"]) == 2
+    assert main(base + ["--k", "2", "--epochs", "-1"]) == 2
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "f").write_text("x")
+    assert main(["train", "--data", str(tmp_path / "x.npy"), "--out", str(tmp_path / "busy"), "--d-sae", "8",
+                 "--k", "2"]) == 2
+    with pytest.raises(SystemExit):
+        main(["train", "--data", "mnist", "--out", str(tmp_path / "t")])  # --d-sae required
