@@ -64,6 +64,24 @@ class KMeansConfig:
             check_positive_int(self.chunk_size, "chunk_size")
 
 
+def _update_sums(Xc, sums64, counts, active, old, new, k: int, chunk_size: int | None) -> None:
+    """Move the points whose label changed (old -> new, [Ra, N]) between the float64 cluster sums, in place.
+
+    sums64 [R*k, d] and counts [R*k] are indexed by restart * k + cluster; one index_add_ for all restarts.
+    """
+    a, n = (old != new).nonzero(as_tuple=True)
+    if a.numel() == 0:
+        return
+    base = active[a] * k
+    src, dst = base + old[a, n], base + new[a, n]
+    counts += torch.bincount(dst, minlength=counts.numel()) - torch.bincount(src, minlength=counts.numel())
+    step = chunk_rows(Xc.shape[1], chunk_size)
+    for s in range(0, n.numel(), step):
+        x = Xc[n[s : s + step]].double()
+        sums64.index_add_(0, dst[s : s + step], x)
+        sums64.index_add_(0, src[s : s + step], x.neg_())
+
+
 def lloyd(
     Xc: torch.Tensor,
     x_sq: torch.Tensor,
@@ -79,20 +97,34 @@ def lloyd(
     no label changes or the total squared shift is <= tol_abs. An empty cluster is re-seeded at the points
     farthest from their centres (largest first, ties to the lower index), so results are deterministic.
     """
-    R, k, _ = C0.shape
+    R, k, d = C0.shape
     N = Xc.shape[0]
     C = C0.clone()
     n_iter = torch.zeros(R, dtype=torch.long)
     prev = torch.full((R, N), -1, dtype=torch.long, device=Xc.device)
     active = torch.arange(R, device=Xc.device)
+    # CPU: cluster sums are kept in float64 and updated only for the points that changed cluster (few, after
+    # the first iterations). Elsewhere they are recomputed with the deterministic one-hot GEMM.
+    incremental = Xc.device.type == "cpu"
+    sums64 = torch.zeros(R * k, d, dtype=torch.float64) if incremental else None
+    counts_all = torch.zeros(R * k, dtype=torch.long, device=Xc.device)
     bar = tqdm(range(max_iter), desc="k-means", disable=not progress, leave=False)
-    for _ in bar:
+    for it in bar:
         Ca = C[active]
         labels, mind = nearest_centres(Xc, x_sq, Ca, chunk_size)
         n_iter[active.cpu()] += 1
         strict = (labels == prev[active]).all(1)
-        sums, counts = cluster_sums(Xc, labels, k, chunk_size)
-        newC = sums / counts.clamp_min(1).unsqueeze(-1).to(sums.dtype)
+        if not incremental:
+            sums, counts = cluster_sums(Xc, labels, k, chunk_size)
+        elif it == 0:
+            sums, counts = cluster_sums(Xc, labels, k, chunk_size)
+            sums64.view(R, k, d)[active] = sums.double()
+            counts_all.view(R, k)[active] = counts
+        else:
+            _update_sums(Xc, sums64, counts_all, active, prev[active], labels, k, chunk_size)
+            counts = counts_all.view(R, k)[active]
+            sums = sums64.view(R, k, d)[active]
+        newC = (sums / counts.clamp_min(1).unsqueeze(-1).to(sums.dtype)).to(Xc.dtype)
         empty = counts == 0
         if bool(empty.any()):
             for a in empty.any(1).nonzero().flatten().tolist():
