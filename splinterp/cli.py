@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from splinterp.errors import ConfigError, OverwriteError, SplinterpError
+from splinterp.errors import OverwriteError, SplinterpError
 
 log = logging.getLogger("splinterp.cli")
 
@@ -163,21 +163,12 @@ def run_jobs(names: Sequence[str], out: Path, quick: bool, seed: int, device: st
             job = registry.get(name)
             bar.set_postfix_str(name)
             log.info("job %s: %s", name, job.description)
-            registry.seed_everything(seed)
             entry: dict[str, Any] = {"description": job.description, "module": job.module, "quick": quick,
                                      "seed": seed, "device": device, "quick_seconds": job.quick_seconds,
                                      "outputs": list(job.outputs)}
             t0, c0 = time.perf_counter(), time.process_time()
             try:
-                res = job(out, quick, seed, device)
-                if res is None:
-                    res = {}
-                if not isinstance(res, dict):
-                    raise ConfigError(f"job {name} returned {type(res).__name__}, not a dict")
-                entry["results"] = registry.to_jsonable(res, f"{name} result")
-                missing = [o for o in job.outputs if not (out / o).is_file()]
-                if missing:
-                    raise ConfigError(f"job {name} did not write its declared outputs {missing}")
+                entry["results"] = registry.run_job(name, out, quick, seed, device)
                 entry["status"] = "ok"
             except Exception as e:  # noqa: BLE001 - one failing job must not stop the others
                 entry["status"] = "failed"

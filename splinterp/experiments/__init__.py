@@ -3,6 +3,6 @@
 See `splinterp.experiments.registry` for the job contract; `splinterp reproduce` runs every job.
 """
 
-from splinterp.experiments.registry import Job, get, jobs, load_all, load_errors, register
+from splinterp.experiments.registry import Job, get, jobs, load_all, load_errors, register, run_job
 
-__all__ = ["Job", "get", "jobs", "load_all", "load_errors", "register"]
+__all__ = ["Job", "get", "jobs", "load_all", "load_errors", "register", "run_job"]

@@ -164,6 +164,26 @@ def get(name: str) -> Job:
         raise ConfigError(f"unknown job {name!r}; known jobs: {known}") from None
 
 
+def run_job(name: str, out_dir: str | Path, quick: bool = True, seed: int = 0, device: str = "cpu") -> dict:
+    """Run one job the way `splinterp reproduce` does (seeded, declared outputs checked, result made JSON-able)
+    and return its results; raises whatever the job raises. For notebooks and scripts: the CLI adds the
+    output-folder rules, results.json and the summary on top."""
+    job = get(name)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(seed)
+    res = job(out_dir, quick, seed, device)
+    if res is None:
+        res = {}
+    if not isinstance(res, dict):
+        raise ConfigError(f"job {name} returned {type(res).__name__}, not a dict")
+    res = to_jsonable(res, f"{name} result")
+    missing = [o for o in job.outputs if not (out_dir / o).is_file()]
+    if missing:
+        raise ConfigError(f"job {name} did not write its declared outputs {missing}")
+    return res
+
+
 def seed_everything(seed: int) -> None:
     """Seed python's random, numpy's global RNG and torch (CPU and CUDA)."""
     random.seed(seed)
