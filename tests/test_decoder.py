@@ -111,6 +111,8 @@ def test_accumulator_equals_full_batch_and_sparse_equals_dense():
         for a, b in ((0, 1), (1, 40), (40, 41), (41, 97)):
             acc.update(sc[a:b], X[a:b])
         assert acc.n == 97
+        unchecked = DecoderAccumulator(12, 5, method=method).update(sc, X, check=False)
+        torch.testing.assert_close(unchecked.G, acc.G, rtol=1e-12, atol=1e-12)
         W, b = acc.solve(*args, out_dtype=F64)
         torch.testing.assert_close(W, W_full, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(b, b_full, rtol=1e-10, atol=1e-12)

@@ -126,16 +126,23 @@ class DecoderAccumulator:
         return [self._P, self._g_diag, self.S_zx, self.s_z, self.s_x]
 
     # ------------------------------------------------------------------ accumulation
-    def update(self, Z: torch.Tensor | SparseCodes, X: torch.Tensor) -> DecoderAccumulator:
-        """Add a batch: codes Z ([B, d_sae] dense or SparseCodes) and the inputs X [B, d_in] they encode."""
-        X = check_data(X, self.d_in, name="X", allow_empty=True)
+    def update(self, Z: torch.Tensor | SparseCodes, X: torch.Tensor, *, check: bool = True) -> DecoderAccumulator:
+        """Add a batch: codes Z ([B, d_sae] dense or SparseCodes) and the inputs X [B, d_in] they encode.
+
+        `check=False` skips the finiteness scans (for callers that validated the data already).
+        """
+        if check:
+            X = check_data(X, self.d_in, name="X", allow_empty=True)
+        elif X.ndim != 2 or X.shape[1] != self.d_in:
+            raise ShapeError(f"X must be [N, d_in={self.d_in}], got {tuple(X.shape)}")
         n = X.shape[0]
         if isinstance(Z, SparseCodes):
             if Z.d_sae != self.d_sae:
                 raise ShapeError(f"SparseCodes has d_sae={Z.d_sae}, the accumulator d_sae={self.d_sae}")
             if len(Z) != n:
                 raise ShapeError(f"codes have {len(Z)} rows but X has {n}")
-            check_finite(Z.values, "Z.values")
+            if check:
+                check_finite(Z.values, "Z.values")
             sparse = Z
             if self.method == "dense" or (self.method == "auto" and 8 * Z.values.shape[1] > self.d_sae):
                 Z, sparse = Z.to_dense(), None  # wide padded codes: a BLAS Gram matrix is cheaper
@@ -147,7 +154,8 @@ class DecoderAccumulator:
                 Z = Z.to_dense()
             if not Z.is_floating_point():
                 raise DTypeError(f"Z must be floating point, got {Z.dtype}")
-            check_finite(Z, "Z")
+            if check:
+                check_finite(Z, "Z")
             sparse = None
             if self.method != "dense" and n:
                 kmax = int((Z != 0).sum(1).max())
