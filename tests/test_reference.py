@@ -356,3 +356,13 @@ def test_metrics_evaluate_runs_on_reference_models(make):
     model = make().fit(X)
     out = metrics.evaluate(model, X)
     assert out["mse"] == pytest.approx(model.score(X), rel=1e-5)
+
+
+def test_module_conversions_keep_device_and_dtype_in_step():
+    X, _ = blobs()
+    km = KMeansAE(3, seed=0).fit(X)
+    km32 = km.float()
+    assert km32.dtype == torch.float32 and km32.device == torch.device("cpu")
+    assert torch.equal(km32.regions(X.float()), km.labels_)
+    with pytest.raises(DTypeError):
+        km32.encode(X)

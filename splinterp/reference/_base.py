@@ -28,6 +28,11 @@ _BUDGET = 1 << 24
 FIT_DTYPES = (torch.float32, torch.float64)
 
 
+def show_progress(progress: bool | None, work: float) -> bool:
+    """progress=None: show a bar only for big fits (work ~ multiply-adds, > 2e10 is several seconds on a CPU)."""
+    return bool(progress) if progress is not None else work > 2e10
+
+
 def chunk_rows(n_cols: int, chunk_size: int | None = None) -> int:
     """Rows per chunk so that a [rows, n_cols] temporary stays under the memory budget."""
     if chunk_size is not None:
@@ -250,10 +255,12 @@ class ReferenceAE(nn.Module):
     def b_dec(self) -> torch.Tensor:
         raise NotImplementedError
 
-    def _apply(self, fn, recurse=True):  # keep `device` in step with .to()/.cuda()
+    def _apply(self, fn, recurse=True):  # keep `device`/`dtype` in step with .to()/.cuda()/.double()
         out = super()._apply(fn, recurse)
         for b in self.buffers():
             self._device = b.device
+            if b.is_floating_point() and self._dtype is not None:
+                self._dtype = b.dtype
             break
         return out
 

@@ -25,6 +25,7 @@ from splinterp.reference._base import (
     exact_sq_errors,
     kmeans_plusplus,
     nearest_centres,
+    show_progress,
 )
 from splinterp.validation import as_tensor, check_positive_int
 
@@ -47,7 +48,8 @@ class KMeansConfig:
     device: str = "cpu"
     chunk_size: int | None = None
     """Rows per distance chunk; None picks one that keeps temporaries under 64 MiB."""
-    progress: bool = False
+    progress: bool | None = None
+    """tqdm bar over Lloyd iterations; None shows it only for big fits."""
     refine: bool = True
     """Polish the kept restart with batched Hartigan moves (`hartigan_refine`): never worse, usually a little
     better than Lloyd alone. False gives plain Lloyd k-means (what LocalPCAAE at rank 0 does)."""
@@ -230,7 +232,7 @@ class KMeansAE(ReferenceAE):
         seed: int = 0,
         device: str | torch.device = "cpu",
         chunk_size: int | None = None,
-        progress: bool = False,
+        progress: bool | None = None,
         refine: bool = True,
     ):
         cfg = KMeansConfig(n_clusters, n_init, max_iter, tol, init, seed, str(device), chunk_size, progress, refine)
@@ -292,7 +294,8 @@ class KMeansAE(ReferenceAE):
         else:  # random distinct points
             idx = torch.rand(cfg.n_init, N, generator=gen, device=X.device).argsort(1)[:, :k]
             C0 = Xc[idx]
-        C, n_iter = lloyd(Xc, x_sq, C0, cfg.max_iter, tol_abs, cfg.chunk_size, cfg.progress)
+        bar = show_progress(cfg.progress, float(N) * d * k * C0.shape[0] * 30)
+        C, n_iter = lloyd(Xc, x_sq, C0, cfg.max_iter, tol_abs, cfg.chunk_size, bar)
         labels, _ = nearest_centres(Xc, x_sq, C, cfg.chunk_size)
         inertia = torch.stack(
             [

@@ -30,6 +30,7 @@ from splinterp.reference._base import (
     cluster_sums,
     exact_sq_errors,
     nearest_centres,
+    show_progress,
     top_directions,
 )
 from splinterp.reference.kmeans import KMeansAE
@@ -52,7 +53,8 @@ class LocalPCAConfig:
     seed: int = 0
     device: str = "cpu"
     chunk_size: int | None = None
-    progress: bool = False
+    progress: bool | None = None
+    """tqdm bars; None shows them only for big fits."""
 
     def __post_init__(self) -> None:
         check_positive_int(self.n_regions, "n_regions")
@@ -164,7 +166,7 @@ class LocalPCAAE(ReferenceAE):
         seed: int = 0,
         device: str | torch.device = "cpu",
         chunk_size: int | None = None,
-        progress: bool = False,
+        progress: bool | None = None,
     ):
         cfg = LocalPCAConfig(
             n_regions,
@@ -226,7 +228,7 @@ class LocalPCAAE(ReferenceAE):
         return torch.zeros_like(self._offset)
 
     # ------------------------------------------------------------------ fitting
-    def _run(self, Xc, x_sq, means, bases, bar_desc: str):
+    def _run(self, Xc, x_sq, means, bases, bar_desc: str, bar: bool):
         """Alternate assignment / flat fitting from the given flats; returns the final state."""
         cfg = self.cfg
         m, r = cfg.n_regions, cfg.rank
@@ -234,7 +236,7 @@ class LocalPCAAE(ReferenceAE):
         obj = float(exact_sq_errors(Xc, labels, means, bases, coefs, cfg.chunk_size).sum(dtype=torch.float64))
         history = [obj]
         n_iter = 0
-        for _ in tqdm(range(cfg.max_iter), desc=bar_desc, disable=not cfg.progress, leave=False):
+        for _ in tqdm(range(cfg.max_iter), desc=bar_desc, disable=not bar, leave=False):
             means, bases = fit_flats(Xc, labels, err, m, r, cfg.chunk_size)
             n_iter += 1
             new_labels, err, coefs = assign_to_flats(Xc, x_sq, means, bases, cfg.chunk_size)
@@ -287,7 +289,8 @@ class LocalPCAAE(ReferenceAE):
                 starts.append(km.cluster_centers_ - offset)
         best = None
         for i, M0 in enumerate(starts):
-            out = self._run(Xc, x_sq, M0, zero_bases, f"local PCA {i + 1}/{len(starts)}")
+            bar = show_progress(cfg.progress, float(N) * d * m * (1 + r) * 20)
+            out = self._run(Xc, x_sq, M0, zero_bases, f"local PCA {i + 1}/{len(starts)}", bar)
             log.info("local PCA m=%d r=%d restart %d: objective %.6g after %d iterations", m, r, i, out[3], out[5])
             if best is None or out[3] < best[3]:
                 best = out
