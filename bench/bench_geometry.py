@@ -5,7 +5,8 @@
 (b) region_ids on 100k inputs of a TopK SAE (784 -> 4096, k = 32) vs one encode of the same inputs
     (encode is run in the chunks region_ids uses: a dense 100k x 4096 code plus its pre-activations
     would need several GB at once), and region_ids on 1e6 inputs of a small SAE (64 -> 512, k = 8) with
-    its peak memory measured in a fresh subprocess (ru_maxrss delta).
+    its peak memory measured in a fresh subprocess (current RSS sampled every 2 ms, peak minus the RSS
+    before the call).
 
     python bench/bench_geometry.py            # full sizes
     python bench/bench_geometry.py --quick    # small sizes, seconds
@@ -96,21 +97,37 @@ def bench_region_ids(n: int, d_in: int, d_sae: int, k: int, repeat: int) -> dict
 
 
 _MEM_CHILD = r"""
-import json, resource, sys, time, torch
+import json, os, resource, sys, threading, time, torch
 sys.path.insert(0, {here!r})
 from bench_geometry import _topk_sae
 from splinterp.geometry import region_ids
+PAGE = os.sysconf("SC_PAGE_SIZE")
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
 n, d_in, d_sae, k = {args}
 sae = _topk_sae(d_in, d_sae, k)
 X = torch.randn(n, d_in, generator=torch.Generator().manual_seed(2))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = rss()
+peak = [base]
+done = threading.Event()
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], rss())
+        time.sleep(0.002)
+th = threading.Thread(target=sample, daemon=True)
+th.start()
 t, c = time.perf_counter(), time.process_time()
 ids = region_ids(sae, X)
 dt, dc = time.perf_counter() - t, time.process_time() - c
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps(dict(inputs=n, sae=f"topk {{d_in}}->{{d_sae}} k={{k}} float32", region_ids_s=dt, region_ids_cpu_s=dc,
-                      n_regions=int(ids.max()) + 1, input_mb=X.numel() * 4 / 2**20,
-                      peak_rss_delta_mb=(after - before) / 1024, peak_rss_mb=after / 1024)))
+done.set()
+th.join()
+peak[0] = max(peak[0], rss())
+print(json.dumps(dict(inputs=n, sae=f"topk {{d_in}}->{{d_sae}} k={{k}} float32", region_ids_s=dt,
+                      region_ids_cpu_s=dc, n_regions=int(ids.max()) + 1, input_mb=X.numel() * 4 / 2**20,
+                      ids_mb=ids.numel() * 8 / 2**20, rss_before_mb=base / 2**20,
+                      peak_rss_increase_mb=(peak[0] - base) / 2**20,
+                      memory_method="current RSS sampled every 2 ms by a thread, peak minus RSS before")))
 """
 
 

@@ -343,3 +343,15 @@ def test_bad_input_is_named():
             (-3, 3, -3, 3), max_cells=10
         )
     assert pd.is_nonempty([0, 1, 2]) == (False, None)  # wrong size for order 2
+
+
+def test_arrangement_cell_count_is_predicted_exactly():
+    rng = np.random.default_rng(6)
+    G, H = rng.normal(size=(30, 2)), rng.normal(size=30) * 0.3
+    bounds = (-1, 1, -1, 1)
+    masks, polys = c2.arrangement_cells(G, H, bounds)
+    f = c2.box_polygon(bounds) @ G.T + H
+    crossing = (f.min(0) < 0) & (f.max(0) > 0)
+    assert len(polys) == c2.arrangement_cell_bound(G[crossing], H[crossing], bounds)
+    with pytest.raises(ConfigError, match="up to"):
+        c2.arrangement_cells(G, H, bounds, max_cells=len(polys) - 1)

@@ -118,3 +118,10 @@ def test_slice_through_mnist_like_points_many_latents():
     ab = np.column_stack([rng.uniform(b[0], b[1], 2000), rng.uniform(b[2], b[3], 2000)])
     r = sl.regions_at(ab)
     assert (r >= 0).all() and torch.equal(sl.masks[r], active_mask(sae, sl.to_input(ab)))
+
+
+def test_too_many_regions_is_refused_before_the_work():
+    sae = random_sae("relu", d_in=5, d_sae=300, dtype="float64")
+    e = torch.eye(5, dtype=torch.float64)
+    with pytest.raises(ConfigError, match="max_cells"):
+        slice_2d(sae, torch.zeros(5), e[0], e[1], (-3, 3, -3, 3), max_cells=100)

@@ -426,6 +426,25 @@ def _merge_by_key(pv, pn, keys, length, area_tol):
 
 
 # ------------------------------------------------------------------------------------ line arrangements
+def arrangement_cell_bound(G: np.ndarray, H: np.ndarray, bounds) -> int:
+    """Upper bound on the cells of the lines f_i = 0 inside the box: 1 + lines + crossings inside (Euler:
+    a chord that meets j earlier chords adds j + 1 cells; equality in general position). O(m^2), chunked."""
+    x0, x1, y0, y1 = check_bounds(bounds)
+    L = len(H)
+    total = 1 + L
+    step = max(1, _CHUNK_ELEMS // max(L, 1))
+    for s in range(0, L, step):
+        a, c = G[s : s + step, None, :], H[s : s + step, None]
+        det = a[..., 0] * G[None, :, 1] - a[..., 1] * G[None, :, 0]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            px = (a[..., 1] * H[None, :] - c * G[None, :, 1]) / det
+            py = (c * G[None, :, 0] - a[..., 0] * H[None, :]) / det
+        inside = (px > x0) & (px < x1) & (py > y0) & (py < y1)
+        later = np.arange(s, min(s + step, L))[:, None] < np.arange(L)[None, :]
+        total += int((inside & later).sum())
+    return total
+
+
 def arrangement_cells(
     G: np.ndarray,
     H: np.ndarray,
@@ -448,6 +467,12 @@ def arrangement_cells(
     corners = verts[0]
     fc = corners @ G.T + H  # [4, m]: lines that miss the box never split anything
     crossing = np.flatnonzero((fc.min(0) < 0) & (fc.max(0) > 0))
+    bound = arrangement_cell_bound(G[crossing], H[crossing], bounds)
+    if bound > max_cells:
+        raise ConfigError(
+            f"this arrangement has up to {bound} cells in the box (> max_cells={max_cells}); "
+            "use a smaller box or raise max_cells"
+        )
     for i in crossing:
         a, b, c = G[i, 0], G[i, 1], H[i]
         P = verts.shape[0]

@@ -184,11 +184,12 @@ class Slice2D:
 
 @torch.no_grad()
 def slice_2d(
-    sae: SAE, origin, u, v, bounds=(-1.0, 1.0, -1.0, 1.0), *, area_tol: float | None = None, max_cells: int = 2_000_000
+    sae: SAE, origin, u, v, bounds=(-1.0, 1.0, -1.0, 1.0), *, area_tol: float | None = None, max_cells: int = 250_000
 ) -> Slice2D:
     """The exact regions of `sae` on the plane origin + a*u + b*v, (a, b) in the box
     (amin, amax, bmin, bmax). u and v need not be orthonormal (use `plane_through` for a plane through
-    three inputs). Geometry is float64 whatever the SAE's dtype. Raises ConfigError past max_cells."""
+    three inputs). Geometry is float64 whatever the SAE's dtype. Raises ConfigError past max_cells regions
+    (the masks alone take regions * d_sae bytes; relu-type slices are counted before any work is done)."""
     d = sae.cfg.d_in
     o, uu, vv = _vec(origin, d, "origin"), _vec(u, d, "u"), _vec(v, d, "v")
     bounds = cells2d.check_bounds(bounds)
