@@ -1,0 +1,271 @@
+"""Shrinkage: ReLU vs Gated vs JumpReLU vs TopK SAEs at similar L0 on real transformer activations.
+
+The Gated SAE paper's point (Rajamanoharan et al. 2024): an L1 penalty makes a ReLU SAE *shrink* its codes,
+so reconstructions come out too small: the relative reconstruction bias gamma = E|x_hat|^2 / E<x, x_hat>
+(`splinterp.metrics`, SAELens's `relative_reconstruction_bias`) is below 1. Gated and JumpReLU SAEs decide
+*which* latents fire apart from *how much*, and TopK has no magnitude penalty at all, so they should sit at
+gamma ~ 1 and recover more of the model's loss at the same L0.
+
+What is measured, per architecture, over a sweep of its sparsity knob (Pareto sweep):
+- L0, FVU and gamma on the held-out (standardised) tokens of `layer`;
+- loss recovered with the SAE spliced into the model after block `layer` (`splinterp.evals`; the SAE's
+  standardiser is inverted inside the splice). For a causal LM that is `ce_loss_score`. The offline
+  MiniLM has no LM head, so it is **`emb_loss_score`, the sentence-embedding version of loss recovered**:
+  (D_ablation - D_sae) / D_ablation with D the mean squared distance between the clean sentence embedding
+  and the spliced one (1 = the embedding is untouched, 0 = as bad as zero-ablating the layer). It is
+  measured on held-out texts (never harvested for training) and is not comparable with CE numbers.
+"At similar L0": per architecture the sweep point whose L0 is nearest (in log scale) to `target_l0`.
+
+Sparsity knobs: relu `l1_coefficient` (L1 weighted by the decoder row norms, SAELens's standard SAE, so
+the decoder cannot grow to dodge the penalty); gated `l1_coefficient` (its gate L1, with the frozen-decoder
+auxiliary loss); jumprelu the L0 coefficient (straight-through estimator, rectangle kernel of width
+`jumprelu_bandwidth`, raw thresholds); topk `k`. See `splinterp.train.gated` / `splinterp.train.jumprelu`.
+
+API: `ShrinkageConfig` (+ `quick()`, `preset()`), `run_shrinkage(cfg, out_dir)`; job `shrinkage`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from splinterp.atomic import write_json, write_text
+from splinterp.errors import ConfigError
+from splinterp.experiments.e3_llm import LLMContext, LLMDataConfig, train_layers_sae
+from splinterp.experiments.registry import register, to_jsonable
+
+log = logging.getLogger(__name__)
+
+ARCHS = ("relu", "gated", "jumprelu", "topk")
+LOSS_METRICS = ("auto", "embedding", "ce")
+COLORS = {"relu": "#1f77b4", "gated": "#2ca02c", "jumprelu": "#9467bd", "topk": "#d62728", "topk_abs": "#ff7f0e"}
+
+
+def default_sweeps(quick: bool) -> dict[str, tuple[float, ...]]:
+    """Sparsity knob values per architecture (tuned on MiniLM layer 3 so that each sweep spans the TopK L0s)."""
+    if quick:
+        return {"relu": (0.01, 0.03), "gated": (0.005, 0.02), "jumprelu": (0.003, 0.01), "topk": (10, 20)}
+    return {"relu": (0.003, 0.01, 0.03, 0.1), "gated": (0.002, 0.005, 0.02, 0.05),
+            "jumprelu": (0.001, 0.003, 0.01, 0.03), "topk": (8, 16, 32, 64)}
+
+
+@dataclass
+class ShrinkageConfig:
+    """Settings of the shrinkage job. Defaults are the full run; `quick()` is the small preset."""
+
+    data: LLMDataConfig = field(default_factory=LLMDataConfig)
+    layer: int | None = None
+    """Block the SAEs are trained on and spliced after; None = the middle block of the cache."""
+    d_sae: int = 768
+    target_l0: float = 32.0
+    """The L0 at which architectures are compared (the nearest sweep point of each)."""
+    sweeps: dict[str, tuple[float, ...]] = field(default_factory=lambda: default_sweeps(False))
+    """{architecture: sparsity knob values}: l1 (relu, gated), L0 coefficient (jumprelu), k (topk)."""
+    epochs: int = 6
+    batch_size: int = 256
+    lr: float = 1e-3
+    jumprelu_bandwidth: float = 0.05
+    """STE kernel width, on the scale of the pre-activations of standardised inputs (see train.jumprelu)."""
+    jumprelu_init_threshold: float = 0.1
+    loss_metric: str = "auto"
+    """"embedding" (sentence-embedding loss recovered), "ce" (causal LMs) or "auto": CE when the model has
+    an LM head, the embedding version otherwise (the offline MiniLM)."""
+    embedding_distance: str = "mse"
+    eval_every: int = 50
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = set(self.sweeps) - set(ARCHS) - {"topk_abs"}
+        if unknown or not self.sweeps:
+            raise ConfigError(f"sweeps must map architectures among {ARCHS} to values, got {sorted(self.sweeps)}")
+        if self.loss_metric not in LOSS_METRICS:
+            raise ConfigError(f"loss_metric must be one of {LOSS_METRICS}, got {self.loss_metric!r}")
+        if not self.target_l0 > 0:
+            raise ConfigError(f"target_l0 must be > 0, got {self.target_l0!r}")
+
+    @classmethod
+    def quick(cls, **changes: Any) -> ShrinkageConfig:
+        base = cls(data=LLMDataConfig.preset(True), d_sae=256, target_l0=16.0, sweeps=default_sweeps(True),
+                   epochs=4, batch_size=128, lr=2e-3, eval_every=25)
+        return dataclasses.replace(base, **changes)
+
+    @classmethod
+    def preset(cls, quick: bool, seed: int = 0, device: str = "cpu", **changes: Any) -> ShrinkageConfig:
+        c = cls.quick() if quick else cls()
+        return dataclasses.replace(c, seed=seed, device=device, **changes)
+
+
+def sae_and_train_config(arch: str, value: float, d_in: int, d_sae: int, *, epochs: int, batch_size: int, lr: float,
+                         seed: int, device: str, bandwidth: float = 0.05, init_threshold: float = 0.1,
+                         progress: bool = False):
+    """(SAEConfig, SGDConfig) of one sweep point: `value` is k for TopK, the sparsity coefficient otherwise."""
+    import splinterp.train.gated  # noqa: F401  (registers the gated loss)
+    import splinterp.train.jumprelu  # noqa: F401  (registers the jumprelu loss)
+    from splinterp import SAEConfig
+    from splinterp.train import SGDConfig
+
+    kw: dict[str, Any] = {}
+    coef = 0.0
+    loss_kwargs: dict[str, Any] = {}
+    if arch in ("topk", "topk_abs"):
+        kw["k"] = int(value)
+    else:
+        coef = float(value)
+        if arch == "relu":
+            loss_kwargs = {"l1_decoder_norm": True}
+        elif arch == "jumprelu":
+            kw["jumprelu_init_threshold"] = float(init_threshold)
+            loss_kwargs = {"bandwidth": float(bandwidth), "l0_coefficient": coef}
+    sae_cfg = SAEConfig(d_in=d_in, d_sae=d_sae, architecture=arch, seed=seed, device=device, **kw)
+    train_cfg = SGDConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, eval_train=False,
+                          l1_coefficient=coef, loss_kwargs=loss_kwargs, progress=progress)
+    return sae_cfg, train_cfg
+
+
+class LossRecovered:
+    """Loss recovered of SAEs spliced after one block: CE score for causal LMs, embedding score otherwise."""
+
+    def __init__(self, ctx: LLMContext, metric: str = "auto", distance: str = "mse"):
+        from splinterp.data.harvest import load_model
+
+        self.ctx, self.distance = ctx, distance
+        model = ctx.data.model
+        self.kind = metric
+        self.model = self.tok = None
+        if metric in ("auto", "ce") and model is not None:
+            try:
+                self.model, self.tok, _ = load_model(model, ctx.device, causal_lm=True)
+                self.kind = "ce"
+            except ConfigError as e:
+                if metric == "ce":
+                    raise
+                log.warning("%s has no causal-LM head (%s); using the sentence-embedding loss recovered", model, e)
+        elif metric == "ce":
+            raise ConfigError("loss_metric='ce' needs a causal LM; the offline MiniLM has no LM head")
+        if self.model is None:
+            self.model, self.tok, _ = load_model(model, ctx.device)
+            self.kind = "embedding"
+        self.texts = ctx.eval_texts()
+
+    @property
+    def key(self) -> str:
+        return "ce_loss_score" if self.kind == "ce" else "emb_loss_score"
+
+    def __call__(self, sae: Any, layer: int) -> dict[str, Any]:
+        from splinterp.evals import ce_loss_score, embedding_loss_score
+
+        common = dict(texts=self.texts, max_length=self.ctx.data.max_length,
+                      standardizer=self.ctx.standardizer(layer), device=self.ctx.device, seed=self.ctx.seed)
+        sae.eval()
+        if self.kind == "ce":
+            return ce_loss_score(self.model, self.tok, sae, layer, include_kl=True, **common)
+        return embedding_loss_score(self.model, self.tok, sae, layer, metric=self.distance, **common)
+
+
+def _nearest(points: list[dict[str, Any]], target: float) -> dict[str, Any]:
+    return min(points, key=lambda p: abs(math.log(max(p["l0"], 1e-9) / target)))
+
+
+def _md_table(rows: list[dict[str, Any]], loss_key: str) -> str:
+    head = f"| architecture | knob | L0 | FVU | gamma (rel. reconstruction bias) | l2_ratio | {loss_key} |"
+    lines = [head, "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['architecture']} | {r['knob']}={r['value']:g} | {r['l0']:.1f} | {r['fvu']:.3f} | "
+                     f"{r['gamma']:.3f} | {r['l2_ratio']:.3f} | {r['loss_recovered']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_shrinkage(cfg: ShrinkageConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
+    """Train the sweep, measure gamma / L0 / FVU / loss recovered, write the plots and tables."""
+    from matplotlib.figure import Figure
+
+    from splinterp.viz.output import save_png
+
+    out_dir = Path(out_dir)
+    ctx = LLMContext(out_dir, cfg.data, seed=cfg.seed, device=cfg.device, progress=cfg.progress)
+    cfg = dataclasses.replace(cfg, layer=ctx.pick_layer(cfg.layer))
+    lr_eval = LossRecovered(ctx, cfg.loss_metric, cfg.embedding_distance)
+    points: dict[str, list[dict[str, Any]]] = {}
+    for arch, values in cfg.sweeps.items():
+        for v in values:
+            sae_cfg, train_cfg = sae_and_train_config(
+                arch, v, ctx.d_model, cfg.d_sae, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                seed=cfg.seed, device=cfg.device, bandwidth=cfg.jumprelu_bandwidth,
+                init_threshold=cfg.jumprelu_init_threshold, progress=cfg.progress)
+            t = train_layers_sae(ctx, [cfg.layer], sae_cfg, train_cfg, name=f"{arch}_L{cfg.layer}_{v:g}",
+                                 eval_every=cfg.eval_every)
+            m = t.final[str(cfg.layer)]
+            lr_res = lr_eval(t.sae, cfg.layer)
+            p = {"architecture": arch, "knob": "k" if arch.startswith("topk") else
+                 ("l0_coefficient" if arch == "jumprelu" else "l1_coefficient"), "value": float(v),
+                 "l0": m["l0"], "fvu": m["fvu"], "gamma": m["relative_reconstruction_bias"],
+                 "l2_ratio": m["l2_ratio"], "dead_features": m["dead_features"],
+                 "loss_recovered": lr_res[lr_eval.key], "loss_eval": {k: v2 for k, v2 in lr_res.items()},
+                 "train_seconds": t.train_seconds, "reused": t.reused}
+            log.info("shrinkage %s %s=%g: l0 %.1f fvu %.3f gamma %.3f %s %.3f", arch, p["knob"], v, p["l0"],
+                     p["fvu"], p["gamma"], lr_eval.key, p["loss_recovered"])
+            points.setdefault(arch, []).append(p)
+    matched = [_nearest(pts, cfg.target_l0) for pts in points.values()]
+    all_rows = [p for pts in points.values() for p in pts]
+    # figures: Pareto (L0 vs loss recovered, L0 vs FVU), shrinkage (gamma vs L0 + matched bars)
+    fig = Figure(figsize=(11, 4))
+    ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for arch, pts in points.items():
+        pts = sorted(pts, key=lambda p: p["l0"])
+        xs = [p["l0"] for p in pts]
+        ax1.plot(xs, [p["loss_recovered"] for p in pts], marker="o", color=COLORS.get(arch), label=arch)
+        ax2.plot(xs, [p["fvu"] for p in pts], marker="o", color=COLORS.get(arch), label=arch)
+    ax1.set(xscale="log", xlabel="L0 (held-out tokens)", ylabel=lr_eval.key,
+            title=f"loss recovered vs L0 (layer {cfg.layer})")
+    ax2.set(xscale="log", yscale="log", xlabel="L0", ylabel="FVU (held-out tokens)", title="FVU vs L0")
+    for ax in (ax1, ax2):
+        ax.axvline(cfg.target_l0, color="0.6", ls=":", lw=1)
+        ax.legend()
+    fig.tight_layout()
+    save_png(fig, out_dir / "shrinkage_pareto.png")
+    fig = Figure(figsize=(11, 4))
+    ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for arch, pts in points.items():
+        pts = sorted(pts, key=lambda p: p["l0"])
+        ax1.plot([p["l0"] for p in pts], [p["gamma"] for p in pts], marker="o", color=COLORS.get(arch), label=arch)
+    ax1.axhline(1.0, color="k", lw=0.8)
+    ax1.set(xscale="log", xlabel="L0", ylabel="gamma = E|x_hat|^2 / E<x, x_hat>",
+            title="shrinkage (gamma < 1 = shrunk)")
+    ax1.legend()
+    names = [f"{r['architecture']}\nL0={r['l0']:.0f}" for r in matched]
+    ax2.bar(names, [r["gamma"] for r in matched], color=[COLORS.get(r["architecture"]) for r in matched])
+    ax2.axhline(1.0, color="k", lw=0.8)
+    lo = min(r["gamma"] for r in matched)
+    ax2.set(ylim=(min(0.9 * lo, 0.95), max(1.05, 1.02 * max(r["gamma"] for r in matched))),
+            ylabel="gamma", title=f"at L0 near {cfg.target_l0:g}")
+    fig.tight_layout()
+    save_png(fig, out_dir / "shrinkage_gamma.png")
+    md = (f"Layer {cfg.layer}, d_sae {cfg.d_sae}, held-out tokens; loss recovered = `{lr_eval.key}`"
+          f"{' (sentence-embedding version)' if lr_eval.kind == 'embedding' else ''}.\n\n"
+          f"At L0 near {cfg.target_l0:g}:\n\n" + _md_table(matched, lr_eval.key)
+          + "\nFull sweep (Pareto):\n\n" + _md_table(sorted(all_rows, key=lambda r: (r["architecture"], r["l0"])),
+                                                    lr_eval.key))
+    write_text(out_dir / "shrinkage_table.md", md)
+    res = {"layer": cfg.layer, "d_sae": cfg.d_sae, "target_l0": cfg.target_l0, "loss_metric": lr_eval.key,
+           "model": cfg.data.model or "minilm", "matched": matched, "sweep": all_rows,
+           "config": dataclasses.asdict(cfg)}
+    write_json(out_dir / "shrinkage.json", to_jsonable(res))
+    return res
+
+
+@register("shrinkage", "Shrinkage: relu vs gated vs jumprelu vs topk at similar L0 on MiniLM activations: gamma "
+      "(relative reconstruction bias), L0, FVU, loss recovered (sentence-embedding version); Pareto sweep",
+      outputs=["shrinkage.json", "shrinkage_table.md", "shrinkage_pareto.png", "shrinkage_gamma.png"],
+      quick_seconds=40)
+def shrinkage_job(out_dir: Path, quick: bool, seed: int, device: str) -> dict:
+    res = run_shrinkage(ShrinkageConfig.preset(quick, seed, device), out_dir)
+    return {"loss_metric": res["loss_metric"], "target_l0": res["target_l0"],
+            "matched": {r["architecture"]: {k: r[k] for k in ("value", "l0", "fvu", "gamma", "loss_recovered")}
+                        for r in res["matched"]}}

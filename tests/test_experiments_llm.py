@@ -1,0 +1,249 @@
+"""LLM experiment jobs end to end on tiny settings: E3, shrinkage, Group-SAE, transfer, geometry, the shared
+cache and SAE store, and the `model` path with a random GPT-2 saved to a folder."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from splinterp.errors import ConfigError  # noqa: E402
+from splinterp.experiments import registry  # noqa: E402
+from splinterp.experiments.e3_llm import (  # noqa: E402
+    E3Config,
+    LayerSAEConfig,
+    LLMContext,
+    LLMDataConfig,
+    SAEStore,
+    main,
+    offline_cache,
+    run_e3,
+    sae_train_flops,
+    train_layers_sae,
+)
+from splinterp.experiments.group_sae import GroupSAEConfig, run_group_sae  # noqa: E402
+from splinterp.experiments.llm_geometry import GeometryConfig, geometry_row, run_llm_geometry  # noqa: E402
+from splinterp.experiments.shrinkage import ShrinkageConfig, run_shrinkage  # noqa: E402
+from splinterp.experiments.transfer import TransferConfig, run_transfer  # noqa: E402
+
+TINY = LLMDataConfig(n_texts=8, n_eval_texts=2, max_length=24, test_frac=0.25, split_unit="token", max_test_tokens=48,
+                     harvest_batch_size=8)
+TINY_SAE = LayerSAEConfig(d_sae=16, k=4, epochs=1, batch_size=32, lr=3e-3, eval_every=2)
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    return tmp_path_factory.mktemp("llm_out")
+
+
+@pytest.fixture(scope="module")
+def ctx(out):
+    return LLMContext(out, TINY, seed=0)
+
+
+def test_offline_cache_is_harvested_once(out, ctx, monkeypatch):
+    import sys
+
+    hv = sys.modules["splinterp.data.harvest"]  # (splinterp.data.harvest the attribute is the function)
+
+    def boom(*a, **k):
+        raise AssertionError("harvested again")
+
+    monkeypatch.setattr(hv, "harvest", boom)
+    again = offline_cache(out, data=TINY, seed=0)
+    assert again.folder == ctx.cache.folder and again.layers == list(range(6))
+    other = dataclasses.replace(TINY, n_texts=9)
+    with pytest.raises(AssertionError, match="harvested again"):  # a different key is a different cache
+        offline_cache(out, data=other, seed=0)
+
+
+def test_context_standardises_on_train_split(ctx):
+    X = ctx.test(2)
+    assert X.shape[1] == 384 and 0 < X.shape[0] <= 48
+    assert ctx.pick_layer(None) == 3 and ctx.pick_layer(1) == 1
+    with pytest.raises(ConfigError):
+        ctx.pick_layer(7)
+    tr = ctx.train(2)
+    assert tr.mean(0).abs().max() < 1e-4  # fitted on exactly these rows
+
+
+def test_store_reuses_trained_saes(ctx):
+    sae_cfg, train_cfg = TINY_SAE.configs(384, 0, "cpu")
+    a = train_layers_sae(ctx, [1], sae_cfg, train_cfg, name="topk_L1")
+    b = train_layers_sae(ctx, [1], sae_cfg, train_cfg, name="topk_L1")
+    assert not a.reused and b.reused
+    assert torch.equal(a.sae.W_enc, b.sae.W_enc) and a.curve == b.curve
+    assert a.curve["steps"][0] == 0 and a.curve["steps"][-1] > 0
+    c = train_layers_sae(ctx, [1], sae_cfg, train_cfg.replace(lr=1e-3), name="topk_L1")
+    assert not c.reused  # any setting change is a different SAE
+    assert SAEStore(ctx.store.root, enabled=False).get("topk_L1", a.key) is None
+
+
+def test_flops_estimate():
+    assert sae_train_flops(4, 8, 10) == 3 * 10 * (2 * 4 * 8 + 2 * 4 * 8)
+    assert sae_train_flops(4, 8, 10, active=2) == 3 * 10 * (2 * 4 * 8 + 2 * 4 * 2)
+
+
+def test_e3_tiny(out):
+    cfg = E3Config(data=TINY, layer=1, d_sae=16, k=4, epochs=2, batch_size=32, fractions=(0.5, 1.0),
+                   fraction_epochs=1)
+    res = run_e3(cfg, out)
+    assert set(res["runs"]) == {"topk/sgd", "topk/pam_sgd", "relu/sgd", "relu/pam_sgd"}
+    assert len(res["runs"]["topk/sgd"]["test_mse_curve"]) == 2
+    assert res["runs"]["topk/pam_sgd"]["test_l0"] <= 4
+    assert set(res["relu_pct_nonzero"]) == {"sgd", "pam_sgd"}
+    assert len(res["fractions"]) == 2 * 2 * 2
+    for f in ("e3_llm.json", "e3_llm_curves.png", "e3_llm_training_size.png", "e3_llm_sparsity.png"):
+        assert (out / f).is_file()
+
+
+def test_shrinkage_tiny(out):
+    cfg = ShrinkageConfig(data=TINY, layer=2, d_sae=16, target_l0=4, epochs=1, batch_size=32, eval_every=5,
+                          sweeps={"relu": (0.01,), "gated": (0.01,), "jumprelu": (0.01,), "topk": (2, 4)})
+    res = run_shrinkage(cfg, out)
+    assert res["loss_metric"] == "emb_loss_score"
+    assert [r["architecture"] for r in res["matched"]] == ["relu", "gated", "jumprelu", "topk"]
+    assert next(r for r in res["matched"] if r["architecture"] == "topk")["value"] == 4
+    for r in res["sweep"]:
+        assert r["gamma"] == r["gamma"] and r["loss_eval"]["metric"] == "mse"
+    md = (out / "shrinkage_table.md").read_text()
+    assert "emb_loss_score" in md and "| topk | k=4 |" in md
+    assert (out / "shrinkage_pareto.png").is_file() and (out / "shrinkage_gamma.png").is_file()
+
+
+def test_group_sae_tiny(out):
+    cfg = GroupSAEConfig(data=TINY, sae=TINY_SAE, n_groups=None)
+    res = run_group_sae(cfg, out)
+    assert res["layers"] == [0, 1, 2, 3, 4] and res["dropped_layers"] == [5]
+    assert [r["G"] for r in res["rows"]] == [1, 2, 3, 4, 5]
+    assert res["rows"][-1]["time_saved"] == 0 and res["rows"][0]["flops_saved"] == pytest.approx(1 - 1 / 5)
+    groups = json.loads((out / "group_sae_groups.json").read_text())
+    assert set(k for k in groups if k.isdigit()) == {"1", "2", "3", "4", "5"}
+    assert groups["5"]["amad"] == 0 and groups["1"]["labels"] == [0] * 5
+    assert groups["metadata"]["chosen_G"] == res["chosen_G"]
+    amads = [groups[str(g)]["amad"] for g in range(1, 6)]
+    assert all(a >= b - 1e-12 for a, b in zip(amads, amads[1:]))  # nested partitions: AMAD falls with G here
+    again = run_group_sae(cfg, out)  # everything is in the store now
+    assert again["rows"][0]["mean_fvu"] == res["rows"][0]["mean_fvu"]
+
+
+def test_transfer_tiny(out, ctx):
+    res = run_transfer(TransferConfig(data=TINY, sae=TINY_SAE, targets=(2,)), out)
+    row = res["rows"][0]
+    assert row["layer"] == 2 and row["scratch_steps"] is not None
+    assert set(res["curves"]) == {"L2/scratch", "L2/forward", "L2/backward"}
+    # the transfer run starts from the source layer's trained SAE: its step-0 FVU on layer 2 is that SAE's
+    src = TINY_SAE.train(ctx, [3], seed=0)
+    assert src.reused
+    from splinterp import metrics
+
+    assert row["backward_zero_shot_fvu"] == pytest.approx(metrics.evaluate(src.sae, ctx.test(2))["fvu"], rel=1e-5)
+    assert "| 2 |" in (out / "transfer_table.md").read_text()
+    with pytest.raises(ConfigError):
+        run_transfer(TransferConfig(data=TINY, sae=TINY_SAE, targets=(5,)), out)
+
+
+def test_geometry_tiny(out, ctx):
+    cfg = GeometryConfig(data=TINY, sae=TINY_SAE, layers=(0, 4), arch_layer=2, arch_quick_settings=True,
+                         arch_knobs={"topk": 4, "relu": 0.01, "topk_abs": 4})
+    # the per-architecture SAEs use the shrinkage quick settings; shrink them for the test
+    import splinterp.experiments.shrinkage as sh
+
+    quick = sh.ShrinkageConfig.quick
+    try:
+        sh.ShrinkageConfig.quick = classmethod(lambda c, **k: quick(d_sae=16, epochs=1, batch_size=32, **k))
+        res = run_llm_geometry(cfg, out)
+    finally:
+        sh.ShrinkageConfig.quick = quick
+    rows = res["rows"]
+    assert [r["layer"] for r in rows] == [0, 4, 2, 2, 2]
+    for r in rows:
+        assert 1 <= r["n_regions"] <= r["n_tokens"] and r["order1_cells"] <= r["order2_cells"] <= r["n_tokens"]
+    assert "order-1 cells" in (out / "llm_geometry_table.md").read_text()
+
+
+def test_geometry_row_regions_match_power_cells(make_random_sae):
+    sae = make_random_sae("topk", d_in=6, d_sae=10, k=2)
+    X = torch.randn(200, 6, generator=torch.Generator().manual_seed(0))
+    row = geometry_row(sae, X, orders=(1, 2))
+    # for a TopK SAE with positive scores the order-k power cells are its regions
+    assert row["order2_cells"] >= row["order1_cells"]
+    assert row["n_regions"] <= 200 and row["regions_per_token"] == row["n_regions"] / 200
+
+
+def test_registered_jobs_and_outputs():
+    jobs = registry.load_all()
+    want = {"e3_llm": "e3_llm.json", "shrinkage": "shrinkage_table.md", "group_sae": "group_sae_groups.json",
+            "transfer": "transfer_table.md", "llm_geometry": "llm_geometry_table.md"}
+    for name, output in want.items():
+        assert name in jobs and output in jobs[name].outputs and jobs[name].quick_seconds <= 40
+
+
+@pytest.fixture(scope="module")
+def gpt2_folder(tmp_path_factory):
+    """A random 3-block GPT-2 (LM head) with the MiniLM tokenizer, saved with save_pretrained (no download)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from splinterp.data.harvest import load_model
+
+    _, tok, _ = load_model(None)
+    tok = copy.deepcopy(tok)
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=3, n_embd=32, n_head=2, n_positions=64, vocab_size=len(tok),
+                     bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
+    folder = tmp_path_factory.mktemp("gpt2") / "tiny-gpt2"
+    GPT2LMHeadModel(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_model_path_gpt2_through_configs(gpt2_folder, tmp_path):
+    data = dataclasses.replace(TINY, model=str(gpt2_folder))
+    res = run_shrinkage(ShrinkageConfig(data=data, d_sae=16, target_l0=4, epochs=1, batch_size=32,
+                                        sweeps={"relu": (0.01,), "topk": (4,)}), tmp_path)
+    assert res["loss_metric"] == "ce_loss_score" and res["layer"] == 1 and res["model"] == str(gpt2_folder)
+    assert "ce_loss_with_sae" in res["matched"][0]["loss_eval"]
+    cache_dirs = list((tmp_path / "llm_cache").iterdir())
+    assert len(cache_dirs) == 1 and cache_dirs[0].name.startswith("tiny-gpt2-")
+    manifest = json.loads((cache_dirs[0] / "manifest.json").read_text())
+    assert manifest["d_model"] == 32 and manifest["layers"] == [0, 1, 2]
+
+
+def test_cli_model_flag(gpt2_folder, tmp_path, monkeypatch):
+    import splinterp.experiments.e3_llm as e3
+
+    real = e3._jobs_table
+
+    def tiny_table():
+        table = {}
+        for name, (preset, runner) in real().items():
+            def tiny(q, s, d, _preset=preset, _name=name):
+                cfg = dataclasses.replace(_preset(q, s, d), data=TINY)
+                if _name == "e3_llm":
+                    return dataclasses.replace(cfg, d_sae=16, k=4, epochs=1, fractions=(1.0,), fraction_epochs=1)
+                return dataclasses.replace(cfg, sae=TINY_SAE) if hasattr(cfg, "sae") else cfg
+            table[name] = (tiny, runner)
+        return table
+
+    monkeypatch.setattr(e3, "_jobs_table", tiny_table)
+    assert main(["--jobs", "group_sae", "transfer", "e3_llm", "--model", str(gpt2_folder), "--out",
+                 str(tmp_path), "--quick"]) == 0
+    res = json.loads((tmp_path / "llm_results.json").read_text())
+    assert res["group_sae"]["results"]["layers"] == [0, 1] and res["transfer"]["results"]["targets"] == [1]
+    assert res["e3_llm"]["results"]["layer"] == 1 and res["e3_llm"]["results"]["model"] == str(gpt2_folder)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["e3_llm", "shrinkage", "group_sae", "transfer", "llm_geometry"])
+def test_registered_job_quick(name, tmp_path_factory):
+    out = tmp_path_factory.getbasetemp() / "llm_quick_jobs"
+    out.mkdir(exist_ok=True)
+    job = registry.load_all()[name]
+    res = job(out, True, 0, "cpu")
+    assert isinstance(res, dict) and all((out / o).is_file() for o in job.outputs)
