@@ -806,11 +806,11 @@ def harvest_distributed(model: Any = None, texts: Sequence[str] | None = None,
     (site, token_selection, max_length, batch_size, dtype, shard_tokens, ...). Every rank must see `out`'s
     parent folder. Returns the opened cache on every rank. Without a process group: plain `harvest`.
     """
-    from splinterp.data import harvest as hv
+    from splinterp.data.harvest import harvest
 
     rank, world = _rank_world(group)
     if world == 1 and not (dist.is_available() and dist.is_initialized()):
-        return hv.harvest(model, texts, layers, out, overwrite=overwrite, save_texts=save_texts, seed=seed,
+        return harvest(model, texts, layers, out, overwrite=overwrite, save_texts=save_texts, seed=seed,
                           device=device, progress=progress, **harvest_kwargs)
     out = Path(out)
     if texts is None:
@@ -850,7 +850,7 @@ def harvest_distributed(model: Any = None, texts: Sequence[str] | None = None,
         if hi == lo:
             return {"n_tokens": 0, "shards": [], "manifest": None, "vocab": {}}
         try:
-            cache = hv.harvest(model, texts[lo:hi], layers, mine, save_texts=False, seed=seed, device=device,
+            cache = harvest(model, texts[lo:hi], layers, mine, save_texts=False, seed=seed, device=device,
                                progress=progress and rank == 0, **harvest_kwargs)
         except EmptyDataError:  # no tokens selected from this rank's texts
             return {"n_tokens": 0, "shards": [], "manifest": None, "vocab": {}}
