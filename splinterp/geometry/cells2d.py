@@ -19,7 +19,8 @@ Two algorithms:
   min_l max over T's vertices of f_l (f is affine, so extremes over a polygon are at vertices). Each
   order-t cell S is the union of its pieces from the parents S - {i}; the union is convex, so the cell is
   the convex hull of the pieces' vertices. With a null site, a piece where the null site is nearest
-  is final: its active set is T.
+  is final: its active set is T. Level 0 is the box cut into about m/16 tiles, so the first level is
+  local too. Cost: about (cells of all orders up to k) * (a few candidates) clips, all batched.
 - `arrangement_cells`: the cells of a line arrangement {f_i = 0} (ReLU / JumpReLU / Gated: latent i is
   active iff f_i < 0), by splitting every polygon by each line in turn.
 

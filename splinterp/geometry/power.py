@@ -190,7 +190,7 @@ class PowerDiagram:
         rank[np.argsort(first, kind="stable")] = np.arange(len(first))
         return rank[inv]
 
-    def latent_mask(self, site_mask) -> np.ndarray:
+    def latent_mask(self, site_mask) -> tuple[np.ndarray, np.ndarray]:
         """signed_pairs only: bool [..., 2m] site mask -> (latent mask [..., m], positive-sign mask [..., m])."""
         if not self.signed_pairs:
             raise ConfigError("latent_mask is for signed-pair diagrams (topk_abs); here site i is latent i")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from splinterp.errors import ShapeError
+from splinterp.errors import DTypeError, ShapeError
 from splinterp.geometry import cells2d
 from splinterp.geometry.power import PowerDiagram, diagram_from_affine
 from splinterp.geometry.regions import affine_map
@@ -31,7 +31,7 @@ def _vec(x, d: int, name: str) -> torch.Tensor:
     if t.ndim != 1 or t.shape[0] != d:
         raise ShapeError(f"{name} must have shape [d_in={d}], got {tuple(t.shape)}")
     if not t.is_floating_point():
-        raise ShapeError(f"{name} must be floating point, got {t.dtype}")
+        raise DTypeError(f"{name} must be floating point, got {t.dtype}")
     check_finite(t, name)
     return t.detach().cpu().double()
 
