@@ -23,15 +23,23 @@ import torch
 __all__ = ["interleaved", "machine_info", "median", "round_ratios", "row", "timed"]
 
 
-def timed(fn: Callable[[], object]) -> float:
-    """Seconds one call of fn takes."""
-    t0 = time.perf_counter()
+def timed(fn: Callable[[], object], clock: Callable[[], float] = time.perf_counter) -> float:
+    """Seconds one call of fn takes (wall clock by default; `time.thread_time` for this thread's CPU)."""
+    t0 = clock()
     fn()
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
-def interleaved(cases: dict[str, Callable[[], object]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Time every case once per round, rotating the order between rounds; {name: [seconds per round]}."""
+def interleaved(
+    cases: dict[str, Callable[[], object]],
+    rounds: int,
+    warmup: int = 1,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, list[float]]:
+    """Time every case once per round, rotating the order between rounds; {name: [seconds per round]}.
+
+    `clock=time.thread_time` with torch.set_num_threads(1) measures CPU time, which other users'
+    processes on a shared machine cannot inflate (they can only slow the wall clock)."""
     names = list(cases)
     for _ in range(warmup):
         for name in names:
@@ -40,7 +48,7 @@ def interleaved(cases: dict[str, Callable[[], object]], rounds: int, warmup: int
     for r in range(rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
-            out[name].append(timed(cases[name]))
+            out[name].append(timed(cases[name], clock))
     return out
 
 
@@ -94,6 +102,7 @@ def machine_info() -> dict[str, str]:
         "cpu": cpu,
         "cores": str(os.cpu_count()),
         "torch_threads": str(torch.get_num_threads()),
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "unset"),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),

@@ -33,29 +33,68 @@ def discover(names: list[str] | None = None) -> list[str]:
     return [f"bench.{m}" for m in mods]
 
 
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _ratio_of(key: str, value) -> tuple[float, str] | None:
+    """(ratio, baseline text) when a flat key names a ratio: speedup_* (baseline / ours) or ratio_a_over_b."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if "speedup" in key:
+        return float(value), "speedup: baseline time / ours (higher is better)"
+    if key.startswith("ratio_"):
+        _, _, over = key.partition("_over_")
+        return float(value), over.replace("_", " ") if over else "see figure"
+    return None
+
+
+def _records(obj, label: str):
+    """(label, flat dict of scalars) for a result that is not in the rows form: every nested dict and
+    every dict in a list is one record."""
+    scalars = {k: v for k, v in obj.items() if not isinstance(v, (dict, list))}
+    if scalars:
+        yield label, scalars
+    for k, v in obj.items():
+        if isinstance(v, dict):
+            yield from _records(v, f"{label}/{k}" if label else k)
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            for i, x in enumerate(v):
+                ident = ", ".join(f"{kk}={_fmt(vv)}" for kk, vv in x.items() if kk in ("data", "name", "k", "sae"))
+                yield from _records(x, f"{label}/{k}[{ident or i}]" if label else f"{k}[{ident or i}]")
+        elif isinstance(v, list):
+            yield (label, {k: v})
+
+
 def normalise(module: str, result) -> tuple[str, list[dict], list[str]]:
-    """(benchmark name, rows, notes) from what a module's run() returned (rows form or a flat dict)."""
+    """(benchmark name, rows, notes) from what a module's run() returned.
+
+    The rows form ({"rows": [bench.common.row(...)]}) is taken as it is; any other dict is read
+    generically: keys named speedup_* or ratio_*_over_* become ratio rows, every other scalar a note.
+    """
     if not isinstance(result, dict):
         return module, [], [f"run() returned {type(result).__name__}, expected a dict"]
     name = str(result.get("name") or module.rsplit(".", 1)[-1].removeprefix("bench_"))
     notes = [str(n) for n in result.get("notes", []) or []]
     rows: list[dict] = []
-    if "rows" in result:
-        for r in result["rows"]:
-            if isinstance(r, dict) and "figure" in r and "ratio" in r:
-                rows.append({"baseline": "", **r})
+    given = result.get("rows")
+    if isinstance(given, list) and given and all(isinstance(r, dict) and "figure" in r and "ratio" in r for r in given):
+        rows = [{"baseline": "", **r} for r in given]
+        rest = {k: v for k, v in result.items() if k not in ("name", "notes", "rows")}
+    else:
+        rest = {k: v for k, v in result.items() if k not in ("name", "notes")}
+    for label, rec in _records(rest, ""):
+        plain = []
+        for key, value in rec.items():
+            ratio = _ratio_of(key, value)
+            if ratio is not None:
+                rows.append({"figure": f"{label}: {key}" if label else key, "ratio": ratio[0], "baseline": ratio[1]})
             else:
-                notes.append(f"unreadable row: {r!r}")
-        return name, rows, notes
-    for key, value in result.items():  # a flat {figure: ratio or {ratio, baseline, ...}} dict
-        if key in ("name", "notes"):
-            continue
-        if isinstance(value, dict) and "ratio" in value:
-            rows.append({"figure": key, "baseline": "", **value})
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            rows.append({"figure": key, "ratio": float(value), "baseline": ""})
-        else:
-            notes.append(f"{key}: {value}")
+                plain.append(f"{key}={_fmt(value)}")
+        if plain:
+            notes.append(f"{label}: " + ", ".join(plain) if label else ", ".join(plain))
     return name, rows, notes
 
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from splinterp.errors import ConfigError, DTypeError, ShapeError
+from splinterp.errors import ConfigError, DeviceError, DTypeError, ShapeError
 
 __all__ = [
     "decode",
@@ -287,8 +287,8 @@ class _AffineGather(torch.autograd.Function):
             pat = ctx.holder.get(idx, n)
             if ctx.needs_input_grad[1]:
                 grad_W = _latent_sum(pat, g, x).to(W.dtype).t()
-            if ctx.needs_input_grad[2]:
-                grad_b = torch.zeros(n, dtype=g.dtype, device=g.device).index_add_(0, idx.reshape(-1), g.reshape(-1))
+            if ctx.needs_input_grad[2]:  # a sum per latent, in a fixed order (deterministic on GPU too)
+                grad_b = _latent_sum(pat, g, g.new_ones(g.shape[0], 1)).squeeze(1).to(W.dtype)
         return grad_x, grad_W, grad_b, None, None, None
 
 
@@ -301,6 +301,10 @@ def _check_affine(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> None:
         raise ShapeError(f"x {tuple(x.shape)}, W {tuple(W.shape)} and b {tuple(b.shape)} do not fit x @ W + b")
     if not (x.is_floating_point() and W.is_floating_point() and b.is_floating_point()):
         raise DTypeError("x, W and b must be floating point")
+    if not x.dtype == W.dtype == b.dtype:
+        raise DTypeError(f"x, W and b must share a dtype, got {x.dtype}, {W.dtype}, {b.dtype}")
+    if not x.device == W.device == b.device:
+        raise DeviceError(f"x, W and b must be on one device, got {x.device}, {W.device}, {b.device}")
 
 
 def encode_topk(

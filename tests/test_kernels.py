@@ -311,6 +311,8 @@ def test_bad_arguments():
         kernels.encode_topk(x, W.T, b, 2)
     with pytest.raises(DTypeError):
         kernels.encode_topk(x.long(), W, b, 2)
+    with pytest.raises(DTypeError):
+        kernels.encode_topk(x.float(), W, b, 2)
     with pytest.raises(ShapeError):
         kernels.decode(torch.zeros(3, 2), torch.zeros(3, 3, dtype=torch.long), torch.zeros(5, 4))
     with pytest.raises(DTypeError):
