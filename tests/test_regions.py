@@ -118,3 +118,25 @@ def test_bad_input_is_named():
         affine_map(sae, torch.zeros(19, dtype=torch.bool))
     with pytest.raises(ConfigError):
         region_ids(sae, torch.zeros(4, 6), batch_size=0)
+
+
+@pytest.mark.parametrize("arch", ["topk", "relu"])
+def test_hash_collisions_never_merge_regions(monkeypatch, arch):
+    """With a deliberately terrible hash every chunk collides: the exact fallback must still be right."""
+    import splinterp.geometry.regions as regions
+
+    monkeypatch.setattr(regions, "_hash_rows", lambda keys, mult: keys[:, 0] % 3)
+    sae = random_sae(arch, k=3)
+    X = torch.randn(600, 6)
+    assert torch.equal(region_ids(sae, X, batch_size=50), brute_force_ids(sae, X))
+
+
+def test_collision_across_chunks_is_detected(monkeypatch):
+    """One row per chunk and one hash for all: no chunk collides with itself, so only the table merge
+    can catch that different regions share a hash."""
+    import splinterp.geometry.regions as regions
+
+    monkeypatch.setattr(regions, "_hash_rows", lambda keys, mult: torch.zeros(keys.shape[0], dtype=torch.int64))
+    sae = random_sae("topk", k=2)
+    X = torch.randn(300, 6)
+    assert torch.equal(region_ids(sae, X, batch_size=1), brute_force_ids(sae, X))

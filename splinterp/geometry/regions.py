@@ -80,48 +80,71 @@ def _first_occurrence(inverse: torch.Tensor, n_unique: int) -> torch.Tensor:
     return first.scatter_reduce_(0, inverse, pos, reduce="amin")
 
 
+class _KeyTable:
+    """One key per distinct hash, to prove that equal hashes mean equal keys.
+
+    Chunks' (hash, key) pairs are buffered and merged into the table only when the buffer outgrows it,
+    so the sorting work is amortised (O(R log R) in all for R regions) instead of one full sort per chunk.
+    """
+
+    def __init__(self):
+        self.h: torch.Tensor | None = None
+        self.k: torch.Tensor | None = None
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.n_pending = 0
+
+    def add(self, h: torch.Tensor, k: torch.Tensor) -> bool:
+        """Buffer unique (hash, key) rows; False if a hash collision was detected."""
+        self.pending.append((h, k))
+        self.n_pending += h.numel()
+        if self.h is None or self.n_pending > self.h.numel():
+            return self.merge()
+        return True
+
+    def merge(self) -> bool:
+        parts = ([(self.h, self.k)] if self.h is not None else []) + self.pending
+        h = torch.cat([p[0] for p in parts])
+        k = torch.cat([p[1] for p in parts])
+        self.pending, self.n_pending = [], 0
+        uh, inv = torch.unique(h, return_inverse=True)
+        rep_k = k[_first_occurrence(inv, uh.numel())]
+        self.h, self.k = uh, rep_k
+        return torch.equal(k, rep_k[inv])
+
+
+def _unique_rows(keys: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(unique hashes, one key each) of a chunk, or None if two different keys share a hash."""
+    uh, inv = torch.unique(h, return_inverse=True)
+    rep_keys = keys[_first_occurrence(inv, uh.numel())]
+    return (uh, rep_keys) if torch.equal(keys, rep_keys[inv]) else None
+
+
 @torch.no_grad()
 def region_ids(sae: SAE, X, batch_size: int = DEFAULT_BATCH) -> torch.Tensor:
     """int64 [N]: equal exactly when two inputs lie in the same linear region.
 
-    Ids are 0..R-1 in order of first appearance. Exact and bounded in memory: each chunk's region keys
-    are hashed, and every key is checked against the stored key of its hash (one key per region), so a
-    hash collision can never merge two regions; if one ever occurs we fall back to exact unique on keys.
+    Ids are 0..R-1 in order of first appearance. Exact, chunked, and memory bounded by N hashes plus one
+    key per region: each input's region key (sorted active indices for TopK, packed bits otherwise) is
+    hashed, and every key is checked against the stored key of its hash, so a hash collision can never
+    merge two regions; if one ever occurs we fall back to an exact unique over all keys.
     """
     gen = torch.Generator().manual_seed(_HASH_SEED)
     mult = None
-    table_h = table_k = None  # sorted hashes of the regions seen so far, and their keys
+    table = _KeyTable()
     hashes = []
-    collision = False
+    ok = True
     for xb in _rows(sae, X, batch_size):
         keys = _region_keys(sae, xb)
         if mult is None:
             mult = (torch.randint(-(2**62), 2**62, (keys.shape[1],), generator=gen) * 2 + 1).to(keys.device)
-            table_h = torch.empty(0, dtype=torch.int64, device=keys.device)
-            table_k = torch.empty(0, keys.shape[1], dtype=torch.int64, device=keys.device)
         h = _hash_rows(keys, mult)
-        uh, inv = torch.unique(h, return_inverse=True)
-        rep = _first_occurrence(inv, uh.numel())
-        rep_keys = keys[rep]
-        if not torch.equal(keys, rep_keys[inv]):
-            collision = True
+        chunk = _unique_rows(keys, h)
+        ok = chunk is not None and table.add(*chunk)
+        if not ok:
             break
-        if table_h.numel():
-            pos = torch.searchsorted(table_h, uh).clamp_(max=table_h.numel() - 1)
-            found = table_h[pos] == uh
-        else:
-            pos, found = torch.zeros_like(uh), torch.zeros_like(uh, dtype=torch.bool)
-        if found.any() and not torch.equal(table_k[pos[found]], rep_keys[found]):
-            collision = True
-            break
-        new = ~found
-        if new.any():
-            table_h = torch.cat([table_h, uh[new]])
-            table_k = torch.cat([table_k, rep_keys[new]])
-            order = torch.argsort(table_h)
-            table_h, table_k = table_h[order], table_k[order]
         hashes.append(h)
-    if collision:  # astronomically rare: exact but memory-hungry path
+    ok = ok and (table.h is None or table.merge())
+    if not ok:  # astronomically rare: exact but memory-hungry path
         keys = torch.cat([_region_keys(sae, xb).cpu() for xb in _rows(sae, X, batch_size)])
         _, ids = torch.unique(keys, dim=0, return_inverse=True)
     else:
