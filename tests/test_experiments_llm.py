@@ -98,7 +98,9 @@ def test_e3_tiny(out):
     assert len(res["runs"]["topk/sgd"]["test_mse_curve"]) == 2
     assert res["runs"]["topk/pam_sgd"]["test_l0"] <= 4
     assert set(res["relu_pct_nonzero"]) == {"sgd", "pam_sgd"}
-    assert len(res["fractions"]) == 2 * 2 * 2
+    assert len(res["fractions"]) == 2 * 2 * 3  # 2 SAEs x 2 fractions x (SGD, PAM, PAM with a ridge of 100)
+    assert "topk/pam_sgd_alpha=100/0.5" in res["fractions"]
+    assert "| relu | PAM-SGD |" in (out / "e3_llm_table.md").read_text()
     for f in ("e3_llm.json", "e3_llm_curves.png", "e3_llm_training_size.png", "e3_llm_sparsity.png"):
         assert (out / f).is_file()
 

@@ -64,7 +64,7 @@ class LLMDataConfig:
 
     model: str | None = None
     """None = the offline all-MiniLM-L6-v2; else any Hugging Face model id or local folder."""
-    n_texts: int = 600
+    n_texts: int = 400
     """Passages of the offline text (shuffled with the seed) to harvest; the next `n_eval_texts` are
     held out for the model-level evals (loss recovered)."""
     n_eval_texts: int = 32
@@ -95,7 +95,7 @@ class LLMDataConfig:
 
     @classmethod
     def preset(cls, quick: bool, **changes: Any) -> LLMDataConfig:
-        base = cls(n_texts=40, n_eval_texts=8, max_test_tokens=2048) if quick else cls()
+        base = cls(n_texts=24, n_eval_texts=8, max_test_tokens=1024) if quick else cls()
         return dataclasses.replace(base, **changes)
 
     def harvest_key(self) -> dict[str, Any]:
@@ -379,17 +379,17 @@ class LayerSAEConfig:
     means the SAE store trains each per-layer SAE once per output folder."""
 
     architecture: str = "topk"
-    d_sae: int = 768
+    d_sae: int = 512
     k: int | None = 32
-    epochs: int = 6
+    epochs: int = 5
     batch_size: int = 256
-    lr: float = 1e-3
+    lr: float = 2e-3
     eval_every: int = 25
     """Record the test FVU every this many optimiser steps (the curves behind steps-to-target)."""
 
     @classmethod
     def preset(cls, quick: bool, **changes: Any) -> LayerSAEConfig:
-        base = cls(d_sae=256, k=16, epochs=4, batch_size=128, lr=2e-3, eval_every=10) if quick else cls()
+        base = cls(d_sae=128, k=8, epochs=3, batch_size=128, eval_every=5) if quick else cls()
         return dataclasses.replace(base, **changes)
 
     def configs(self, d_in: int, seed: int, device: str, progress: bool = False):
@@ -433,12 +433,12 @@ class E3Config:
     """Block whose resid_post is used; None = the middle block (3 of MiniLM's 6; the paper used the middle
     of Gemma-2-2B too)."""
     architectures: tuple[str, ...] = ("topk", "relu")
-    d_sae: int = 768
-    k: int = 60
-    """TopK: 60 / 768 = 7.8% active, the paper's 320 / 4096."""
+    d_sae: int = 512
+    k: int = 40
+    """TopK: 40 / 512 = 7.8% active, the paper's 320 / 4096."""
     relu_l1: float = 1e-4
     """L1 coefficient of the ReLU SAE's loss, the same for SGD and PAM-SGD."""
-    epochs: int = 12
+    epochs: int = 8
     batch_size: int = 256
     lr: float = 1e-3
     order: str = "encoder_first"
@@ -465,8 +465,8 @@ class E3Config:
 
     @classmethod
     def quick(cls, **changes: Any) -> E3Config:
-        base = cls(data=LLMDataConfig.preset(True), d_sae=256, k=20, epochs=4, batch_size=128, lr=2e-3,
-                   fractions=(0.1, 1.0), fraction_epochs=3, fraction_architectures=("topk",))
+        base = cls(data=LLMDataConfig.preset(True), d_sae=128, k=10, epochs=3, batch_size=128, lr=2e-3,
+                   fractions=(0.25, 1.0), fraction_epochs=2, fraction_architectures=("topk",))
         return dataclasses.replace(base, **changes)
 
     @classmethod

@@ -30,7 +30,7 @@ import torch
 
 from splinterp.atomic import write_json, write_text
 from splinterp.errors import ConfigError
-from splinterp.experiments.e3_llm import LayerSAEConfig, LLMContext, LLMDataConfig, train_layers_sae
+from splinterp.experiments.e3_llm import LayerSAEConfig, LLMContext, LLMDataConfig
 from splinterp.experiments.registry import register, to_jsonable
 
 log = logging.getLogger(__name__)
@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 def default_arch_knobs(quick: bool) -> dict[str, float]:
     """Sparsity knob per architecture giving an L0 near the TopK k of the preset (values of the shrinkage sweep)."""
     if quick:
-        return {"relu": 0.03, "gated": 0.02, "jumprelu": 0.01, "topk": 16, "topk_abs": 16}
-    return {"relu": 0.03, "gated": 0.02, "jumprelu": 0.01, "topk": 32, "topk_abs": 32}
+        return {"relu": 0.003, "gated": 0.01, "jumprelu": 3e-4, "topk": 8, "topk_abs": 8}
+    return {"relu": 0.004, "gated": 0.03, "jumprelu": 3e-4, "topk": 32, "topk_abs": 32}
 
 
 @dataclass
@@ -128,7 +128,7 @@ def run_llm_geometry(cfg: GeometryConfig, out_dir: str | os.PathLike) -> dict[st
     """Train (or reuse) the SAEs, measure their geometry on held-out tokens, write JSON, table and figure."""
     from matplotlib.figure import Figure
 
-    from splinterp.experiments.shrinkage import ShrinkageConfig, sae_and_train_config
+    from splinterp.experiments.shrinkage import ShrinkageConfig, knob_name, train_point
     from splinterp.viz.output import save_png
 
     out_dir = Path(out_dir)
@@ -144,16 +144,10 @@ def run_llm_geometry(cfg: GeometryConfig, out_dir: str | os.PathLike) -> dict[st
         rows.append({"sae": f"{cfg.sae.architecture} k={cfg.sae.k}", "kind": "per_layer", "layer": v,
                      **geometry_row(t.sae, ctx.test(v), cfg.orders)})
     # one layer, every architecture, with the shrinkage job's training settings (so its SAEs are reused)
-    sh = ShrinkageConfig.preset(cfg.arch_quick_settings)
+    sh = ShrinkageConfig.preset(cfg.arch_quick_settings, cfg.seed, cfg.device, data=cfg.data, progress=cfg.progress)
     for arch, knob in cfg.arch_knobs.items():
-        a_sae, a_train = sae_and_train_config(
-            arch, knob, ctx.d_model, sh.d_sae, epochs=sh.epochs, batch_size=sh.batch_size, lr=sh.lr, seed=cfg.seed,
-            device=cfg.device, bandwidth=sh.jumprelu_bandwidth, init_threshold=sh.jumprelu_init_threshold,
-            progress=cfg.progress)
-        t = train_layers_sae(ctx, [cfg.arch_layer], a_sae, a_train, name=f"{arch}_L{cfg.arch_layer}_{knob:g}",
-                             eval_every=sh.eval_every)
-        knob_name = "k" if arch.startswith("topk") else ("l0_coef" if arch == "jumprelu" else "l1")
-        rows.append({"sae": f"{arch} {knob_name}={knob:g}", "kind": "architecture", "layer": cfg.arch_layer,
+        t = train_point(ctx, sh, arch, knob, cfg.arch_layer)
+        rows.append({"sae": f"{arch} {knob_name(arch)}={knob:g}", "kind": "architecture", "layer": cfg.arch_layer,
                      **geometry_row(t.sae, ctx.test(cfg.arch_layer), cfg.orders)})
     # figure: per-layer regions/token and order-m perplexities; per-architecture the same
     fig = Figure(figsize=(11, 4))

@@ -47,11 +47,12 @@ COLORS = {"relu": "#1f77b4", "gated": "#2ca02c", "jumprelu": "#9467bd", "topk": 
 
 
 def default_sweeps(quick: bool) -> dict[str, tuple[float, ...]]:
-    """Sparsity knob values per architecture (tuned on MiniLM layer 3 so that each sweep spans the TopK L0s)."""
+    """Sparsity knob values per architecture (tuned on MiniLM block 3 so that each sweep spans the TopK L0s
+    around `target_l0` with the default training budget)."""
     if quick:
-        return {"relu": (0.01, 0.03), "gated": (0.005, 0.02), "jumprelu": (0.003, 0.01), "topk": (10, 20)}
-    return {"relu": (0.003, 0.01, 0.03, 0.1), "gated": (0.002, 0.005, 0.02, 0.05),
-            "jumprelu": (0.001, 0.003, 0.01, 0.03), "topk": (8, 16, 32, 64)}
+        return {"relu": (0.003, 0.01), "gated": (0.01, 0.05), "jumprelu": (3e-4, 1e-3), "topk": (4, 8)}
+    return {"relu": (0.002, 0.004, 0.008), "gated": (0.01, 0.03, 0.1), "jumprelu": (1e-4, 3e-4, 1e-3),
+            "topk": (16, 32, 64)}
 
 
 @dataclass
@@ -61,17 +62,21 @@ class ShrinkageConfig:
     data: LLMDataConfig = field(default_factory=LLMDataConfig)
     layer: int | None = None
     """Block the SAEs are trained on and spliced after; None = the middle block of the cache."""
-    d_sae: int = 768
+    d_sae: int = 512
     target_l0: float = 32.0
     """The L0 at which architectures are compared (the nearest sweep point of each)."""
     sweeps: dict[str, tuple[float, ...]] = field(default_factory=lambda: default_sweeps(False))
     """{architecture: sparsity knob values}: l1 (relu, gated), L0 coefficient (jumprelu), k (topk)."""
-    epochs: int = 6
+    sparse_start: bool = True
+    """Start relu / gated / jumprelu SAEs at L0 = target_l0 (`e3_llm.sparse_start`); otherwise they start
+    with about half the latents active and a short run cannot bring L0 down (biases move ~lr per step)."""
+    epochs: int = 5
     batch_size: int = 256
-    lr: float = 1e-3
+    lr: float = 2e-3
     jumprelu_bandwidth: float = 0.05
     """STE kernel width, on the scale of the pre-activations of standardised inputs (see train.jumprelu)."""
-    jumprelu_init_threshold: float = 0.1
+    jumprelu_init_threshold: float = 0.001
+    """Initial JumpReLU threshold when sparse_start is off (Gemma Scope's 0.001)."""
     loss_metric: str = "auto"
     """"embedding" (sentence-embedding loss recovered), "ce" (causal LMs) or "auto": CE when the model has
     an LM head, the embedding version otherwise (the offline MiniLM)."""
@@ -92,8 +97,8 @@ class ShrinkageConfig:
 
     @classmethod
     def quick(cls, **changes: Any) -> ShrinkageConfig:
-        base = cls(data=LLMDataConfig.preset(True), d_sae=256, target_l0=16.0, sweeps=default_sweeps(True),
-                   epochs=4, batch_size=128, lr=2e-3, eval_every=25)
+        base = cls(data=LLMDataConfig.preset(True), d_sae=128, target_l0=8.0, sweeps=default_sweeps(True),
+                   epochs=3, batch_size=128, eval_every=5)
         return dataclasses.replace(base, **changes)
 
     @classmethod
@@ -127,6 +132,21 @@ def sae_and_train_config(arch: str, value: float, d_in: int, d_sae: int, *, epoc
     train_cfg = SGDConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, eval_train=False,
                           l1_coefficient=coef, loss_kwargs=loss_kwargs, progress=progress)
     return sae_cfg, train_cfg
+
+
+def knob_name(arch: str) -> str:
+    return "k" if arch.startswith("topk") else ("l0_coefficient" if arch == "jumprelu" else "l1_coefficient")
+
+
+def train_point(ctx: LLMContext, cfg: ShrinkageConfig, arch: str, value: float, layer: int):
+    """Train (or fetch from the store) the SAE of one sweep point; returns the `TrainedSAE`."""
+    sae_cfg, train_cfg = sae_and_train_config(
+        arch, value, ctx.d_model, cfg.d_sae, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
+        device=cfg.device, bandwidth=cfg.jumprelu_bandwidth, init_threshold=cfg.jumprelu_init_threshold,
+        progress=cfg.progress)
+    start = cfg.target_l0 if cfg.sparse_start and arch in ("relu", "gated", "jumprelu") else None
+    return train_layers_sae(ctx, [layer], sae_cfg, train_cfg, name=f"{arch}_L{layer}_{value:g}",
+                            eval_every=cfg.eval_every, sparse_start_l0=start)
 
 
 class LossRecovered:
@@ -195,16 +215,10 @@ def run_shrinkage(cfg: ShrinkageConfig, out_dir: str | os.PathLike) -> dict[str,
     points: dict[str, list[dict[str, Any]]] = {}
     for arch, values in cfg.sweeps.items():
         for v in values:
-            sae_cfg, train_cfg = sae_and_train_config(
-                arch, v, ctx.d_model, cfg.d_sae, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                seed=cfg.seed, device=cfg.device, bandwidth=cfg.jumprelu_bandwidth,
-                init_threshold=cfg.jumprelu_init_threshold, progress=cfg.progress)
-            t = train_layers_sae(ctx, [cfg.layer], sae_cfg, train_cfg, name=f"{arch}_L{cfg.layer}_{v:g}",
-                                 eval_every=cfg.eval_every)
+            t = train_point(ctx, cfg, arch, v, cfg.layer)
             m = t.final[str(cfg.layer)]
             lr_res = lr_eval(t.sae, cfg.layer)
-            p = {"architecture": arch, "knob": "k" if arch.startswith("topk") else
-                 ("l0_coefficient" if arch == "jumprelu" else "l1_coefficient"), "value": float(v),
+            p = {"architecture": arch, "knob": knob_name(arch), "value": float(v),
                  "l0": m["l0"], "fvu": m["fvu"], "gamma": m["relative_reconstruction_bias"],
                  "l2_ratio": m["l2_ratio"], "dead_features": m["dead_features"],
                  "loss_recovered": lr_res[lr_eval.key], "loss_eval": {k: v2 for k, v2 in lr_res.items()},
