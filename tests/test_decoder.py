@@ -203,3 +203,35 @@ def test_errors():
         solve_decoder(Zbad, X)
     with pytest.raises(ConfigError):
         DecoderAccumulator(3, 2, method="magic")
+
+
+def test_large_batches_split_in_halves_are_exact_and_thread_count_independent():
+    """Batches of >= 4096 rows are summed as two halves (on a worker thread when torch has threads)."""
+    X, sc, Wp, bp = _problem(9, N=5000, d=10, k=3, n=4)
+    Zd = sc.to_dense()
+    results = []
+    for threads in (1, 2):
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            acc = DecoderAccumulator(10, 4, method="sparse").update(sc, X)
+            results.append((acc.G, acc.S_zx, acc.s_z, acc.solve(0.1, 0.2, 0.3, 0.4, Wp, bp, out_dtype=F64)))
+        finally:
+            torch.set_num_threads(old)
+    G, S, s, (W, b) = results[0]
+    torch.testing.assert_close(G, Zd.T @ Zd, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(S, Zd.T @ X, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(s, Zd.sum(0), rtol=1e-12, atol=1e-10)
+    G2, S2, s2, (W2, b2) = results[1]
+    assert torch.equal(G, G2) and torch.equal(S, S2) and torch.equal(W, W2) and torch.equal(b, b2)
+    W_ref, b_ref = _augmented_lstsq(Zd, X, 0.1, 0.2, 0.3, 0.4, Wp, bp)
+    torch.testing.assert_close(W, W_ref, rtol=1e-8, atol=1e-9)
+
+
+def test_non_finite_codes_are_refused_even_unchecked():
+    X, sc, _, _ = _problem(1)
+    vals = sc.values.clone()
+    vals[5, 1] = float("inf")
+    acc = DecoderAccumulator(12, 5).update(SparseCodes(vals, sc.indices, 12), X, check=False)
+    with pytest.raises(NonFiniteError):
+        acc.solve(alpha=0.1)

@@ -22,6 +22,7 @@ matmul; S_zx costs O(N k d_in). Statistics are kept in float64: G's condition nu
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 from dataclasses import dataclass
 
@@ -36,6 +37,45 @@ log = logging.getLogger(__name__)
 _CHUNK_ELEMS = 1 << 20
 # condition-number estimate above which the Cholesky answer is not trusted
 _MAX_COND = 1e13
+
+
+_SPLIT_MIN_ROWS = 4096
+_SPLIT_MAX_BYTES = 1 << 30
+_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _worker() -> concurrent.futures.ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="splinterp-decoder")
+    return _POOL
+
+
+def _scatter_sparse(bufs: tuple[torch.Tensor, ...], vals: torch.Tensor, idx: torch.Tensor, X: torch.Tensor) -> None:
+    """Add sparse codes (vals, idx [n, k]) and their inputs X [n, d_in] into (P, g_diag, S_zx, s_z)."""
+    P2, g_diag, S_zx, s_z = bufs
+    n, k = vals.shape
+    d = P2.shape[0]
+    flat_idx, flat_vals = idx.reshape(-1), vals.reshape(-1)
+    s_z.index_add_(0, flat_idx, flat_vals)
+    # G: scatter-add of the outer products, O(N k^2). Only position pairs a < b are scattered (into P);
+    # G = P + P^T + diag(sum v^2), which stays right when an index repeats within a row.
+    if k > 1:
+        a, b = torch.triu_indices(k, k, 1, device=idx.device)
+        upper = a * k + b  # positions of the pairs a < b in a row's flattened k x k outer product
+        P = P2.view(-1)
+        rows = max(1, _CHUNK_ELEMS // (k * k))
+        for s in range(0, n, rows):
+            v, i = vals[s:s + rows], idx[s:s + rows]
+            m = v.shape[0]
+            keys = (i[:, :, None] * d + i[:, None, :]).reshape(m, k * k).index_select(1, upper)
+            prods = (v[:, :, None] * v[:, None, :]).reshape(m, k * k).index_select(1, upper)
+            P.scatter_add_(0, keys.reshape(-1), prods.reshape(-1))  # serial on CPU: deterministic
+    g_diag.index_add_(0, flat_idx, flat_vals * flat_vals)
+    # S_zx = Z^T X, with Z^T as a sparse [d_sae, N] matrix (k entries per column): O(N k d_in)
+    rows_of = torch.arange(n, device=idx.device).repeat_interleave(k)
+    Zt = torch.sparse_coo_tensor(torch.stack([flat_idx, rows_of]), flat_vals, (d, n), check_invariants=False)
+    S_zx += torch.sparse.mm(Zt, X)
 
 
 @dataclass
@@ -108,14 +148,28 @@ class DecoderAccumulator:
         # G = sum z z^T is kept as P + P^T + diag(g_diag) (see _update_sparse)
         self._P = torch.zeros(d_sae, d_sae, dtype=dtype, device=self.device)
         self._g_diag = torch.zeros(d_sae, dtype=dtype, device=self.device)
-        self.S_zx = torch.zeros(d_sae, d_in, dtype=dtype, device=self.device)
-        self.s_z = torch.zeros(d_sae, dtype=dtype, device=self.device)
+        self._S_zx = torch.zeros(d_sae, d_in, dtype=dtype, device=self.device)
+        self._s_z = torch.zeros(d_sae, dtype=dtype, device=self.device)
         self.s_x = torch.zeros(d_in, dtype=dtype, device=self.device)
         self.n = 0
+        self._aux: tuple[torch.Tensor, ...] | None = None  # second-half partial sums (see _update_sparse)
+
+    @property
+    def S_zx(self) -> torch.Tensor:
+        """sum_r z_r x_r^T [d_sae, d_in]."""
+        self._fold()
+        return self._S_zx
+
+    @property
+    def s_z(self) -> torch.Tensor:
+        """sum_r z_r [d_sae]."""
+        self._fold()
+        return self._s_z
 
     @property
     def G(self) -> torch.Tensor:
         """sum_r z_r z_r^T [d_sae, d_sae]."""
+        self._fold()
         G = self._P + self._P.T
         G.diagonal().add_(self._g_diag)
         return G
@@ -123,7 +177,8 @@ class DecoderAccumulator:
     def sum_tensors(self) -> list[torch.Tensor]:
         """The accumulated sums (in place, fixed order). Adding these and `n` across accumulators merges
         them: `splinterp.distributed` all-reduces them so every process solves the same system."""
-        return [self._P, self._g_diag, self.S_zx, self.s_z, self.s_x]
+        self._fold()
+        return [self._P, self._g_diag, self._S_zx, self._s_z, self.s_x]
 
     # ------------------------------------------------------------------ accumulation
     def update(self, Z: torch.Tensor | SparseCodes, X: torch.Tensor, *, check: bool = True) -> DecoderAccumulator:
@@ -171,35 +226,40 @@ class DecoderAccumulator:
         else:
             Z = Z.to(device=self.device, dtype=self.dtype)
             self._P.addmm_(Z.T, Z, alpha=0.5)
-            self.S_zx.addmm_(Z.T, X)
-            self.s_z += Z.sum(0)
+            self._S_zx.addmm_(Z.T, X)
+            self._s_z += Z.sum(0)
         self.s_x += X.sum(0)
         self.n += n
         return self
 
     def _update_sparse(self, vals: torch.Tensor, idx: torch.Tensor, X: torch.Tensor) -> None:
-        n, k = vals.shape
-        d = self.d_sae
-        flat_idx, flat_vals = idx.reshape(-1), vals.reshape(-1)
-        self.s_z.index_add_(0, flat_idx, flat_vals)
-        # G: scatter-add of the outer products, O(N k^2). Only position pairs a < b are scattered (into P);
-        # G = P + P^T + diag(sum v^2), which stays right when an index repeats within a row.
-        if k > 1:
-            a, b = torch.triu_indices(k, k, 1, device=idx.device)
-            upper = a * k + b  # positions of the pairs a < b in a row's flattened k x k outer product
-            P = self._P.view(-1)
-            rows = max(1, _CHUNK_ELEMS // (k * k))
-            for s in range(0, n, rows):
-                v, i = vals[s:s + rows], idx[s:s + rows]
-                m = v.shape[0]
-                keys = (i[:, :, None] * d + i[:, None, :]).reshape(m, k * k).index_select(1, upper)
-                prods = (v[:, :, None] * v[:, None, :]).reshape(m, k * k).index_select(1, upper)
-                P.scatter_add_(0, keys.reshape(-1), prods.reshape(-1))  # serial on CPU: deterministic
-        self._g_diag.index_add_(0, flat_idx, flat_vals * flat_vals)
-        # S_zx = Z^T X, with Z^T as a sparse [d_sae, N] matrix (k entries per column): O(N k d_in)
-        rows_of = torch.arange(n, device=self.device).repeat_interleave(k)
-        Zt = torch.sparse_coo_tensor(torch.stack([flat_idx, rows_of]), flat_vals, (d, n), check_invariants=False)
-        self.S_zx += torch.sparse.mm(Zt, X)
+        n = vals.shape[0]
+        main = (self._P, self._g_diag, self._S_zx, self._s_z)
+        # On CPU a large batch is split in two halves summed into separate buffers, the second half on a
+        # worker thread when torch has more than one thread (the scatter itself is serial). The split is a
+        # fixed function of (device, d_sae, n), so results are the same bits whatever the thread count.
+        split = (self.device.type == "cpu" and n >= _SPLIT_MIN_ROWS
+                 and self.d_sae * self.d_sae * vals.element_size() <= _SPLIT_MAX_BYTES)
+        if not split:
+            _scatter_sparse(main, vals, idx, X)
+            return
+        if self._aux is None:
+            self._aux = tuple(torch.zeros_like(t) for t in main)
+        h = n // 2
+        if torch.get_num_threads() > 1:
+            job = _worker().submit(_scatter_sparse, self._aux, vals[h:], idx[h:], X[h:])
+            _scatter_sparse(main, vals[:h], idx[:h], X[:h])
+            job.result()
+        else:
+            _scatter_sparse(main, vals[:h], idx[:h], X[:h])
+            _scatter_sparse(self._aux, vals[h:], idx[h:], X[h:])
+
+    def _fold(self) -> None:
+        """Add the second-half buffers into the main ones (before anything reads the sums)."""
+        if self._aux is not None:
+            for t, a in zip((self._P, self._g_diag, self._S_zx, self._s_z), self._aux):
+                t += a
+            self._aux = None
 
     # ------------------------------------------------------------------ solve
     def solve(self, alpha: float = 0.0, beta: float = 0.0, mu: float = 0.0, nu: float = 0.0,
@@ -215,8 +275,11 @@ class DecoderAccumulator:
         for name, v in (("alpha", alpha), ("beta", beta), ("mu", mu), ("nu", nu)):
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0 or v == float("inf"):
                 raise ConfigError(f"{name} must be a finite number >= 0, got {v!r}")
+        self._fold()
         if self.n == 0:
             raise EmptyDataError("the decoder accumulator has seen no rows; cannot solve")
+        if not bool(torch.isfinite(self._s_z).all() and torch.isfinite(self._g_diag).all()):
+            raise NonFiniteError("the codes contain NaN or inf (an encoder that diverged?); cannot solve")
         d, n_in = self.d_sae, self.d_in
         out_dtype = out_dtype or torch.float32
         Wp = _check_prev(W_prev, (d, n_in), "W_prev", self.device, self.dtype)
@@ -237,11 +300,11 @@ class DecoderAccumulator:
         M[:m, :m] = G if m == d else G[S][:, S]
         del G
         M[:m, :m].diagonal().add_(ridge)
-        M[:m, m] = self.s_z[S]
-        M[m, :m] = self.s_z[S]
+        M[:m, m] = self._s_z[S]
+        M[m, :m] = self._s_z[S]
         M[m, m] = self.n + float(beta) + float(nu)
         R = torch.empty(m + 1, n_in, dtype=self.dtype, device=self.device)
-        R[:m] = self.S_zx[S]
+        R[:m] = self._S_zx[S]
         R[m] = self.s_x
         if mu > 0:
             R[:m] += float(mu) * Wp[S]

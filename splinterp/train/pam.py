@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from splinterp.errors import ConfigError, NonFiniteError
+from splinterp.errors import ConfigError
 from splinterp.sae import SAE
 from splinterp.train.config import PAMConfig
 from splinterp.train.decoder import DecoderAccumulator, SparseCodes
@@ -59,8 +59,6 @@ class PAMTrainer(Trainer):
             vals, idx = sae.encode_sparse(x)  # TopK: k (value, index) pairs per row, never the dense code
             acc.update(SparseCodes(vals, idx, sae.cfg.d_sae), x, check=False)  # data validated up front
         self.reduce_decoder_statistics(acc)
-        if not bool(torch.isfinite(acc.s_z).all()):
-            raise NonFiniteError("the codes became non-finite (the encoder diverged); lower lr or set grad_clip")
         W, b = acc.solve(c.alpha, c.beta, c.mu_dec, c.nu_dec, W_prev=sae.W_dec, b_prev=sae.b_dec,
                          out_dtype=sae.dtype)
         sae.W_dec.copy_(W)
