@@ -263,6 +263,10 @@ def _run_agreed(fn: Callable[[], Any], group=None) -> Any:
 
 
 # =============================================================================================== data sources
+TRAIN_BATCHES = 5
+"""Batch-sized tensors a training step holds at once, counted by `CacheBatches.peak_bytes`."""
+
+
 def _epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
     """A 63-bit seed per (seed, epoch, rank), well mixed (no correlation between neighbouring epochs)."""
     state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(seed) >> 32 & 0xFFFFFFFF, epoch, rank])
@@ -345,15 +349,26 @@ class CacheBatches:
     def max_shard_tokens(self) -> int:
         return max(s["n_tokens"] for s in self.cache.shards)
 
+    @property
+    def out_row_bytes(self) -> int:
+        """Bytes of one row as yielded (after the dtype conversion)."""
+        dt = self.dtype or self.cache.dtype
+        return self.cache.d_model * torch.empty((), dtype=dt).element_size()
+
     def peak_bytes(self, buffer_tokens: int | None = None) -> int:
-        """Upper estimate of the data held at once by one stream (measured in bench/bench_streaming.py):
-        a shuffle pass concatenates and permutes its buffer plus the shard being read (about 3 copies of
-        buffer + shard, and the shard's read and split-filtered copies); an unshuffled pass about 3 shards.
-        `rank=None` runs world_size streams at once."""
+        """Estimate of the data memory of training on this stream (checked in bench/bench_streaming.py).
+
+        Reader: a shuffle pass concatenates and permutes its buffer plus the shard being read (3 copies of
+        buffer + shard) next to the shard's read and split-filtered copies (2 shards); an unshuffled pass
+        about 3 shards. Trainer: `TRAIN_BATCHES` batch-sized tensors in flight (the batch, reconstruction,
+        residual, gradients). Not included: model-sized temporaries such as [batch, d_sae] pre-activations.
+        `rank=None` runs world_size reader streams at once.
+        """
         b = self.buffer_tokens if buffer_tokens is None else buffer_tokens
         s = self.max_shard_tokens
-        rows = 3 * (b + s) + 2 * s if self.shuffle else 3 * s + self.batch_size
-        return rows * self.row_bytes * (self.world_size if self.rank is None else 1)
+        streams = self.world_size if self.rank is None else 1
+        reader = (3 * (b + s) + 2 * s if self.shuffle else 3 * s) * self.row_bytes * streams
+        return reader + TRAIN_BATCHES * self.local_batch_size * self.out_row_bytes
 
     def _buffer_for(self, buffer_tokens: int | None, limit: int | None) -> int:
         s = self.max_shard_tokens
@@ -368,15 +383,14 @@ class CacheBatches:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ConfigError(f"memory_limit_bytes must be a positive integer, got {limit!r}")
         streams = self.world_size if self.rank is None else 1
-        rows = limit // (self.row_bytes * streams)
-        b = (rows - 5 * s) // 3 if self.shuffle else self.local_batch_size
-        need = self.peak_bytes(max(b, self.local_batch_size))
-        if b < self.local_batch_size or need > limit:
+        free = limit - TRAIN_BATCHES * self.local_batch_size * self.out_row_bytes
+        b = (free // (self.row_bytes * streams) - 5 * s) // 3 if self.shuffle else self.local_batch_size
+        floor = self.peak_bytes(self.local_batch_size)
+        if b < self.local_batch_size or floor > limit:
             raise ConfigError(
                 f"memory_limit_bytes={limit} is too small for this cache: shards of up to {s} rows x "
-                f"{self.row_bytes} bytes and batches of {self.local_batch_size} rows need about "
-                f"{self.peak_bytes(self.local_batch_size)} bytes; re-harvest with a smaller shard_tokens "
-                "or raise the limit")
+                f"{self.row_bytes} bytes and batches of {self.local_batch_size} rows need about {floor} bytes; "
+                "re-harvest with a smaller shard_tokens, use smaller batches or raise the limit")
         return b
 
     def shard_counts(self) -> list[int]:
