@@ -29,8 +29,8 @@ FIT_DTYPES = (torch.float32, torch.float64)
 
 
 def show_progress(progress: bool | None, work: float) -> bool:
-    """progress=None: show a bar only for big fits (work ~ multiply-adds, > 2e10 is several seconds on a CPU)."""
-    return bool(progress) if progress is not None else work > 2e10
+    """progress=None: show a bar only for big fits (work ~ multiply-adds, > 1e11 is ~10 s on a CPU)."""
+    return bool(progress) if progress is not None else work > 1e11
 
 
 def chunk_rows(n_cols: int, chunk_size: int | None = None) -> int:
@@ -107,22 +107,24 @@ def exact_sq_errors(
     coefs: torch.Tensor | None = None,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """|x - mu_l - U_l a|^2 per point, computed from the difference itself (no cancellation).
+    """Squared reconstruction error per point for assigned flats -> [N] in Xc's dtype.
 
-    labels [N], means [m, d], bases [m, d, r] and coefs [N, r] (None for rank 0). Returns [N] in Xc's dtype.
+    labels [N], means [m, d]; for rank r > 0 also coefs [N, r] = U_l^T (x - mu_l) (bases is then unused).
+    |x - mu_l|^2 comes from the difference itself (no |x|^2 - 2 x.c + |c|^2 cancellation); since U_l has
+    orthonormal (or zero) columns, |x - mu_l - U_l a|^2 = |x - mu_l|^2 - |a|^2, which avoids gathering a
+    [N, d, r] basis per point.
     """
     N, d = Xc.shape
-    r = 0 if bases is None else bases.shape[2]
+    r = 0 if coefs is None else coefs.shape[1]
     out = torch.empty(N, dtype=Xc.dtype, device=Xc.device)
-    step = chunk_rows(d * max(1, r), chunk_size)
+    step = chunk_rows(d, chunk_size)
     for s in range(0, N, step):
         e = min(s + step, N)
-        lab = labels[s:e]
-        diff = Xc[s:e] - means[lab]
-        if r > 0:
-            diff -= torch.einsum("cr,cdr->cd", coefs[s:e], bases[lab])
+        diff = Xc[s:e] - means[labels[s:e]]
         out[s:e] = (diff * diff).sum(1)
-    return out
+        if r > 0:
+            out[s:e] -= (coefs[s:e] * coefs[s:e]).sum(1)
+    return out.clamp_min_(0)
 
 
 def sq_dist_to_points(Xc: torch.Tensor, x_sq: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -177,38 +179,54 @@ def flip_signs(U: torch.Tensor) -> torch.Tensor:
     return U * sign
 
 
+def _top_eigh(M: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Largest q eigenpairs of a symmetric float64 matrix, descending -> (values [q], vectors [n, q]).
+
+    A full torch.linalg.eigh: exact, on any device. (scipy's subset MRRR driver is ~4x faster for q << n on one
+    core, but its BLAS threads fight torch's for the cores; not worth the surprise.)
+    """
+    w, v = torch.linalg.eigh(M)
+    return w[-q:].flip(0), v[:, -q:].flip(1)
+
+
 def top_directions(Y: torch.Tensor, r: int, chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-r principal directions of already-centred rows Y [n, d] -> (U [d, r], singular values [r]).
 
-    Exact (eigh of the scatter matrix when n >= d, thin SVD otherwise), in float64 for accuracy. Directions
-    beyond the numerical rank of Y (fewer than r+1 points, duplicates, a degenerate cloud) are returned as
-    zero columns with singular value 0: the flat is then the affine hull of the data, a lower-rank piece,
-    which is still optimal for those points and keeps the code deterministic.
+    Exact, in float64: eigh of the d x d scatter matrix when n > d, else of the n x n Gram matrix (U = Y^T v / s,
+    re-orthonormalised) -- both several times cheaper than an SVD of Y. Directions beyond the numerical rank of
+    Y (fewer than r+1 points, duplicates, a degenerate cloud) come back as zero columns with singular value 0:
+    the flat is then the affine hull of the data, a lower-rank piece, still optimal for those points and
+    deterministic. The rank cut-off is s_i <= s_1 * max(max(n, d) * eps(dtype), 10 sqrt(max(n, d) eps64)),
+    the second term being what squaring into a scatter/Gram matrix can resolve.
     """
     n, d = Y.shape
     U = torch.zeros(d, r, dtype=torch.float64, device=Y.device)
     s = torch.zeros(r, dtype=torch.float64, device=Y.device)
     if r == 0 or n == 0:
         return U.to(Y.dtype), s.to(Y.dtype)
-    if n >= d:
+    step = chunk_rows(max(n, d), chunk_size)
+    if n > d:
         S = torch.zeros(d, d, dtype=torch.float64, device=Y.device)
-        step = chunk_rows(d, chunk_size)
         for a in range(0, n, step):
             Yb = Y[a : a + step].double()
             S.addmm_(Yb.T, Yb)
-        evals, evecs = torch.linalg.eigh(S)
         q = min(r, d)
-        U[:, :q] = evecs[:, -q:].flip(1)
-        s[:q] = evals[-q:].flip(0).clamp_min(0).sqrt()
+        evals, U[:, :q] = _top_eigh(S, q)
+        s[:q] = evals.clamp_min(0).sqrt()
     else:
-        _, sv, Vh = torch.linalg.svd(Y.double(), full_matrices=False)
-        q = min(r, sv.shape[0])
-        U[:, :q] = Vh[:q].T
-        s[:q] = sv[:q]
-    tol = s[0] * max(n, d) * torch.finfo(Y.dtype).eps
+        Y64 = Y.double()
+        q = min(r, n)
+        evals, V = _top_eigh(Y64 @ Y64.T, q)
+        s[:q] = evals.clamp_min(0).sqrt()
+        U[:, :q] = (Y64.T @ V) / s[:q].clamp_min(torch.finfo(torch.float64).tiny)
+    m = max(n, d)
+    tol = s[0] * max(m * torch.finfo(Y.dtype).eps, 10 * (m * torch.finfo(torch.float64).eps) ** 0.5)
     keep = s > tol
-    U[:, ~keep] = 0
     s[~keep] = 0
+    U[:, ~keep] = 0
+    if n <= d and bool(keep.any()):  # Gram path: U = Y^T V / s is orthonormal only up to rounding
+        kq = int(keep.sum())  # kept columns are the leading ones (s is sorted)
+        U[:, :kq] = torch.linalg.qr(U[:, :kq]).Q
     return flip_signs(U).to(Y.dtype), s.to(Y.dtype)
 
 
