@@ -90,7 +90,8 @@ def test_e1_config_errors(bad):
 # ------------------------------------------------------------------------------------------------ E2
 def tiny_e2(**kw) -> e2.E2Config:
     base = dict(architectures=("topk",), d_sae=16, k=4, epochs=3, fractions=(0.2, 1.0),
-                fraction_architectures=("topk",), equal_steps_architectures=("topk",), fraction_pam_alphas=(100.0,),
+                fraction_architectures=("topk",), equal_steps_architectures=("topk",), equal_steps_fractions=(0.2, 1.0),
+                fraction_pam_alphas=(100.0,),
                 fraction_max_epochs=3, fraction_min_epochs=2, ablation_architectures=("topk",), ablation_epochs=1,
                 sgd_updates=(1, 2), weight_decays=(0.0, 1e-3), mu_nus=(0.0, 1e-3))
     base.update(kw)
@@ -121,6 +122,7 @@ def test_e2_runs_and_writes_what_it_promises(tmp_path, tiny_mnist):
     assert fr["paper"]["topk"]["sgd"][1]["test_mse"] == base["sgd"]["test_mse"]
     steps = [r["steps"] for r in fr["equal_steps"]["topk"]["sgd"]]
     assert steps[0] >= steps[1] == base["sgd"]["steps"]
+    assert [r["policy"] for r in fr["equal_steps"]["topk"]["pam_sgd_alpha=100"]] == ["equal_steps"] * 2
     ab = json.loads((tmp_path / "e2_mnist_ablations.json").read_text())["ablations"]
     assert [r["value"] for r in ab["sgd_updates"]["topk"]["pam_sgd"]] == [1, 2]
     assert set(ab["weight_decay"]["topk"]) == {"sgd", "pam_sgd"}
@@ -135,7 +137,7 @@ def test_e2_methods_share_the_initialisation_and_reference_ties_sgd(tiny_mnist):
     assert torch.equal(a.W_enc, b.W_enc) and torch.equal(a.W_dec, b.W_dec)
     X_tr, X_te = tiny_mnist
     ref = e2.E2Config.reference(d_sae=16, k=4)
-    assert ref.sgd_tied and ref.equal_steps_architectures == ()
+    assert ref.sgd_tied and ref.equal_steps_architectures == () and ref.fraction_pam_alphas == ()
     rec = e2.train_one(ref, "sgd", "topk", X_tr[:64], X_te[:32], 1, curves=False)
     assert rec["tied"] is True
     assert e2.train_one(ref, "pam_sgd", "topk", X_tr[:64], None, 1, curves=False)["tied"] is False
@@ -156,6 +158,7 @@ def test_fraction_epochs_and_subsets():
 
 
 @pytest.mark.parametrize("bad", [dict(dataset="cifar"), dict(k=300), dict(fractions=(0.0,)),
+                                 dict(equal_steps_fractions=(1.5,)),
                                  dict(architectures=("gated",)), dict(sgd_updates_methods=("adam",)),
                                  dict(weight_decays=(-1.0,)), dict(lr=0.0)])
 def test_e2_config_errors(bad):

@@ -10,7 +10,7 @@ mse(k-means) >= mse(TopK SAE) >= mse(local PCA rank k).
 Capacity is counted two ways and both are reported:
 - **parameters** (the primary match): k-means m * d; local PCA m * d * (1 + r); SAE 2 * d * d_sae + d_sae + d.
   The matched triple is an SAE with d_sae latents and the k-means / local-PCA sizes whose parameter counts are
-  closest to it (d_sae 256, k 15 on 784 pixels: 402,432 parameters; k-means 512 centroids: 401,408; local PCA
+  closest to it (d_sae 256, k 15 on 784 pixels: 402,448 parameters; k-means 512 centroids: 401,408; local PCA
   32 regions of rank 15: 401,408).
 - **regions**: m for k-means and local PCA; for the SAE the number of distinct active sets it uses on the
   training / test points, measured with `splinterp.geometry.region_stats`. An SAE's region count is
@@ -133,6 +133,7 @@ def _closest(recs: list[dict[str, Any]], n_params: int) -> dict[str, Any]:
 def figure_capacity(res: dict[str, Any], title: str):
     """Test mse against parameters (left) and against regions (right; the SAE's measured on test points)."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     fig = Figure(figsize=(12, 4.6), layout="constrained")
     a0, a1 = fig.subplots(1, 2)
@@ -152,6 +153,7 @@ def figure_capacity(res: dict[str, Any], title: str):
                        label=f"PCA AE (rank {res['rank']})", zorder=5)
     for ax, xl in ((a0, "parameters"), (a1, "regions (SAE: distinct active sets on the test points)")):
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(xl)
         ax.set_ylabel("test mse")
         ax.grid(alpha=0.3)

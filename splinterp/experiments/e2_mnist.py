@@ -93,6 +93,8 @@ class E2Config:
     """Architectures run under the "paper" epoch policy."""
     equal_steps_architectures: tuple[str, ...] = ("topk",)
     """Architectures also run under the "equal_steps" policy (costly: every fraction trains as long as 100%)."""
+    equal_steps_fractions: tuple[float, ...] = (0.01, 0.05, 0.1, 1.0)
+    """Fractions of the "equal_steps" sweep (where the step budget matters most)."""
     fraction_pam_alphas: tuple[float, ...] = (100.0,)
     """Extra PAM-SGD runs of the "paper" training-size sweep with this decoder ridge alpha (sum scale), stored
     as method "pam_sgd_alpha=<alpha>": with fewer rows than latents the exact decoder interpolates the training
@@ -132,8 +134,9 @@ class E2Config:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 2):
                 raise ConfigError(f"E2Config.{name} must be None or an integer >= 2, got {v!r}")
-        if not all(0 < f <= 1 for f in self.fractions):
-            raise ConfigError(f"E2Config.fractions must lie in (0, 1], got {self.fractions!r}")
+        for name in ("fractions", "equal_steps_fractions"):
+            if not all(0 < f <= 1 for f in getattr(self, name)):
+                raise ConfigError(f"E2Config.{name} must lie in (0, 1], got {getattr(self, name)!r}")
         bad = [m for m in self.sgd_updates_methods if m not in METHODS]
         if bad or not self.sgd_updates_methods:
             raise ConfigError(f"E2Config.sgd_updates_methods must be a non-empty subset of {METHODS}, got "
@@ -161,8 +164,9 @@ class E2Config:
 
     @classmethod
     def reference(cls, **overrides) -> E2Config:
-        """The authors' E2 choices: tied SGD baseline, 50 epochs, their training-size schedule only."""
-        base = dict(sgd_tied=True, epochs=50, ablation_epochs=50, equal_steps_architectures=())
+        """The authors' E2 choices: tied SGD baseline, 50 epochs, their training-size schedule only, their
+        decoder ridge only."""
+        base = dict(sgd_tied=True, epochs=50, ablation_epochs=50, equal_steps_architectures=(), fraction_pam_alphas=())
         base.update(overrides)
         return cls(**base)
 
@@ -272,31 +276,31 @@ def run_base(cfg: E2Config, X_tr, X_te) -> dict[str, Any]:
 def run_fractions(cfg: E2Config, X_tr, X_te, base: dict[str, Any] | None = None) -> dict[str, Any]:
     """Final test mse against training-set fraction, for each policy, architecture and method.
 
-    A full-data run whose epoch count equals the base comparison's is taken from `base` (same data, same
-    settings, so the same run) instead of being trained again.
+    Methods: "sgd", "pam_sgd" and one "pam_sgd_alpha=<a>" per `cfg.fraction_pam_alphas`. The "equal_steps"
+    policy runs the fractions in `cfg.equal_steps_fractions`. A run with the same (architecture, method, rows,
+    epochs) as one already done -- a base run, or the full-data run of the other policy -- is the same run
+    (same data, same seeds) and is reused instead of being trained again.
     """
     n = X_tr.shape[0]
     out: dict[str, Any] = {}
-    runs = [("paper", a) for a in cfg.fraction_architectures] + [("equal_steps", a)
-                                                                  for a in cfg.equal_steps_architectures]
-    jobs = [(p, a, f, m, None) for p, a in runs for f in cfg.fractions for m in METHODS]
-    jobs += [("paper", a, f, "pam_sgd", alpha) for a in cfg.fraction_architectures for alpha in cfg.fraction_pam_alphas
-             for f in cfg.fractions]
+    done: dict[tuple, dict[str, Any]] = {}
+    for arch, by_m in (base or {}).items():
+        for method, rec in by_m.items():
+            done[(arch, method, n, rec["epochs"])] = {k: v for k, v in rec.items() if k != "curves"}
+    variants = [(m, None) for m in METHODS] + [("pam_sgd", a) for a in cfg.fraction_pam_alphas]
+    runs = ([("paper", a, f) for a in cfg.fraction_architectures for f in cfg.fractions]
+            + [("equal_steps", a, f) for a in cfg.equal_steps_architectures for f in cfg.equal_steps_fractions])
+    jobs = [(p, a, f, m, alpha) for p, a, f in runs for m, alpha in variants]
     for policy, arch, frac, method, alpha in tqdm(jobs, desc=f"{cfg.tag} training size", leave=False):
         idx = fraction_subset(n, frac, cfg.seed)
         ep = fraction_epochs(cfg, policy, len(idx), n)
         key = method if alpha is None else f"pam_sgd_alpha={alpha:g}"
-        if alpha is not None:
-            rec = train_one(cfg, method, arch, X_tr[idx.to(X_tr.device)], X_te, ep, curves=False, alpha=alpha)
-        elif len(idx) == n:
-            prev = (base or {}).get(arch, {}).get(method)
-            if prev is not None and prev["epochs"] == ep:
-                rec = {k: v for k, v in prev.items() if k != "curves"}
-            else:
-                rec = train_one(cfg, method, arch, X_tr, X_te, ep, curves=False)
-        else:
-            rec = train_one(cfg, method, arch, X_tr[idx.to(X_tr.device)], X_te, ep, curves=False)
-        rec["fraction"] = frac
+        tag = (arch, key, len(idx), ep)
+        if tag not in done:
+            X = X_tr if len(idx) == n else X_tr[idx.to(X_tr.device)]
+            ov = {} if alpha is None else {"alpha": alpha}
+            done[tag] = train_one(cfg, method, arch, X, X_te, ep, curves=False, **ov)
+        rec = dict(done[tag], fraction=frac, policy=policy)
         out.setdefault(policy, {}).setdefault(arch, {}).setdefault(key, []).append(rec)
     return out
 
@@ -365,6 +369,7 @@ def figure_fractions(fr: dict[str, Any], n_full: int, title: str):
             color, marker, ls = style.get(m, ("tab:orange", "^", "--"))
             ax.plot(fx, [r["test_mse"] for r in recs], marker=marker, color=color, ls=ls, label=_label(m))
         ax.set_xscale("log")
+        ax.set_yscale("log")
         ax.set_xlabel(f"training fraction (of {n_full} rows)")
         ax.set_ylabel("final test mse")
         ax.set_title(f"{arch}, epochs: {policy}")
