@@ -30,7 +30,7 @@ import torch
 
 from splinterp.atomic import write_json, write_text
 from splinterp.errors import ConfigError
-from splinterp.experiments.e3_llm import LayerSAEConfig, LLMContext, LLMDataConfig
+from splinterp.experiments.e3_llm import LayerSAEConfig, LLMContext, LLMDataConfig, job_threads, torch_threads
 from splinterp.experiments.registry import register, to_jsonable
 
 log = logging.getLogger(__name__)
@@ -183,8 +183,9 @@ def run_llm_geometry(cfg: GeometryConfig, out_dir: str | os.PathLike) -> dict[st
 
 @register("llm_geometry", "Region statistics (n_regions, perplexity, power-diagram cells of order 1/2/4) of "
           "trained SAEs on held-out MiniLM tokens, per layer and per architecture",
-          outputs=["llm_geometry.json", "llm_geometry_table.md", "llm_geometry.png"], quick_seconds=30)
+          outputs=["llm_geometry.json", "llm_geometry_table.md", "llm_geometry.png"], quick_seconds=20)
 def llm_geometry_job(out_dir: Path, quick: bool, seed: int, device: str) -> dict:
-    res = run_llm_geometry(GeometryConfig.preset(quick, seed, device), out_dir)
+    with torch_threads(job_threads(quick)):
+        res = run_llm_geometry(GeometryConfig.preset(quick, seed, device), out_dir)
     return {"rows": [{k: r[k] for k in ("sae", "layer", "l0", "n_regions", "regions_per_token", "region_perplexity")}
                      for r in res["rows"]]}

@@ -36,7 +36,7 @@ from typing import Any
 
 from splinterp.atomic import write_json, write_text
 from splinterp.errors import ConfigError
-from splinterp.experiments.e3_llm import LLMContext, LLMDataConfig, train_layers_sae
+from splinterp.experiments.e3_llm import LLMContext, LLMDataConfig, job_threads, torch_threads, train_layers_sae
 from splinterp.experiments.registry import register, to_jsonable
 
 log = logging.getLogger(__name__)
@@ -279,7 +279,8 @@ def run_shrinkage(cfg: ShrinkageConfig, out_dir: str | os.PathLike) -> dict[str,
       outputs=["shrinkage.json", "shrinkage_table.md", "shrinkage_pareto.png", "shrinkage_gamma.png"],
       quick_seconds=40)
 def shrinkage_job(out_dir: Path, quick: bool, seed: int, device: str) -> dict:
-    res = run_shrinkage(ShrinkageConfig.preset(quick, seed, device), out_dir)
+    with torch_threads(job_threads(quick)):
+        res = run_shrinkage(ShrinkageConfig.preset(quick, seed, device), out_dir)
     return {"loss_metric": res["loss_metric"], "target_l0": res["target_l0"],
             "matched": {r["architecture"]: {k: r[k] for k in ("value", "l0", "fvu", "gamma", "loss_recovered")}
                         for r in res["matched"]}}
