@@ -11,8 +11,9 @@ does not grow with the data) its current RSS is the baseline and the kernel's pe
 Figures: the data-attributable peak (peak - baseline) against the allowance (target <= 1), the whole
 process's peak (ru_maxrss, torch included) against the cache size, and `CacheBatches.peak_bytes()` against
 the measured peak. With `enforce=True` the child also caps its address space (RLIMIT_AS) at its size after
-the warm-up plus `enforce_factor` x the allowance, so that going over would fail hard (reported as a note;
-virtual size includes allocator reservations, so it needs more slack than RSS).
+the warm-up plus `enforce_factor` x the allowance, so that going over fails hard (reported as a note).
+The child runs with a fixed glibc mmap threshold (`MMAP_THRESHOLD`; `--glibc-default` to keep glibc's
+adaptive one, under which freed buffers linger in the heap and RSS overstates the live data).
 
     python bench/bench_streaming.py            # 800 MB cache, 200 MB allowance
     python bench/bench_streaming.py --quick    # 80 MB cache, 20 MB allowance
@@ -36,8 +37,12 @@ log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 MB = 2**20
-FULL = dict(allowance_mb=200, d_model=1024, shard_tokens=2048, batch=4096, d_sae=512, k=32)
+FULL = dict(allowance_mb=200, d_model=1024, shard_tokens=2048, batch=4096, d_sae=256, k=32)
 QUICK = dict(allowance_mb=20, d_model=256, shard_tokens=1024, batch=1024, d_sae=256, k=16)
+MMAP_THRESHOLD = 1 << 19
+"""glibc serves blocks of at least this size by mmap and returns them to the system on free. Without a fixed
+value its threshold adapts up to 32 MB and freed shard and buffer blocks stay in the heap, so RSS measures
+the allocator's high-water mark rather than live data."""
 
 
 def _maxrss_mb() -> float:
@@ -88,13 +93,16 @@ def child(args: dict) -> dict:
                         seed=args["seed"], device=args["device"]))
     cfg = PAMConfig(epochs=1, batch_size=args["batch"], lr=1e-3, progress=False, seed=args["seed"],
                     eval_batch_size=args["batch"], decoder_batch_size=args["batch"])
-    # warm-up on one in-memory batch: everything that does not scale with the data set
+    # warm-up on one in-memory batch: everything that does not scale with the data set, and one shuffled
+    # batch through the reader (pages in the code of the kernels it uses: file-backed RSS, not data)
     warm = next(iter(stream.sequential(args["batch"])))
     train_pam_sgd(sae, warm, cfg)
+    next(iter(CacheBatches(cache, 0, args["batch"], split=None, buffer_tokens=args["batch"])))
     del warm
     gc.collect()
     out = {"warmup_maxrss_mb": _maxrss_mb(), "baseline_mb": _status_mb("VmRSS") or _maxrss_mb(),
-           "buffer_tokens": stream.buffer_tokens, "estimate_mb": stream.peak_bytes() / MB, "enforced": False}
+           "buffer_tokens": stream.buffer_tokens, "estimate_mb": stream.peak_bytes() / MB, "enforced": False,
+           "rss_file_start_mb": _status_mb("RssFile"), "rss_anon_start_mb": _status_mb("RssAnon")}
     out["hwm_reset"] = _reset_peak()
     if args["enforce"]:
         vm = _status_mb("VmSize")
@@ -109,7 +117,8 @@ def child(args: dict) -> dict:
     t0 = time.perf_counter()
     hist = train_pam_sgd(sae, stream, cfg)
     out.update(train_s=time.perf_counter() - t0, train_peak_mb=_peak_mb(out["hwm_reset"]), maxrss_mb=_maxrss_mb(),
-               vm_end_mb=_status_mb("VmSize"), train_n_tokens=hist.last["train_n_tokens"],
+               vm_end_mb=_status_mb("VmSize"), rss_file_end_mb=_status_mb("RssFile"),
+               rss_anon_end_mb=_status_mb("RssAnon"), train_n_tokens=hist.last["train_n_tokens"],
                train_explained_variance=hist.last["train_explained_variance"])
     return out
 
@@ -131,7 +140,7 @@ def make_cache(folder: Path, n_tokens: int, d_model: int, shard_tokens: int, see
 
 
 def run(quick: bool = False, seed: int = 0, device: str = "cpu", enforce: bool = True,
-        enforce_factor: float = 2.0, workdir: str | None = None) -> dict:
+        enforce_factor: float = 1.0, mmap_threshold: int | None = MMAP_THRESHOLD, workdir: str | None = None) -> dict:
     """Write the cache, train from it in a child process, report peak RSS against the allowance."""
     from bench.common import row
 
@@ -146,6 +155,8 @@ def run(quick: bool = False, seed: int = 0, device: str = "cpu", enforce: bool =
         args = {**size, "cache": str(cache.folder), "seed": seed, "device": device, "enforce": enforce,
                 "enforce_factor": enforce_factor}
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        if mmap_threshold is not None:
+            env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
         p = subprocess.run([sys.executable, "-m", "bench.bench_streaming", "--child", json.dumps(args)],
                            cwd=ROOT, env=env, capture_output=True, text=True)
         if p.returncode != 0:
@@ -166,7 +177,11 @@ def run(quick: bool = False, seed: int = 0, device: str = "cpu", enforce: bool =
     ]
     how = ("kernel peak-RSS mark VmHWM, reset after the warm-up" if res["hwm_reset"]
            else "ru_maxrss: the warm-up peak may hide the data's")
+    glibc = (f"child run with MALLOC_MMAP_THRESHOLD_={mmap_threshold} (freed blocks >= {mmap_threshold >> 10} kB "
+             "go back to the system)" if mmap_threshold is not None else
+             "glibc's default adaptive mmap threshold (freed blocks up to 32 MB may stay in the heap)")
     notes = [
+        glibc,
         f"cache: {n_tokens} tokens x d_model {size['d_model']} float32 = {cache_mb:.0f} MB in "
         f"{len(cache.shards)} shards of {size['shard_tokens']} tokens (written in {write_s:.1f} s); "
         f"allowance {allowance_mb} MB -> shuffle buffer {res['buffer_tokens']} tokens",
@@ -175,7 +190,9 @@ def run(quick: bool = False, seed: int = 0, device: str = "cpu", enforce: bool =
         f"pass {res['read_s']:.1f} s ({res['read_rows'] / res['read_s'] / 1e3:.0f}k rows/s)",
         f"RSS after the warm-up {res['baseline_mb']:.0f} MB (process peak so far {res['warmup_maxrss_mb']:.0f} MB, "
         f"mostly torch itself); peak during the reading pass {res['read_peak_mb']:.0f} MB, during training "
-        f"{res['train_peak_mb']:.0f} MB ({how})",
+        f"{res['train_peak_mb']:.0f} MB ({how}); current RSS anonymous {res['rss_anon_start_mb']:.0f} -> "
+        f"{res['rss_anon_end_mb']:.0f} MB, file-backed (code, mapped shards) {res['rss_file_start_mb']:.0f} -> "
+        f"{res['rss_file_end_mb']:.0f} MB from the warm-up to the end",
         (f"address space capped (RLIMIT_AS) at size after warm-up {res['vm_after_warmup_mb']:.0f} MB + "
          f"{enforce_factor:g} x allowance = {res['as_limit_mb']:.0f} MB: training completed under the cap "
          f"(virtual size at the end {res['vm_end_mb']:.0f} MB)") if res["enforced"] else
@@ -190,8 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-enforce", action="store_true", help="do not cap the child's address space (RLIMIT_AS)")
-    ap.add_argument("--enforce-factor", type=float, default=2.0, help="address-space cap = size after warm-up + "
+    ap.add_argument("--enforce-factor", type=float, default=1.0, help="address-space cap = size after warm-up + "
                     "this x the allowance")
+    ap.add_argument("--glibc-default", action="store_true", help="keep glibc's adaptive mmap threshold")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workdir", default=None, help="where to write the temporary cache (default: system temp)")
@@ -204,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child(json.loads(a.child))), flush=True)
         return 0
     res = run(quick=a.quick, seed=a.seed, device=a.device, enforce=not a.no_enforce,
-              enforce_factor=a.enforce_factor, workdir=a.workdir)
+              enforce_factor=a.enforce_factor, mmap_threshold=None if a.glibc_default else MMAP_THRESHOLD,
+              workdir=a.workdir)
     logging.getLogger().setLevel(logging.INFO)
     for r in res["rows"]:
         log.info("%s: %.2fx %s (%.1f vs %.1f %s)", r["figure"], r["ratio"], r["baseline"], r["value"],

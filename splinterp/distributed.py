@@ -284,8 +284,10 @@ class CacheBatches:
     (evaluation, PAM decoder statistics). The batch size of the stream is this object's `batch_size`
     (the trainer's `cfg.batch_size` applies to tensor data only).
 
-    Memory: about `peak_bytes()` of data at a time (buffer + a few shards), whatever the cache size.
-    `memory_limit_bytes` sizes the buffer to fit (ConfigError if even one shard does not).
+    Memory: about `peak_bytes()` of data at a time (buffer + a few shards + the batches in flight),
+    whatever the cache size. `memory_limit_bytes` sizes the buffer to fit (ConfigError if even one shard
+    does not). With glibc, freed blocks below its adaptive mmap threshold (up to 32 MB) stay in the heap,
+    so RSS can exceed the live data; `MALLOC_MMAP_THRESHOLD_=524288` in the environment returns them.
 
     Data parallel: `shard(rank, world_size)` (what `train_distributed` calls) gives rank `rank`'s view:
     it reads only its own shards (the shard list, permuted per epoch when shuffling, dealt round-robin),
