@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest.mock import patch
+
 import numpy as np
 import pytest
 import torch
@@ -64,14 +66,23 @@ def test_topk_select_tree_filter_is_exact(rows, groups, levels, data):
     k = data.draw(st.integers(1, groups - 1))
     seed = data.draw(st.integers(0, 2**16))
     s = torch.randint(0, levels, (rows, n), generator=torch.Generator().manual_seed(seed)).double()
-    assert kernels._tree_candidates(s, k) is not None
-    assert torch.equal(kernels.topk_select(s, k), topk_indices(s, k))
+    with patch.object(kernels, "TREE_MIN_D_SAE", 0):
+        assert kernels._tree_candidates(s, k) is not None
+        assert torch.equal(kernels.topk_select(s, k), topk_indices(s, k))
 
 
-def test_topk_select_tree_filter_on_continuous_scores():
+def test_topk_select_tree_filter_on_continuous_scores(monkeypatch):
+    monkeypatch.setattr(kernels, "TREE_MIN_D_SAE", 0)
     s = torch.randn(64, 1024, generator=torch.Generator().manual_seed(1))
     for k in (1, 5, 15):
         assert torch.equal(kernels.topk_select(s, k), topk_indices(s, k))
+
+
+@pytest.mark.parametrize("n", [5, 2**16, 2**16 + 1, 2**20])
+def test_stable_argsort_of_latent_ids(n):
+    flat = torch.randint(0, n, (5000,), generator=torch.Generator().manual_seed(n))
+    flat[:100] = n - 1  # equal keys keep their order
+    assert torch.equal(kernels._stable_argsort(flat, n), torch.sort(flat, stable=True).indices)
 
 
 @pytest.mark.parametrize("B,n", [(30, 8), (6, 40)])
