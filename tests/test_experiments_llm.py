@@ -83,6 +83,24 @@ def test_store_reuses_trained_saes(ctx):
     c = train_layers_sae(ctx, [1], sae_cfg, train_cfg.replace(lr=1e-3), name="topk_L1")
     assert not c.reused  # any setting change is a different SAE
     assert SAEStore(ctx.store.root, enabled=False).get("topk_L1", a.key) is None
+    stds = json.loads((ctx.store.folder("topk_L1", a.key) / "standardizers.json").read_text())
+    assert list(stds) == ["1"] and len(stds["1"]["mean"]) == 384
+
+
+@pytest.mark.parametrize("arch", ["relu", "gated", "jumprelu"])
+def test_sparse_start_sets_initial_l0(arch):
+    from splinterp import SAE, SAEConfig
+    from splinterp.experiments.e3_llm import sparse_start
+
+    X = torch.randn(500, 12, generator=torch.Generator().manual_seed(0))
+    sae = SAE(SAEConfig(d_in=12, d_sae=40, architecture=arch, seed=1))
+    tau = sparse_start(sae, X, 6.0)
+    u = X @ SAE(SAEConfig(d_in=12, d_sae=40, architecture="relu", seed=1)).W_enc  # same initial encoder
+    assert tau == pytest.approx(float(torch.quantile(u.flatten(), 1 - 6 / 40)), rel=1e-5)
+    l0 = float((sae.encode(X) != 0).sum(1).float().mean())
+    assert abs(l0 - 6.0) < 0.1
+    with pytest.raises(ConfigError):
+        sparse_start(SAE(SAEConfig(d_in=12, d_sae=40, architecture="topk", k=3)), X, 6.0)
 
 
 def test_flops_estimate():

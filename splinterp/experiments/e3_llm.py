@@ -233,7 +233,8 @@ class LLMContext:
 class SAEStore:
     """Trained SAEs on disk, keyed by a hash of everything that decides them; `enabled=False` never reuses.
 
-    Layout: root/<name>-<hash>/sae/ (splinterp.save) and meta.json (key + results), meta.json last.
+    Layout: root/<name>-<hash>/sae/ (splinterp.save) and meta.json (key + results), meta.json last;
+    `train_layers_sae` adds standardizers.json ({layer: Standardizer.to_dict()}: how the SAE's inputs were made).
     """
 
     def __init__(self, root: str | os.PathLike, enabled: bool = True):
@@ -258,11 +259,14 @@ class SAEStore:
             log.warning("stored SAE %s is unreadable (%s); training again", f, e)
             return None
 
-    def put(self, name: str, key: dict[str, Any], sae: Any, meta: dict[str, Any]) -> Path:
+    def put(self, name: str, key: dict[str, Any], sae: Any, meta: dict[str, Any],
+            extra_json: dict[str, Any] | None = None) -> Path:
         from splinterp.io import save
 
         f = self.folder(name, key)
         save(sae, f / "sae")
+        for fname, obj in (extra_json or {}).items():
+            write_json(f / fname, obj)
         write_json(f / "meta.json", to_jsonable({**meta, "key": json.loads(json.dumps(key, default=str))}))
         return f
 
@@ -358,9 +362,9 @@ def train_layers_sae(ctx: LLMContext, layers: Sequence[int], sae_cfg: Any, train
         sae = SAE(sae_cfg.replace(metadata=meta, device=ctx.device))
         if sparse_start_l0 is not None:
             sample = next(iter(ctx.cache.iter_batches(layers, 4096, split="train")))
-            sample = sample if sample.ndim == 2 else sample.reshape(-1, sample.shape[-1])[:4096]
-            sparse_start(sae, ctx.standardizer(layers[0]).transform(sample).to(sae.dtype).to(ctx.device),
-                         sparse_start_l0)
+            sample = sample[:, None] if sample.ndim == 2 else sample
+            sample = torch.cat([ctx.standardizer(v).transform(sample[:, i]) for i, v in enumerate(layers)])
+            sparse_start(sae, sample[:4096].to(device=ctx.device, dtype=sae.dtype), sparse_start_l0)
     tracker = FVUTracker(sae, eval_sets, every=eval_every)
     tracker.record(0)
     _, hist = train_group_sae(ctx.cache, layers, None, train_cfg, standardizers=stds, sampling=sampling,
@@ -369,8 +373,10 @@ def train_layers_sae(ctx: LLMContext, layers: Sequence[int], sae_cfg: Any, train
     secs = train_seconds(hist, tracker)
     final = {str(v): metrics.evaluate(sae, ctx.test(v)) for v in layers}
     curve = tracker.curve()
+    # the SAE reads standardised activations: the per-layer standardisers are kept next to it
     ctx.store.put(name, key, sae, {"curve": curve, "train_seconds": secs, "final": final, "layers": layers,
-                                   "history_last": hist.last})
+                                   "history_last": hist.last},
+                  extra_json={"standardizers.json": {str(v): stds[v].to_dict() for v in layers}})
     return TrainedSAE(sae, layers, curve, secs, final, key)
 
 
