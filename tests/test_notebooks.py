@@ -1,7 +1,12 @@
 """Every notebook in notebooks/ runs top to bottom on small settings (SPLINTERP_QUICK=1) without raising.
 
-The LLM notebooks harvest MiniLM activations and train several SAEs, so even their quick settings take well
-over 30 s on 2 CPU cores: they are marked slow (run with `pytest -m slow`).
+Notebooks are stored without outputs; this executes them in memory with nbclient (nothing is written back).
+
+Marked slow (run them with `pytest -m slow`) are those that take well over 30 s of CPU even with
+SPLINTERP_QUICK=1, measured on 2 cores: 02 (the E1 job, ~90 s CPU), 03 (the E2 job plus a small SGD/PAM-SGD
+run, ~40 s), 04 (MiniLM harvest, E3, projections), 05 (shrinkage sweep), 06 (Group-SAE). 01 and 07 (~10 s CPU
+each) run in the default suite. The slow ones call the registered jobs that `splinterp reproduce --quick`
+runs, so a lighter quick preset in an experiment module makes its notebook fast too.
 """
 
 from __future__ import annotations
