@@ -28,9 +28,12 @@ _BUDGET = 1 << 24
 FIT_DTYPES = (torch.float32, torch.float64)
 
 
-def show_progress(progress: bool | None, work: float) -> bool:
-    """progress=None: show a bar only for big fits (work ~ multiply-adds, > 1e11 is ~10 s on a CPU)."""
-    return bool(progress) if progress is not None else work > 1e11
+def tqdm_disable(progress: bool | None, work: float) -> bool | None:
+    """tqdm's `disable` for a fit: progress=True/False force it on/off; None shows a bar only for big fits
+    (work ~ multiply-adds, > 1e11 is ~10 s on a CPU) and only on a terminal (tqdm's disable=None)."""
+    if progress is not None:
+        return not progress
+    return None if work > 1e11 else True
 
 
 def chunk_rows(n_cols: int, chunk_size: int | None = None) -> int:

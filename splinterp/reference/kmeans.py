@@ -25,7 +25,7 @@ from splinterp.reference._base import (
     exact_sq_errors,
     kmeans_plusplus,
     nearest_centres,
-    show_progress,
+    tqdm_disable,
 )
 from splinterp.validation import as_tensor, check_positive_int
 
@@ -91,7 +91,7 @@ def lloyd(
     max_iter: int,
     tol_abs: float,
     chunk_size: int | None = None,
-    progress: bool = False,
+    disable_bar: bool | None = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched Lloyd iterations from centres C0 [R, k, d] -> (centres [R, k, d], iterations [R]).
 
@@ -110,7 +110,7 @@ def lloyd(
     incremental = Xc.device.type == "cpu"
     sums64 = torch.zeros(R * k, d, dtype=torch.float64) if incremental else None
     counts_all = torch.zeros(R * k, dtype=torch.long, device=Xc.device)
-    bar = tqdm(range(max_iter), desc="k-means", disable=not progress, leave=False)
+    bar = tqdm(range(max_iter), desc="k-means", disable=disable_bar, leave=False)
     for it in bar:
         Ca = C[active]
         labels, mind = nearest_centres(Xc, x_sq, Ca, chunk_size)
@@ -294,8 +294,8 @@ class KMeansAE(ReferenceAE):
         else:  # random distinct points
             idx = torch.rand(cfg.n_init, N, generator=gen, device=X.device).argsort(1)[:, :k]
             C0 = Xc[idx]
-        bar = show_progress(cfg.progress, float(N) * d * k * C0.shape[0] * 30)
-        C, n_iter = lloyd(Xc, x_sq, C0, cfg.max_iter, tol_abs, cfg.chunk_size, bar)
+        disable = tqdm_disable(cfg.progress, float(N) * d * k * C0.shape[0] * 30)
+        C, n_iter = lloyd(Xc, x_sq, C0, cfg.max_iter, tol_abs, cfg.chunk_size, disable)
         labels, _ = nearest_centres(Xc, x_sq, C, cfg.chunk_size)
         inertia = torch.stack(
             [

@@ -30,8 +30,8 @@ from splinterp.reference._base import (
     cluster_sums,
     exact_sq_errors,
     nearest_centres,
-    show_progress,
     top_directions,
+    tqdm_disable,
 )
 from splinterp.reference.kmeans import KMeansAE
 from splinterp.validation import as_tensor, check_positive_int
@@ -228,7 +228,7 @@ class LocalPCAAE(ReferenceAE):
         return torch.zeros_like(self._offset)
 
     # ------------------------------------------------------------------ fitting
-    def _run(self, Xc, x_sq, means, bases, bar_desc: str, bar: bool):
+    def _run(self, Xc, x_sq, means, bases, bar_desc: str, disable: bool | None):
         """Alternate assignment / flat fitting from the given flats; returns the final state."""
         cfg = self.cfg
         m, r = cfg.n_regions, cfg.rank
@@ -236,7 +236,7 @@ class LocalPCAAE(ReferenceAE):
         obj = float(exact_sq_errors(Xc, labels, means, bases, coefs, cfg.chunk_size).sum(dtype=torch.float64))
         history = [obj]
         n_iter = 0
-        for _ in tqdm(range(cfg.max_iter), desc=bar_desc, disable=not bar, leave=False):
+        for _ in tqdm(range(cfg.max_iter), desc=bar_desc, disable=disable, leave=False):
             means, bases = fit_flats(Xc, labels, err, m, r, cfg.chunk_size)
             n_iter += 1
             new_labels, err, coefs = assign_to_flats(Xc, x_sq, means, bases, cfg.chunk_size)
@@ -289,8 +289,8 @@ class LocalPCAAE(ReferenceAE):
                 starts.append(km.cluster_centers_ - offset)
         best = None
         for i, M0 in enumerate(starts):
-            bar = show_progress(cfg.progress, float(N) * d * m * (1 + r) * 20)
-            out = self._run(Xc, x_sq, M0, zero_bases, f"local PCA {i + 1}/{len(starts)}", bar)
+            disable = tqdm_disable(cfg.progress, float(N) * d * m * (1 + r) * 20)
+            out = self._run(Xc, x_sq, M0, zero_bases, f"local PCA {i + 1}/{len(starts)}", disable)
             log.info("local PCA m=%d r=%d restart %d: objective %.6g after %d iterations", m, r, i, out[3], out[5])
             if best is None or out[3] < best[3]:
                 best = out
