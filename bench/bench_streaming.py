@@ -9,7 +9,7 @@ Measured in the child: after a warm-up on one in-memory batch (imports, SAE, Ada
 does not grow with the data) its current RSS is the baseline and the kernel's peak-RSS mark (VmHWM) is reset
 (`/proc/self/clear_refs`); the mark is then read after a bare reading pass over the stream and after training.
 Figures: the data-attributable peak (peak - baseline) against the allowance (target <= 1), the whole
-process's peak (ru_maxrss, torch included) against the cache size, and `CacheBatches.peak_bytes()` against
+process's peak (VmHWM, torch included) against the cache size, and `CacheBatches.peak_bytes()` against
 the measured peak. With `enforce=True` the child also caps its address space (RLIMIT_AS) at its size after
 the warm-up plus `enforce_factor` x the allowance, so that going over fails hard (reported as a note).
 The child runs with a fixed glibc mmap threshold (`MMAP_THRESHOLD`; `--glibc-default` to keep glibc's
@@ -100,7 +100,8 @@ def child(args: dict) -> dict:
     next(iter(CacheBatches(cache, 0, args["batch"], split=None, buffer_tokens=args["batch"])))
     del warm
     gc.collect()
-    out = {"warmup_maxrss_mb": _maxrss_mb(), "baseline_mb": _status_mb("VmRSS") or _maxrss_mb(),
+    # VmHWM, not ru_maxrss: Linux carries the forking parent's peak into ru_maxrss across exec
+    out = {"warmup_peak_mb": _status_mb("VmHWM") or _maxrss_mb(), "baseline_mb": _status_mb("VmRSS") or _maxrss_mb(),
            "buffer_tokens": stream.buffer_tokens, "estimate_mb": stream.peak_bytes() / MB, "enforced": False,
            "rss_file_start_mb": _status_mb("RssFile"), "rss_anon_start_mb": _status_mb("RssAnon")}
     out["hwm_reset"] = _reset_peak()
@@ -116,27 +117,37 @@ def child(args: dict) -> dict:
     _reset_peak()
     t0 = time.perf_counter()
     hist = train_pam_sgd(sae, stream, cfg)
-    out.update(train_s=time.perf_counter() - t0, train_peak_mb=_peak_mb(out["hwm_reset"]), maxrss_mb=_maxrss_mb(),
+    out.update(train_s=time.perf_counter() - t0, train_peak_mb=_peak_mb(out["hwm_reset"]),
                vm_end_mb=_status_mb("VmSize"), rss_file_end_mb=_status_mb("RssFile"),
                rss_anon_end_mb=_status_mb("RssAnon"), train_n_tokens=hist.last["train_n_tokens"],
                train_explained_variance=hist.last["train_explained_variance"])
     return out
 
 
-def make_cache(folder: Path, n_tokens: int, d_model: int, shard_tokens: int, seed: int):
-    """A synthetic float32 cache: low-rank signal plus noise, written with `write_cache`."""
+def make_cache(folder: str, n_tokens: int, d_model: int, shard_tokens: int, seed: int) -> dict:
+    """A synthetic float32 cache: low-rank signal plus noise, written with `write_cache` (run in a child, so the
+    bench process never holds the data)."""
     import torch
 
     from splinterp.data import write_cache
 
+    t0 = time.perf_counter()
     g = torch.Generator().manual_seed(seed)
     rank = min(64, d_model)
     basis = torch.randn(rank, d_model, generator=g) / rank**0.5
     X = torch.randn(n_tokens, rank, generator=g) @ basis
     X += 0.1 * torch.randn(n_tokens, d_model, generator=g)
     cache = write_cache(folder, X, shard_tokens=shard_tokens, model_name="synthetic", overwrite=True)
-    del X
-    return cache
+    return {"mb": sum((cache.folder / s["file"]).stat().st_size for s in cache.shards) / MB,
+            "n_shards": len(cache.shards), "seconds": time.perf_counter() - t0}
+
+
+def _child_run(mode: str, args: dict, env: dict) -> dict:
+    p = subprocess.run([sys.executable, "-m", "bench.bench_streaming", mode, json.dumps(args)], cwd=ROOT, env=env,
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"bench_streaming {mode} child failed (exit {p.returncode}):\n{p.stderr[-4000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 def run(quick: bool = False, seed: int = 0, device: str = "cpu", enforce: bool = True,
@@ -147,21 +158,18 @@ def run(quick: bool = False, seed: int = 0, device: str = "cpu", enforce: bool =
     size = QUICK if quick else FULL
     allowance_mb = size["allowance_mb"]
     n_tokens = int(4 * allowance_mb * MB // (size["d_model"] * 4))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     with tempfile.TemporaryDirectory(prefix="splinterp-stream-", dir=workdir) as tmp:
-        t0 = time.perf_counter()
-        cache = make_cache(Path(tmp) / "cache", n_tokens, size["d_model"], size["shard_tokens"], seed)
-        cache_mb = sum((cache.folder / s["file"]).stat().st_size for s in cache.shards) / MB
-        write_s = time.perf_counter() - t0
-        args = {**size, "cache": str(cache.folder), "seed": seed, "device": device, "enforce": enforce,
+        folder = str(Path(tmp) / "cache")
+        made = _child_run("--make-cache", {"folder": folder, "n_tokens": n_tokens, "d_model": size["d_model"],
+                                           "shard_tokens": size["shard_tokens"], "seed": seed}, env)
+        cache_mb = made["mb"]
+        args = {**size, "cache": folder, "seed": seed, "device": device, "enforce": enforce,
                 "enforce_factor": enforce_factor}
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
         if mmap_threshold is not None:
             env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
-        p = subprocess.run([sys.executable, "-m", "bench.bench_streaming", "--child", json.dumps(args)],
-                           cwd=ROOT, env=env, capture_output=True, text=True)
-        if p.returncode != 0:
-            raise RuntimeError(f"streaming child failed (exit {p.returncode}):\n{p.stderr[-4000:]}")
-        res = json.loads(p.stdout.strip().splitlines()[-1])
+        res = _child_run("--child", args, env)
+    peak_mb = max(res["warmup_peak_mb"], res["read_peak_mb"], res["train_peak_mb"])
     data_mb = res["train_peak_mb"] - res["baseline_mb"]
     read_mb = res["read_peak_mb"] - res["baseline_mb"]
     rows = [
@@ -170,8 +178,8 @@ def run(quick: bool = False, seed: int = 0, device: str = "cpu", enforce: bool =
             ok=data_mb <= allowance_mb),
         row("reading pass alone: data-attributable peak RSS", read_mb / allowance_mb, "memory allowance",
             value=read_mb, baseline_value=float(allowance_mb), unit="MB"),
-        row("whole-process peak RSS (torch, model and data)", res["maxrss_mb"] / cache_mb, "cache size on disk",
-            value=res["maxrss_mb"], baseline_value=cache_mb, unit="MB"),
+        row("whole-process peak RSS (torch, model and data)", peak_mb / cache_mb, "cache size on disk",
+            value=peak_mb, baseline_value=cache_mb, unit="MB"),
         row("CacheBatches.peak_bytes() estimate", res["estimate_mb"] / max(data_mb, 1e-9),
             "measured data-attributable peak", value=res["estimate_mb"], baseline_value=data_mb, unit="MB"),
     ]
@@ -183,12 +191,12 @@ def run(quick: bool = False, seed: int = 0, device: str = "cpu", enforce: bool =
     notes = [
         glibc,
         f"cache: {n_tokens} tokens x d_model {size['d_model']} float32 = {cache_mb:.0f} MB in "
-        f"{len(cache.shards)} shards of {size['shard_tokens']} tokens (written in {write_s:.1f} s); "
+        f"{made['n_shards']} shards of {size['shard_tokens']} tokens (written in {made['seconds']:.1f} s); "
         f"allowance {allowance_mb} MB -> shuffle buffer {res['buffer_tokens']} tokens",
         f"PAM-SGD, 1 epoch, TopK d_sae {size['d_sae']} k {size['k']}, batch {size['batch']}: three streamed "
         f"passes (encoder steps, decoder statistics, train metrics) in {res['train_s']:.1f} s; one bare reading "
         f"pass {res['read_s']:.1f} s ({res['read_rows'] / res['read_s'] / 1e3:.0f}k rows/s)",
-        f"RSS after the warm-up {res['baseline_mb']:.0f} MB (process peak so far {res['warmup_maxrss_mb']:.0f} MB, "
+        f"RSS after the warm-up {res['baseline_mb']:.0f} MB (process peak so far {res['warmup_peak_mb']:.0f} MB, "
         f"mostly torch itself); peak during the reading pass {res['read_peak_mb']:.0f} MB, during training "
         f"{res['train_peak_mb']:.0f} MB ({how}); current RSS anonymous {res['rss_anon_start_mb']:.0f} -> "
         f"{res['rss_anon_end_mb']:.0f} MB, file-backed (code, mapped shards) {res['rss_file_start_mb']:.0f} -> "
@@ -214,12 +222,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workdir", default=None, help="where to write the temporary cache (default: system temp)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--make-cache", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if str(ROOT) not in sys.path:  # run as a script: make `bench` importable
         sys.path.insert(0, str(ROOT))
     logging.basicConfig(level=logging.WARNING)
     if a.child is not None:
         print(json.dumps(child(json.loads(a.child))), flush=True)
+        return 0
+    if a.make_cache is not None:
+        print(json.dumps(make_cache(**json.loads(a.make_cache))), flush=True)
         return 0
     res = run(quick=a.quick, seed=a.seed, device=a.device, enforce=not a.no_enforce,
               enforce_factor=a.enforce_factor, mmap_threshold=None if a.glibc_default else MMAP_THRESHOLD,
