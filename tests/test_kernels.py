@@ -85,6 +85,19 @@ def test_stable_argsort_of_latent_ids(n):
     assert torch.equal(kernels._stable_argsort(flat, n), torch.sort(flat, stable=True).indices)
 
 
+@pytest.mark.parametrize("n", [7, 512, 1300])
+def test_latent_sums_match_index_add(n):
+    g = torch.Generator().manual_seed(n)
+    idx = torch.randint(0, n, (50, 4), generator=g)
+    idx[:, 0] = n - 1  # a crowded last latent, and (for n > 200) latents that never fire
+    w = torch.randn(50, 4, generator=g, dtype=torch.float64)
+    table = torch.randn(50, 3, generator=g, dtype=torch.float64)
+    pat = kernels._LatentMajor().get(idx, n)
+    terms = (w[..., None] * table[:, None]).reshape(-1, 3)
+    ref = torch.zeros(n, 3, dtype=torch.float64).index_add_(0, idx.reshape(-1), terms)
+    torch.testing.assert_close(kernels._latent_sum(pat, w, table), ref)
+
+
 @pytest.mark.parametrize("B,n", [(30, 8), (6, 40)])
 def test_rowdot_batch_major_and_latent_major(B, n):
     g = torch.Generator().manual_seed(2)
