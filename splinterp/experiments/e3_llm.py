@@ -666,7 +666,6 @@ def _jobs_table() -> dict[str, tuple[Callable[..., Any], Callable[..., Any]]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m splinterp.experiments.e3_llm`: the LLM jobs on any Hugging Face model."""
-    os.environ.setdefault("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
     table = _jobs_table()
     p = argparse.ArgumentParser(prog="python -m splinterp.experiments.e3_llm",
                                 description="LLM-activation experiments (E3, shrinkage, Group-SAE, transfer, "
