@@ -9,9 +9,13 @@ process, interleaved, float32, torch's default thread count; sparsify is forced 
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -139,9 +143,37 @@ def _rows(tag: str, how: str, t: dict[str, list[float]]) -> list[dict]:
     return out
 
 
+def _passive_child(quick: bool) -> list[dict]:
+    """The wall-time rows again, in a child process whose idle OpenMP workers sleep instead of spinning
+    (OMP_WAIT_POLICY=PASSIVE, which must be set before OpenMP starts). Why: on a shared machine the
+    default spin-waits of the many short parallel ops of a sparse step compete with other users' work."""
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "SPARSIFY_DISABLE_TRITON": "1"}
+    code = f"import json; from bench.bench_train_step import wall_rows; print(json.dumps(wall_rows({quick})))"
+    root = Path(__file__).resolve().parent.parent
+    p = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"passive-wait child failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def _how() -> str:
+    return f"wall, {torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
+
+
+def wall_rows(quick: bool) -> list[dict]:
+    """Wall-time rows of every config at torch's default thread count."""
+    how = _how()
+    rows = []
+    for d_in, d_sae, k in CONFIGS:
+        cases, _ = _steps(d_in, d_sae, k, 1024 if quick else BATCH)
+        rows += _rows(f"d_in {d_in}, d_sae {d_sae}, k {k}", how, interleaved(cases, rounds=3 if quick else 7))
+    return rows
+
+
 def run(quick: bool = False) -> dict:
-    """Per config: wall time at torch's default thread count (the headline), then CPU time of a single
-    thread (torch.set_num_threads(1), time.thread_time), which a busy shared machine cannot inflate."""
+    """Per config: wall time at torch's default thread count (the headline), CPU time of a single thread
+    (torch.set_num_threads(1), time.thread_time: a busy shared machine cannot inflate it), and the wall
+    time again with passive OpenMP waits (child process)."""
     batch = 1024 if quick else BATCH
     rounds = 3 if quick else 7
     threads = torch.get_num_threads()
@@ -154,7 +186,7 @@ def run(quick: bool = False) -> dict:
         tag = f"d_in {d_in}, d_sae {d_sae}, k {k}"
         cases, extra = _steps(d_in, d_sae, k, batch)
         notes += extra
-        rows += _rows(tag, f"wall, {threads} threads", interleaved(cases, rounds=rounds, warmup=1))
+        rows += _rows(tag, _how(), interleaved(cases, rounds=rounds, warmup=1))
         torch.set_num_threads(1)
         try:
             rows += _rows(tag, "cpu-1t", interleaved(cases, rounds=rounds, warmup=1, clock=time.thread_time))
@@ -166,4 +198,9 @@ def run(quick: bool = False) -> dict:
                 f"{tag}: where our step goes (profile, {threads} threads): "
                 + "; ".join(profile_ours(d_in, d_sae, k, batch))
             )
+    if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+        try:
+            rows += _passive_child(quick)
+        except Exception as e:  # the headline rows stand without it
+            notes.append(f"passive-wait child run failed: {e}")
     return {"name": "train_step", "rows": rows, "notes": notes}
