@@ -87,12 +87,28 @@ def child(args: dict) -> dict:
     torch.manual_seed(args["seed"])
     allowance = int(args["allowance_mb"] * MB)
     cache = ActivationCache.open(args["cache"])
-    stream = CacheBatches(cache, 0, args["batch"], seed=args["seed"], split=None, memory_limit_bytes=allowance,
-                          device=args["device"])
-    sae = SAE(SAEConfig(d_in=cache.d_model, d_sae=args["d_sae"], architecture="topk", k=args["k"],
-                        seed=args["seed"], device=args["device"]))
-    cfg = PAMConfig(epochs=1, batch_size=args["batch"], lr=1e-3, progress=False, seed=args["seed"],
-                    eval_batch_size=args["batch"], decoder_batch_size=args["batch"])
+    stream = CacheBatches(
+        cache, 0, args["batch"], seed=args["seed"], split=None, memory_limit_bytes=allowance, device=args["device"]
+    )
+    sae = SAE(
+        SAEConfig(
+            d_in=cache.d_model,
+            d_sae=args["d_sae"],
+            architecture="topk",
+            k=args["k"],
+            seed=args["seed"],
+            device=args["device"],
+        )
+    )
+    cfg = PAMConfig(
+        epochs=1,
+        batch_size=args["batch"],
+        lr=1e-3,
+        progress=False,
+        seed=args["seed"],
+        eval_batch_size=args["batch"],
+        decoder_batch_size=args["batch"],
+    )
     # warm-up on one in-memory batch: everything that does not scale with the data set, and one shuffled
     # batch through the reader (pages in the code of the kernels it uses: file-backed RSS, not data)
     warm = next(iter(stream.sequential(args["batch"])))
@@ -101,9 +117,15 @@ def child(args: dict) -> dict:
     del warm
     gc.collect()
     # VmHWM, not ru_maxrss: Linux carries the forking parent's peak into ru_maxrss across exec
-    out = {"warmup_peak_mb": _status_mb("VmHWM") or _maxrss_mb(), "baseline_mb": _status_mb("VmRSS") or _maxrss_mb(),
-           "buffer_tokens": stream.buffer_tokens, "estimate_mb": stream.peak_bytes() / MB, "enforced": False,
-           "rss_file_start_mb": _status_mb("RssFile"), "rss_anon_start_mb": _status_mb("RssAnon")}
+    out = {
+        "warmup_peak_mb": _status_mb("VmHWM") or _maxrss_mb(),
+        "baseline_mb": _status_mb("VmRSS") or _maxrss_mb(),
+        "buffer_tokens": stream.buffer_tokens,
+        "estimate_mb": stream.peak_bytes() / MB,
+        "enforced": False,
+        "rss_file_start_mb": _status_mb("RssFile"),
+        "rss_anon_start_mb": _status_mb("RssAnon"),
+    }
     out["hwm_reset"] = _reset_peak()
     if args["enforce"]:
         vm = _status_mb("VmSize")
@@ -117,10 +139,15 @@ def child(args: dict) -> dict:
     _reset_peak()
     t0 = time.perf_counter()
     hist = train_pam_sgd(sae, stream, cfg)
-    out.update(train_s=time.perf_counter() - t0, train_peak_mb=_peak_mb(out["hwm_reset"]),
-               vm_end_mb=_status_mb("VmSize"), rss_file_end_mb=_status_mb("RssFile"),
-               rss_anon_end_mb=_status_mb("RssAnon"), train_n_tokens=hist.last["train_n_tokens"],
-               train_explained_variance=hist.last["train_explained_variance"])
+    out.update(
+        train_s=time.perf_counter() - t0,
+        train_peak_mb=_peak_mb(out["hwm_reset"]),
+        vm_end_mb=_status_mb("VmSize"),
+        rss_file_end_mb=_status_mb("RssFile"),
+        rss_anon_end_mb=_status_mb("RssAnon"),
+        train_n_tokens=hist.last["train_n_tokens"],
+        train_explained_variance=hist.last["train_explained_variance"],
+    )
     return out
 
 
@@ -138,20 +165,35 @@ def make_cache(folder: str, n_tokens: int, d_model: int, shard_tokens: int, seed
     X = torch.randn(n_tokens, rank, generator=g) @ basis
     X += 0.1 * torch.randn(n_tokens, d_model, generator=g)
     cache = write_cache(folder, X, shard_tokens=shard_tokens, model_name="synthetic", overwrite=True)
-    return {"mb": sum((cache.folder / s["file"]).stat().st_size for s in cache.shards) / MB,
-            "n_shards": len(cache.shards), "seconds": time.perf_counter() - t0}
+    return {
+        "mb": sum((cache.folder / s["file"]).stat().st_size for s in cache.shards) / MB,
+        "n_shards": len(cache.shards),
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def _child_run(mode: str, args: dict, env: dict) -> dict:
-    p = subprocess.run([sys.executable, "-m", "bench.bench_streaming", mode, json.dumps(args)], cwd=ROOT, env=env,
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-m", "bench.bench_streaming", mode, json.dumps(args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if p.returncode != 0:
         raise RuntimeError(f"bench_streaming {mode} child failed (exit {p.returncode}):\n{p.stderr[-4000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def run(quick: bool = False, seed: int = 0, device: str = "cpu", enforce: bool = True,
-        enforce_factor: float = 1.0, mmap_threshold: int | None = MMAP_THRESHOLD, workdir: str | None = None) -> dict:
+def run(
+    quick: bool = False,
+    seed: int = 0,
+    device: str = "cpu",
+    enforce: bool = True,
+    enforce_factor: float = 1.0,
+    mmap_threshold: int | None = MMAP_THRESHOLD,
+    workdir: str | None = None,
+) -> dict:
     """Write the cache, train from it in a child process, report peak RSS against the allowance."""
     from bench.common import row
 
@@ -161,11 +203,26 @@ def run(quick: bool = False, seed: int = 0, device: str = "cpu", enforce: bool =
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     with tempfile.TemporaryDirectory(prefix="splinterp-stream-", dir=workdir) as tmp:
         folder = str(Path(tmp) / "cache")
-        made = _child_run("--make-cache", {"folder": folder, "n_tokens": n_tokens, "d_model": size["d_model"],
-                                           "shard_tokens": size["shard_tokens"], "seed": seed}, env)
+        made = _child_run(
+            "--make-cache",
+            {
+                "folder": folder,
+                "n_tokens": n_tokens,
+                "d_model": size["d_model"],
+                "shard_tokens": size["shard_tokens"],
+                "seed": seed,
+            },
+            env,
+        )
         cache_mb = made["mb"]
-        args = {**size, "cache": folder, "seed": seed, "device": device, "enforce": enforce,
-                "enforce_factor": enforce_factor}
+        args = {
+            **size,
+            "cache": folder,
+            "seed": seed,
+            "device": device,
+            "enforce": enforce,
+            "enforce_factor": enforce_factor,
+        }
         if mmap_threshold is not None:
             env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
         res = _child_run("--child", args, env)
@@ -173,21 +230,52 @@ def run(quick: bool = False, seed: int = 0, device: str = "cpu", enforce: bool =
     data_mb = res["train_peak_mb"] - res["baseline_mb"]
     read_mb = res["read_peak_mb"] - res["baseline_mb"]
     rows = [
-        row("data-attributable peak RSS while training (peak - RSS after warm-up)", data_mb / allowance_mb,
-            "memory allowance", value=data_mb, baseline_value=float(allowance_mb), unit="MB", target="<= 1",
-            ok=data_mb <= allowance_mb),
-        row("reading pass alone: data-attributable peak RSS", read_mb / allowance_mb, "memory allowance",
-            value=read_mb, baseline_value=float(allowance_mb), unit="MB"),
-        row("whole-process peak RSS (torch, model and data)", peak_mb / cache_mb, "cache size on disk",
-            value=peak_mb, baseline_value=cache_mb, unit="MB"),
-        row("CacheBatches.peak_bytes() estimate", res["estimate_mb"] / max(data_mb, 1e-9),
-            "measured data-attributable peak", value=res["estimate_mb"], baseline_value=data_mb, unit="MB"),
+        row(
+            "data-attributable peak RSS while training (peak - RSS after warm-up)",
+            data_mb / allowance_mb,
+            "memory allowance",
+            value=data_mb,
+            baseline_value=float(allowance_mb),
+            unit="MB",
+            target="<= 1",
+            ok=data_mb <= allowance_mb,
+        ),
+        row(
+            "reading pass alone: data-attributable peak RSS",
+            read_mb / allowance_mb,
+            "memory allowance",
+            value=read_mb,
+            baseline_value=float(allowance_mb),
+            unit="MB",
+        ),
+        row(
+            "whole-process peak RSS (torch, model and data)",
+            peak_mb / cache_mb,
+            "cache size on disk",
+            value=peak_mb,
+            baseline_value=cache_mb,
+            unit="MB",
+        ),
+        row(
+            "CacheBatches.peak_bytes() estimate",
+            res["estimate_mb"] / max(data_mb, 1e-9),
+            "measured data-attributable peak",
+            value=res["estimate_mb"],
+            baseline_value=data_mb,
+            unit="MB",
+        ),
     ]
-    how = ("kernel peak-RSS mark VmHWM, reset after the warm-up" if res["hwm_reset"]
-           else "ru_maxrss: the warm-up peak may hide the data's")
-    glibc = (f"child run with MALLOC_MMAP_THRESHOLD_={mmap_threshold} (freed blocks >= {mmap_threshold >> 10} kB "
-             "go back to the system)" if mmap_threshold is not None else
-             "glibc's default adaptive mmap threshold (freed blocks up to 32 MB may stay in the heap)")
+    how = (
+        "kernel peak-RSS mark VmHWM, reset after the warm-up"
+        if res["hwm_reset"]
+        else "ru_maxrss: the warm-up peak may hide the data's"
+    )
+    glibc = (
+        f"child run with MALLOC_MMAP_THRESHOLD_={mmap_threshold} (freed blocks >= {mmap_threshold >> 10} kB "
+        "go back to the system)"
+        if mmap_threshold is not None
+        else "glibc's default adaptive mmap threshold (freed blocks up to 32 MB may stay in the heap)"
+    )
     notes = [
         glibc,
         f"cache: {n_tokens} tokens x d_model {size['d_model']} float32 = {cache_mb:.0f} MB in "
@@ -201,10 +289,13 @@ def run(quick: bool = False, seed: int = 0, device: str = "cpu", enforce: bool =
         f"{res['train_peak_mb']:.0f} MB ({how}); current RSS anonymous {res['rss_anon_start_mb']:.0f} -> "
         f"{res['rss_anon_end_mb']:.0f} MB, file-backed (code, mapped shards) {res['rss_file_start_mb']:.0f} -> "
         f"{res['rss_file_end_mb']:.0f} MB from the warm-up to the end",
-        (f"address space capped (RLIMIT_AS) at size after warm-up {res['vm_after_warmup_mb']:.0f} MB + "
-         f"{enforce_factor:g} x allowance = {res['as_limit_mb']:.0f} MB: training completed under the cap "
-         f"(virtual size at the end {res['vm_end_mb']:.0f} MB)") if res["enforced"] else
-        "address space not capped",
+        (
+            f"address space capped (RLIMIT_AS) at size after warm-up {res['vm_after_warmup_mb']:.0f} MB + "
+            f"{enforce_factor:g} x allowance = {res['as_limit_mb']:.0f} MB: training completed under the cap "
+            f"(virtual size at the end {res['vm_end_mb']:.0f} MB)"
+        )
+        if res["enforced"]
+        else "address space not capped",
         f"train explained variance after 1 epoch: {res['train_explained_variance']:.3f} over "
         f"{res['train_n_tokens']} tokens",
     ]
@@ -215,8 +306,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-enforce", action="store_true", help="do not cap the child's address space (RLIMIT_AS)")
-    ap.add_argument("--enforce-factor", type=float, default=1.0, help="address-space cap = size after warm-up + "
-                    "this x the allowance")
+    ap.add_argument(
+        "--enforce-factor",
+        type=float,
+        default=1.0,
+        help="address-space cap = size after warm-up + this x the allowance",
+    )
     ap.add_argument("--glibc-default", action="store_true", help="keep glibc's adaptive mmap threshold")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
@@ -233,13 +328,26 @@ def main(argv: list[str] | None = None) -> int:
     if a.make_cache is not None:
         print(json.dumps(make_cache(**json.loads(a.make_cache))), flush=True)
         return 0
-    res = run(quick=a.quick, seed=a.seed, device=a.device, enforce=not a.no_enforce,
-              enforce_factor=a.enforce_factor, mmap_threshold=None if a.glibc_default else MMAP_THRESHOLD,
-              workdir=a.workdir)
+    res = run(
+        quick=a.quick,
+        seed=a.seed,
+        device=a.device,
+        enforce=not a.no_enforce,
+        enforce_factor=a.enforce_factor,
+        mmap_threshold=None if a.glibc_default else MMAP_THRESHOLD,
+        workdir=a.workdir,
+    )
     logging.getLogger().setLevel(logging.INFO)
     for r in res["rows"]:
-        log.info("%s: %.2fx %s (%.1f vs %.1f %s)", r["figure"], r["ratio"], r["baseline"], r["value"],
-                 r["baseline_value"], r["unit"])
+        log.info(
+            "%s: %.2fx %s (%.1f vs %.1f %s)",
+            r["figure"],
+            r["ratio"],
+            r["baseline"],
+            r["value"],
+            r["baseline_value"],
+            r["unit"],
+        )
     for n in res["notes"]:
         log.info("note: %s", n)
     return 0
