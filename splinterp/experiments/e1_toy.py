@@ -251,7 +251,7 @@ def run_e1(cfg: E1Config | None = None, out_dir: str | Path | None = None) -> di
 
 
 @register(JOB, "E1: k-means AE | TopK SAE (k=1, 3) | local-PCA AE on the 2-D toy, matched region count",
-          outputs=[f"{JOB}.json", f"{JOB}_k1.png", f"{JOB}_k3.png"], quick_seconds=15)
+          outputs=[f"{JOB}.json", f"{JOB}_k1.png", f"{JOB}_k3.png"], quick_seconds=20)
 def e1_toy_job(out_dir: Path, quick: bool, seed: int, device: str) -> dict:
     cfg = E1Config.quick(seed=seed, device=device) if quick else E1Config(seed=seed, device=device)
     res = run_e1(cfg, out_dir)
