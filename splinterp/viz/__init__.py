@@ -25,6 +25,7 @@ from splinterp.viz.lift import plot_lift_3d, plot_lift_plotly
 from splinterp.viz.llm import activation_projection, plot_activation_projection, plot_activation_projection_static
 from splinterp.viz.mnist import plot_encoder_decoder_filters, plot_filters, plot_reconstructions
 from splinterp.viz.output import save_png, write_html
+from splinterp.viz.partition import SlicePartition, plot_e1_panels, plot_slice_comparison, plot_slice_partition
 from splinterp.viz.power import (
     fig5_voronoi_to_power,
     fig6_voronoi_power_order2,
@@ -37,12 +38,16 @@ from splinterp.viz.training import plot_metric_bars, plot_training_curves
 
 __all__ = [
     "ColorMap",
+    "SlicePartition",
     "activation_projection",
     "cell_adjacency",
     "cells_colormap",
     "draw_cells",
     "fig5_voronoi_to_power",
     "fig6_voronoi_power_order2",
+    "plot_e1_panels",
+    "plot_slice_comparison",
+    "plot_slice_partition",
     "locate",
     "palette",
     "pixel_centers",

@@ -141,15 +141,21 @@ class SlicePartition:
         if self.cells is not None:
             draw_cells(ax, self.cells, cmap, alpha=alpha, linewidth=edge_width, edgecolor="0.2")
         else:
+            ids = np.unique(self.labels)
             rgba = np.ones((*self.shape, 4))
-            rgba[..., :3] = cmap.rgb_of(np.unique(self.labels).tolist())[
-                np.searchsorted(np.unique(self.labels), self.labels)]
+            rgba[..., :3] = cmap.rgb_of(ids.tolist())[np.searchsorted(ids, self.labels)]
             rgba[..., 3] = alpha
-            edge = np.zeros(self.shape, bool)
-            edge[:, 1:] |= self.labels[:, 1:] != self.labels[:, :-1]
-            edge[1:] |= self.labels[1:] != self.labels[:-1]
-            rgba[edge] = (0.2, 0.2, 0.2, 1.0)
+            if len(ids) > 64:  # many regions: outline boundary pixels
+                edge = np.zeros(self.shape, bool)
+                edge[:, 1:] |= self.labels[:, 1:] != self.labels[:, :-1]
+                edge[1:] |= self.labels[1:] != self.labels[:-1]
+                rgba[edge] = (0.2, 0.2, 0.2, 1.0)
             show_raster(ax, rgba, self.bounds, zorder=1)
+            if len(ids) <= 64:  # few regions: thin boundary lines between pixel centres (the 0.5 level)
+                P = pixel_centers(self.bounds, self.shape).reshape(*self.shape, 2)
+                for v in ids:
+                    ax.contour(P[0, :, 0], P[:, 0, 1], (self.labels == v).astype(float), levels=[0.5],
+                               colors="0.2", linewidths=max(edge_width, 0.3), zorder=1.5)
         if self.errors is not None and err_vmax is not None and err_vmax > 0:
             veil = np.zeros((*self.shape, 4))
             veil[..., 3] = VEIL_MAX * np.clip(self.errors / err_vmax, 0, 1)
