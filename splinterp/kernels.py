@@ -3,8 +3,8 @@
 Why: a TopK code has k non-zeros out of d_sae per row, so once the scores u = x @ W + b are known (the one
 dense product, needed to choose the k) everything else (the decoder, the decoder's gradients, the
 encoder's weight and bias gradients) is a sparse product of cost B*k*d_in instead of B*d_sae*d_in. The
-dense [B, d_sae] score matrix is never held in full either: it is computed in row chunks that stay in
-cache while the top-k is taken, so memory is O(B*k + chunk*d_sae).
+scores are computed in row chunks (at least MIN_CHUNK_ROWS rows, at most WORKSPACE_BYTES) into a buffer
+that is reused between calls, so a large batch needs O(B*k + chunk*d_sae) memory, not O(B*d_sae).
 
 Pure torch ops (`embedding_bag`, `sampled_addmm`, `topk`, ...), so the same code runs on CPU and CUDA.
 
@@ -35,9 +35,9 @@ from torch.autograd.function import once_differentiable
 from splinterp.errors import ConfigError, DeviceError, DTypeError, ShapeError
 
 __all__ = [
+    "clear_workspace",
     "decode",
     "dense_reference",
-    "clear_workspace",
     "densify",
     "encode_masked",
     "encode_topk",

@@ -290,6 +290,8 @@ class SAE(nn.Module):
                 vals = u.gather(-1, idx) * live
             else:
                 vals, idx = kernels.encode_masked(x2, W, b, u.detach(), mask)
+        if x.ndim == 2:  # the very indices tensor, so a later kernels.decode shares its sorted pattern
+            return vals, idx
         return vals.reshape(*x.shape[:-1], -1), idx.reshape(*x.shape[:-1], -1)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
