@@ -110,12 +110,14 @@ def test_flops_estimate():
 
 def test_e3_tiny(out):
     cfg = E3Config(data=TINY, layer=1, d_sae=16, k=4, epochs=2, batch_size=32, fractions=(0.5, 1.0),
-                   fraction_epochs=1)
+                   fraction_epochs=1, sparsity_l1s=(1e-3,))
     res = run_e3(cfg, out)
     assert set(res["runs"]) == {"topk/sgd", "topk/pam_sgd", "relu/sgd", "relu/pam_sgd"}
     assert len(res["runs"]["topk/sgd"]["test_mse_curve"]) == 2
     assert res["runs"]["topk/pam_sgd"]["test_l0"] <= 4
-    assert set(res["relu_pct_nonzero"]) == {"sgd", "pam_sgd"}
+    assert set(res["relu_pct_nonzero"]) == {"0.0001", "0.001"}
+    assert set(res["relu_pct_nonzero"]["0.001"]) == {"sgd", "pam_sgd"}
+    assert res["relu_pct_nonzero"]["0.0001"]["sgd"] == res["runs"]["relu/sgd"]["pct_nonzero"]
     assert len(res["fractions"]) == 2 * 2 * 3  # 2 SAEs x 2 fractions x (SGD, PAM, PAM with a ridge of 100)
     assert "topk/pam_sgd_alpha=100/0.5" in res["fractions"]
     assert "| relu | PAM-SGD |" in (out / "e3_llm_table.md").read_text()

@@ -444,7 +444,10 @@ class E3Config:
     k: int = 40
     """TopK: 40 / 512 = 7.8% active, the paper's 320 / 4096."""
     relu_l1: float = 1e-4
-    """L1 coefficient of the ReLU SAE's loss, the same for SGD and PAM-SGD."""
+    """L1 coefficient of the ReLU SAE's loss (plain sum |z_i|, as the paper), the same for SGD and PAM-SGD."""
+    sparsity_l1s: tuple[float, ...] = (1e-3, 3e-3)
+    """Extra ReLU L1 coefficients at which the code sparsity of SGD and PAM-SGD is compared (the main
+    runs' relu_l1 is always included): which method gives sparser codes depends on the penalty."""
     epochs: int = 8
     batch_size: int = 256
     lr: float = 1e-3
@@ -473,7 +476,7 @@ class E3Config:
     @classmethod
     def quick(cls, **changes: Any) -> E3Config:
         base = cls(data=LLMDataConfig.preset(True), d_sae=128, k=10, epochs=3, batch_size=128, lr=2e-3,
-                   fractions=(0.25, 1.0), fraction_epochs=2, fraction_architectures=("topk",))
+                   fractions=(0.25, 1.0), fraction_epochs=2, fraction_architectures=("topk",), sparsity_l1s=())
         return dataclasses.replace(base, **changes)
 
     @classmethod
@@ -487,7 +490,7 @@ E3_LABELS = {"sgd": "SGD", "pam_sgd": "PAM-SGD"}
 
 
 def _e3_train(cfg: E3Config, arch: str, method: str, X: torch.Tensor, Xt: torch.Tensor, epochs: int,
-              alpha: float | None = None):
+              alpha: float | None = None, l1: float | None = None):
     from splinterp import SAE, SAEConfig, metrics
     from splinterp.train import PAMConfig, SGDConfig, train_pam_sgd, train_sgd
 
@@ -495,7 +498,8 @@ def _e3_train(cfg: E3Config, arch: str, method: str, X: torch.Tensor, Xt: torch.
                         k=cfg.k if arch.startswith("topk") else None, seed=cfg.seed, device=cfg.device,
                         metadata={"layer": cfg.layer, "model_name": cfg.data.model or "minilm", "standardized": True}))
     common = dict(epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, eval_train=False,
-                  l1_coefficient=cfg.relu_l1 if arch == "relu" else 0.0, progress=cfg.progress)
+                  l1_coefficient=(cfg.relu_l1 if l1 is None else l1) if arch == "relu" else 0.0,
+                  progress=cfg.progress)
     if method == "sgd":
         hist = train_sgd(sae, X, SGDConfig(**common), eval_data=Xt)
     else:
@@ -571,18 +575,34 @@ def run_e3(cfg: E3Config, out_dir: str | os.PathLike) -> dict[str, Any]:
         ax.legend()
     fig.tight_layout()
     save_png(fig, out_dir / "e3_llm_training_size.png")
-    fig = Figure(figsize=(4.5, 4))
+    # ReLU code sparsity under both methods, at several L1 coefficients
+    res["sparsity"] = {}
+    if "relu" in cfg.architectures:
+        res["sparsity"][f"{cfg.relu_l1:g}"] = {m: {k: res["runs"][f"relu/{m}"][k] for k in ("pct_nonzero", "test_mse")}
+                                               for m in E3_METHODS}
+        for l1 in cfg.sparsity_l1s:
+            if f"{l1:g}" in res["sparsity"]:
+                continue
+            res["sparsity"][f"{l1:g}"] = {}
+            for method in E3_METHODS:
+                _, _, final = _e3_train(cfg, "relu", method, X, Xt, cfg.epochs, l1=l1)
+                res["sparsity"][f"{l1:g}"][method] = {"pct_nonzero": 100.0 * final["l0"] / cfg.d_sae,
+                                                      "test_mse": final["mse"]}
+    fig = Figure(figsize=(1.8 + 1.6 * max(len(res["sparsity"]), 1), 4))
     ax = fig.add_subplot(1, 1, 1)
-    sp_arch = "relu" if "relu" in cfg.architectures else cfg.architectures[0]
-    vals = [res["runs"][f"{sp_arch}/{m}"]["pct_nonzero"] for m in E3_METHODS]
-    ax.bar([E3_LABELS[m] for m in E3_METHODS], vals, color=["#1f77b4", "#d62728"])
-    for j, v in enumerate(vals):
-        ax.text(j, v, f"{v:.2f}%", ha="center", va="bottom")
-    ax.set(ylabel="% non-zero latents (test tokens)", title=f"{sp_arch} SAE code sparsity")
+    lams = list(res["sparsity"])
+    for j, method in enumerate(E3_METHODS):
+        vals = [res["sparsity"][lam][method]["pct_nonzero"] for lam in lams]
+        xs = [i + (j - 0.5) * 0.38 for i in range(len(lams))]
+        ax.bar(xs, vals, width=0.38, label=E3_LABELS[method], color=["#1f77b4", "#d62728"][j])
+        for x, v in zip(xs, vals):
+            ax.text(x, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(lams)), [f"L1 {lam}" for lam in lams])
+    ax.set(ylabel="% non-zero latents (held-out tokens)", title="ReLU SAE code sparsity")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     save_png(fig, out_dir / "e3_llm_sparsity.png")
-    res["relu_pct_nonzero"] = {m: res["runs"][f"{sp_arch}/{m}"]["pct_nonzero"] for m in E3_METHODS} \
-        if sp_arch == "relu" else None
+    res["relu_pct_nonzero"] = {lam: {m: v[m]["pct_nonzero"] for m in E3_METHODS} for lam, v in res["sparsity"].items()}
     res["config"] = dataclasses.asdict(cfg)
     write_text(out_dir / "e3_llm_table.md", _e3_markdown(cfg, res))
     write_json(out_dir / "e3_llm.json", to_jsonable(res))
@@ -599,6 +619,12 @@ def _e3_markdown(cfg: E3Config, res: dict[str, Any]) -> str:
         arch, method = name.split("/")
         lines.append(f"| {arch} | {E3_LABELS[method]} | {r['test_mse']:.4f} | {r['test_fvu']:.4f} | "
                      f"{r['test_l0']:.1f} | {r['pct_nonzero']:.2f} | {r['dead_features']} | {r['seconds']:.1f} |")
+    if res.get("sparsity"):
+        lines += ["", "ReLU code sparsity, % non-zero latents on held-out tokens (test mse):", "",
+                  "| ReLU L1 | SGD | PAM-SGD |", "|---|---|---|"]
+        for lam, v in res["sparsity"].items():
+            lines.append(f"| {lam} | {v['sgd']['pct_nonzero']:.1f}% ({v['sgd']['test_mse']:.4f}) | "
+                         f"{v['pam_sgd']['pct_nonzero']:.1f}% ({v['pam_sgd']['test_mse']:.4f}) |")
     lines += ["", f"Training-set size ({cfg.fraction_epochs} epochs each), final test mse:", ""]
     keys = sorted({k.rsplit("/", 1)[0] for k in res["fractions"]})
     lines += ["| SAE / method | " + " | ".join(f"{100 * f:g}%" for f in cfg.fractions) + " |",

@@ -40,7 +40,7 @@ def default_arch_knobs(quick: bool) -> dict[str, float]:
     """Sparsity knob per architecture giving an L0 near the TopK k of the preset (values of the shrinkage sweep)."""
     if quick:
         return {"relu": 0.003, "gated": 0.01, "jumprelu": 3e-4, "topk": 8, "topk_abs": 8}
-    return {"relu": 0.004, "gated": 0.03, "jumprelu": 3e-4, "topk": 32, "topk_abs": 32}
+    return {"relu": 0.004, "gated": 0.03, "jumprelu": 1e-4, "topk": 32, "topk_abs": 32}
 
 
 @dataclass

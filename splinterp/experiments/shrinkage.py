@@ -51,7 +51,7 @@ def default_sweeps(quick: bool) -> dict[str, tuple[float, ...]]:
     around `target_l0` with the default training budget)."""
     if quick:
         return {"relu": (0.003, 0.01), "gated": (0.01, 0.05), "jumprelu": (3e-4, 1e-3), "topk": (4, 8)}
-    return {"relu": (0.002, 0.004, 0.008), "gated": (0.01, 0.03, 0.1), "jumprelu": (1e-4, 3e-4, 1e-3),
+    return {"relu": (0.002, 0.004, 0.008), "gated": (0.01, 0.02, 0.03), "jumprelu": (1e-4, 1e-3, 1e-2),
             "topk": (16, 32, 64)}
 
 
