@@ -40,7 +40,7 @@ def default_arch_knobs(quick: bool) -> dict[str, float]:
     """Sparsity knob per architecture giving an L0 near the TopK k of the preset (values of the shrinkage sweep)."""
     if quick:
         return {"relu": 0.003, "gated": 0.01, "jumprelu": 3e-4, "topk": 8, "topk_abs": 8}
-    return {"relu": 0.004, "gated": 0.03, "jumprelu": 1e-4, "topk": 32, "topk_abs": 32}
+    return {"relu": 0.004, "gated": 0.02, "jumprelu": 1e-4, "topk": 32, "topk_abs": 32}
 
 
 @dataclass
@@ -167,9 +167,10 @@ def run_llm_geometry(cfg: GeometryConfig, out_dir: str | os.PathLike) -> dict[st
     ax2.bar([x - 0.2 for x in xs], [r["regions_per_token"] for r in arch_rows], width=0.4, label="regions / token")
     ax2.bar([x + 0.2 for x in xs], [r.get("order1_cells", 0) / r["n_tokens"] for r in arch_rows], width=0.4,
             label="order-1 cells / token")
-    ax2.set_xticks(list(xs), [f"{r['sae']}\nL0={r['l0']:.0f}" for r in arch_rows], fontsize=7)
-    ax2.set(ylabel="distinct cells / held-out token", title=f"architectures at layer {cfg.arch_layer}")
-    ax2.legend(fontsize=8)
+    ax2.set_xticks(list(xs), [f"{r['sae'].split()[0]}\nL0={r['l0']:.0f}" for r in arch_rows], fontsize=8)
+    ax2.set(ylabel="distinct cells / held-out token", title=f"architectures at layer {cfg.arch_layer}",
+            ylim=(0, 1.25))
+    ax2.legend(fontsize=8, loc="upper center", ncol=2)
     fig.tight_layout()
     save_png(fig, out_dir / "llm_geometry.png")
     md = (f"Held-out tokens ({rows[0]['n_tokens']} per layer), standardised per layer. regions = distinct active "
