@@ -131,7 +131,8 @@ def render(sections: list[tuple[str, list[dict], list[str], float]], info: dict,
         "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()) + ".",
         "",
         "Every figure is a ratio against a baseline timed in the same process, interleaved with it (the",
-        "median over rounds of the per-round ratio): ratio = figure time / baseline time.",
+        "median over rounds of the per-round ratio): ratio = figure / baseline (time or memory), except",
+        "rows named speedup_*, which are baseline time / ours (higher is better).",
         "",
         "| benchmark | figure | ratio | baseline | figure / baseline time | target |",
         "|---|---|---|---|---|---|",
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run); prints only")
     ap.add_argument("--out", type=Path, default=None, help=f"write the Markdown here (full run: {RESULTS})")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")  # the figures, not the modules' chatter
 
     command = "python -m bench" + (" --quick" if args.quick else "") + "".join(f" {n}" for n in args.names)
     out = args.out if args.out is not None else (None if (args.quick or args.names) else RESULTS)
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             log.error("%s: import failed\n%s", module, traceback.format_exc())
             continue
         if not callable(getattr(mod, "run", None)):
-            log.info("%s: no run(quick), skipped", module)
+            print(f"{module}: no run(quick), skipped", flush=True)
             continue
         t0 = time.perf_counter()
         try:
