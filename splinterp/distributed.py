@@ -822,23 +822,14 @@ def harvest_distributed(model: Any = None, texts: Sequence[str] | None = None,
     (site, token_selection, max_length, batch_size, dtype, shard_tokens, ...). Every rank must see `out`'s
     parent folder. Returns the opened cache on every rank. Without a process group: plain `harvest`.
     """
-    from splinterp.data.harvest import harvest
+    from splinterp.data.harvest import harvest, resolve_texts
 
     rank, world = _rank_world(group)
     if world == 1 and not (dist.is_available() and dist.is_initialized()):
         return harvest(model, texts, layers, out, overwrite=overwrite, save_texts=save_texts, seed=seed,
                           device=device, progress=progress, **harvest_kwargs)
     out = Path(out)
-    if texts is None:
-        from splinterp.data.text import offline_texts
-
-        texts, text_source = offline_texts(seed=seed), "pydoc_data.topics (offline_texts)"
-    else:
-        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-            raise ConfigError("texts must be a list of strings")
-        texts, text_source = list(texts), "user"
-    if not texts:
-        raise EmptyDataError("texts is empty")
+    texts, text_source = resolve_texts(texts, seed)
 
     def check_out() -> str:
         if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:

@@ -67,16 +67,21 @@ def check_data(
         raise EmptyDataError(f"{name} has no rows")
     if d_in is not None and x.shape[1] != d_in:
         raise ShapeError(f"{name} has {x.shape[1]} columns but the model expects d_in={d_in}")
-    if not x.is_floating_point():
-        raise DTypeError(f"{name} has dtype {x.dtype}; a floating dtype is required (e.g. X.float())")
-    if dtype is not None and x.dtype != dtype:
-        raise DTypeError(
-            f"{name} has dtype {x.dtype} but the model uses {dtype}; convert explicitly with X.to({dtype})"
-        )
-    if device is not None and x.device != torch.device(device):
-        raise DeviceError(f"{name} is on {x.device} but the model is on {device}; move it with X.to(device)")
+    _check_dtype_device(x, name, dtype, device)
     check_finite(x, name)
     return x
+
+
+def _check_dtype_device(x: torch.Tensor, name: str, dtype, device) -> None:
+    """Floating dtype, equal to `dtype` and on `device` where given: never cast or moved silently."""
+    if not x.is_floating_point():
+        raise DTypeError(f"{name} has dtype {x.dtype}; a floating dtype is required (e.g. {name}.float())")
+    if dtype is not None and x.dtype != dtype:
+        raise DTypeError(
+            f"{name} has dtype {x.dtype} but the model uses {dtype}; convert explicitly with {name}.to({dtype})"
+        )
+    if device is not None and x.device != torch.device(device):
+        raise DeviceError(f"{name} is on {x.device} but the model is on {device}; move it with {name}.to(device)")
 
 
 def check_batch(
@@ -100,14 +105,7 @@ def check_batch(
         raise DTypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.ndim < 1 or x.shape[-1] != width:
         raise ShapeError(f"{name} must have shape [..., {dim_name}={width}], got {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise DTypeError(f"{name} has dtype {x.dtype}; a floating dtype is required (e.g. {name}.float())")
-    if dtype is not None and x.dtype != dtype:
-        raise DTypeError(
-            f"{name} has dtype {x.dtype} but the model uses {dtype}; convert explicitly with {name}.to({dtype})"
-        )
-    if device is not None and x.device != torch.device(device):
-        raise DeviceError(f"{name} is on {x.device} but the model is on {device}; move it with {name}.to(device)")
+    _check_dtype_device(x, name, dtype, device)
     ok = torch.isfinite(x)
     if not bool(ok.all()):
         bad = (~ok).nonzero()[0].tolist()

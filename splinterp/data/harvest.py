@@ -448,6 +448,20 @@ def write_cache(
     return ActivationCache.open(out)
 
 
+
+def resolve_texts(texts, seed: int) -> tuple[list[str], str]:
+    """(texts, source label): the user's list of strings, checked, or the offline default passages."""
+    if texts is None:
+        from splinterp.data.text import offline_texts
+
+        return offline_texts(seed=seed), "pydoc_data.topics (offline_texts)"
+    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+        raise ConfigError("texts must be a list of strings")
+    if not texts:
+        raise EmptyDataError("texts is empty")
+    return list(texts), "user"
+
+
 def harvest(
     model: Any = None,
     texts: Sequence[str] | None = None,
@@ -491,16 +505,7 @@ def harvest(
                         dtype=dtype, shard_tokens=shard_tokens, sort_by_length=sort_by_length,
                         padding_side=padding_side or getattr(tok, "padding_side", "right"), seed=seed,
                         device=str(dev))
-    if texts is None:
-        from splinterp.data.text import offline_texts
-
-        texts, text_source = offline_texts(seed=seed), "pydoc_data.topics (offline_texts)"
-    else:
-        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-            raise ConfigError("texts must be a list of strings")
-        texts, text_source = list(texts), "user"
-    if not texts:
-        raise EmptyDataError("texts is empty")
+    texts, text_source = resolve_texts(texts, seed)
 
     store_dtype = STORE_DTYPES[dtype]
     t0 = time.perf_counter()
