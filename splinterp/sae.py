@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from splinterp import kernels
-from splinterp.errors import ConfigError, ShapeError
+from splinterp.errors import ConfigError
 from splinterp.validation import check_batch, check_dataclass_types
 
 ARCHITECTURES = ("relu", "topk", "topk_abs", "jumprelu", "gated")
@@ -146,7 +146,8 @@ class SAE(nn.Module):
         if cfg.architecture == "jumprelu":
             # thresholds stay in float32 even in a half-precision SAE (JumpReLU training is fragile otherwise)
             thr_dtype = torch.float32 if dt in (torch.float16, torch.bfloat16) else dt
-            self.threshold = nn.Parameter(torch.full((d_sae,), cfg.jumprelu_init_threshold, dtype=thr_dtype, device=dev))
+            init = torch.full((d_sae,), cfg.jumprelu_init_threshold, dtype=thr_dtype, device=dev)
+            self.threshold = nn.Parameter(init)
 
     # ------------------------------------------------------------------ parameters
     @property
@@ -244,7 +245,7 @@ class SAE(nn.Module):
         TopK codes always go sparse (see splinterp.kernels); threshold codes only while sparse enough
         to pay. `dense=True` or `kernels.dense_reference()` gives the plain formulas.
         """
-        if dense or not kernels.sparse_enabled():
+        if dense or not kernels.sparse_enabled() or x.shape[0] == 0:  # an empty batch needs no kernel
             return self._encode_dense(x), None
         arch = self.cfg.architecture
         W, b = self.encoder_affine()
@@ -275,6 +276,10 @@ class SAE(nn.Module):
         x = self._check(x)
         x2 = x.reshape(-1, self.cfg.d_in)
         W, b = self.encoder_affine()
+        if x2.shape[0] == 0:  # empty batch: k columns for TopK, none for threshold rules
+            m = self.cfg.k if self.cfg.architecture in TOPK_ARCHITECTURES else 0
+            vals = (x2 @ W[:, :m]).reshape(*x.shape[:-1], m)
+            return vals, torch.zeros(vals.shape, dtype=torch.int64, device=x.device)
         if self.cfg.architecture in TOPK_ARCHITECTURES:
             if dense or not kernels.sparse_enabled():
                 u = x2 @ W + b
@@ -292,7 +297,7 @@ class SAE(nn.Module):
                 vals, idx = kernels.encode_masked(x2, W, b, u.detach(), mask)
         if x.ndim == 2:  # the very indices tensor, so a later kernels.decode shares its sorted pattern
             return vals, idx
-        return vals.reshape(*x.shape[:-1], -1), idx.reshape(*x.shape[:-1], -1)
+        return vals.reshape(*x.shape[:-1], vals.shape[-1]), idx.reshape(*x.shape[:-1], idx.shape[-1])
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """x_hat = z @ W_dec + b_dec."""

@@ -241,20 +241,9 @@ def test_sae_encode_never_lets_nan_through(cfg, seed):
         sae.encode(x)
 
 
-_EMPTY_BATCH_BUG = pytest.mark.xfail(
-    reason="sae.py/kernels.py: an empty batch crashes forward of threshold SAEs (kernels.decode: 'step must be "
-           "nonzero') and encode_sparse (reshape of 0 elements with -1); found by this test", strict=False)
-
-
-def _empty_cases():
-    for arch in ARCHS:
-        for method in ("encode", "pre_acts", "forward", "encode_sparse"):
-            broken = method == "encode_sparse" or (method == "forward" and "topk" not in arch)
-            yield pytest.param(arch, method, marks=_EMPTY_BATCH_BUG if broken else ())
-
-
 @pytest.mark.parametrize("shape", [(0, 5), (2, 0, 5)])
-@pytest.mark.parametrize(("arch", "method"), list(_empty_cases()))
+@pytest.mark.parametrize("method", ["encode", "pre_acts", "forward", "encode_sparse"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_an_empty_batch_gives_an_empty_result(arch, method, shape):
     """Model methods take any batch, the empty one included; EmptyDataError is for data sets (check_data)."""
     out = getattr(make(arch), method)(torch.zeros(*shape))
