@@ -461,6 +461,9 @@ def decode(
         raise ShapeError(f"need W_dec [d_sae, d_in] and b_dec [d_in], got {tuple(W_dec.shape)}")
     if indices.dtype not in (torch.long, torch.int32):
         raise DTypeError(f"indices must be int64 or int32, got {indices.dtype}")
+    if indices.shape[1] == 0 or indices.shape[0] == 0:  # no active latent anywhere: x_hat = b_dec
+        out = values.new_zeros(values.shape[0], W_dec.shape[1]) + values.sum() * 0  # keeps the graph
+        return out if b_dec is None else out + b_dec
     return _SparseDecode.apply(values, indices, W_dec, b_dec)
 
 

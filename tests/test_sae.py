@@ -116,3 +116,16 @@ def test_bad_input_is_named():
 def test_leading_batch_dims_are_kept():
     sae = sp.make_sae(4, 8, "topk", k=2)
     assert sae(torch.randn(2, 3, 4)).shape == (2, 3, 4)
+
+
+@pytest.mark.parametrize("arch", ["relu", "jumprelu", "gated"])
+def test_a_batch_where_no_latent_fires_decodes_to_b_dec(arch):
+    sae = random_sae(arch)
+    with torch.no_grad():
+        (sae.b_gate if arch == "gated" else sae.b_enc).fill_(-1e3)
+    x = torch.randn(4, 6)
+    y = sae(x)
+    torch.testing.assert_close(y, sae.b_dec.expand(4, 6))
+    torch.testing.assert_close(y, sae(x, dense=True))
+    y.sum().backward()
+    torch.testing.assert_close(sae.b_dec.grad, torch.full((6,), 4.0))
