@@ -24,6 +24,17 @@ def random_sae(architecture: str, d_in: int = 6, d_sae: int = 20, k: int | None 
     return sae
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: tiny tensors run faster without oversubscribing shared cores, and the
+    reduction order matches a subprocess (bit-identical resume tests). Use with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def make_random_sae():
     return random_sae

@@ -12,13 +12,7 @@ from splinterp.train.decoder import DecoderAccumulator, SparseCodes, solve_decod
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscribing the shared cores (and keeps runs fast)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _problem(seed, N=120, d=12, k=3, n=5):

@@ -18,13 +18,7 @@ from splinterp.train.jumprelu import jumprelu, jumprelu_loss, step
 D_IN, D_SAE = 6, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only adds spin-waiting on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_sae(arch: str, seed: int = 0, **kw) -> SAE:

@@ -16,13 +16,7 @@ XH = torch.tensor([[1.0, 0.0], [3.0, 3.0]])
 Z = torch.tensor([[0.0, 2.0, -1.0], [0.0, 0.0, 3.0]])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscribing the shared cores (and keeps runs fast)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_reconstruction_metrics_by_hand():

@@ -8,14 +8,7 @@ from splinterp.errors import ConfigError, DTypeError, NonFiniteError, NotFittedE
 from splinterp.reference import PCAAE, KMeansAE, LocalPCAAE
 from splinterp.reference._base import kmeans_plusplus, top_directions
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny problems: OpenMP fan-out only costs time here (and the 2 shared cores are oversubscribed)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def blobs(n_per=40, centres=((0, 0, 0), (6, 0, 1), (0, 7, -2)), scale=0.5, seed=0, dtype=torch.float64):

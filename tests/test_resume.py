@@ -37,13 +37,7 @@ exec(SETUP, _ns)
 make_data, make_sae = _ns["make_data"], _ns["make_sae"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: fast on tiny tensors, and the same reduction order as the subprocess."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Stop(Exception):
