@@ -53,7 +53,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from splinterp import __version__
-from splinterp.atomic import atomic_dir
+from splinterp.atomic import atomic_dir, sha256_file
 from splinterp.errors import (
     ChecksumError,
     ConfigError,
@@ -114,13 +114,6 @@ def _expected_shapes(cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
         shapes.setdefault(n, (d_sae,))
     return shapes
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def state_tensors(sae: SAE) -> dict[str, torch.Tensor]:
@@ -337,7 +330,7 @@ def _ours(d: dict, folder: Path, verify: bool) -> tuple[SAEConfig, dict[str, tor
         want = checksum.get(WEIGHTS_FILE) if isinstance(checksum, dict) else None
         if not isinstance(want, str) or not want.startswith("sha256:"):
             raise CorruptFileError(f"{folder}: cfg.json splinterp_checksum is malformed: {checksum!r}")
-        got = "sha256:" + _sha256(folder / WEIGHTS_FILE)
+        got = "sha256:" + sha256_file(folder / WEIGHTS_FILE)
         if got != want:
             raise ChecksumError(
                 f"{folder}/{WEIGHTS_FILE} does not match the checksum in cfg.json (corrupt or truncated copy?). If "

@@ -18,7 +18,6 @@ test together. std is the population std (ddof=0); transform is (x - mean) / (st
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -33,7 +32,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
-from splinterp.atomic import write_json
+from splinterp.atomic import sha256_file, write_json
 from splinterp.errors import (
     ChecksumError,
     ConfigError,
@@ -118,13 +117,6 @@ def validate_manifest(m: Any, where: str = MANIFEST) -> dict[str, Any]:
     return m
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 class ActivationCache:
     """A harvested activation cache on disk (see `splinterp.data.harvest` for the layout).
@@ -173,7 +165,7 @@ class ActivationCache:
     def verify(self) -> None:
         """Recompute each shard's sha256; ChecksumError naming the first shard that differs."""
         for s in self.shards:
-            got = _sha256(self.folder / s["file"])
+            got = sha256_file(self.folder / s["file"])
             if got != s["sha256"]:
                 raise ChecksumError(
                     f"shard {s['file']} in {self.folder} has sha256 {got[:16]}..., manifest says "
