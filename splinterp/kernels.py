@@ -7,6 +7,10 @@ scores are computed in row chunks (at least MIN_CHUNK_ROWS rows, at most WORKSPA
 that is reused between calls, so a large batch needs O(B*k + chunk*d_sae) memory, not O(B*d_sae).
 
 Pure torch ops (`embedding_bag`, `sampled_addmm`, `topk`, ...), so the same code runs on CPU and CUDA.
+One exception, CPU only: with numba installed (the `fast` extra), the bias add, |.| and top-k selection
+of float32/float64 scores run fused in `splinterp._topk_numba` (5x cheaper than torch.topk on CPU, the
+same indices and values); without numba, or with SPLINTERP_NUMBA=0, torch does it
+(`cpu_selection_backend()` says which).
 
     vals, idx = encode_topk(x, W_enc, b_enc, k)             # [B, k], [B, k]; differentiable in x, W, b
     x_hat = decode(vals, idx, W_dec, b_dec)                  # [B, d_in]; differentiable in vals, W_dec, b_dec
@@ -23,6 +27,7 @@ stable sort (ties have measure zero on real data, so this costs nothing in pract
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import warnings
 from collections.abc import Iterator
@@ -36,6 +41,7 @@ from splinterp.errors import ConfigError, DeviceError, DTypeError, ShapeError
 
 __all__ = [
     "clear_workspace",
+    "cpu_selection_backend",
     "decode",
     "dense_reference",
     "densify",
@@ -157,6 +163,57 @@ def topk_select(scores: torch.Tensor, k: int) -> torch.Tensor:
         idx = idx.clone()
         idx[rows] = _stable_topk(scores[rows], k)
     return idx.contiguous()
+
+
+FUSED_MAX_K = 256
+"""The fused CPU selection insertion-sorts its ~k candidates per row (O(k^2)): above this k, torch.topk."""
+
+
+def _fused_cpu_select(x: torch.Tensor, d_sae: int, k: int):
+    """The numba selection function when it applies (CPU, float32/64, k <= FUSED_MAX_K, numba importable)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or k > FUSED_MAX_K or k >= d_sae:
+        return None
+    return _numba_select()
+
+
+def _numba_select():
+    global _NUMBA
+    if _NUMBA is None:
+        if os.environ.get("SPLINTERP_NUMBA", "1") == "0":
+            _NUMBA = False
+        else:
+            try:
+                from splinterp._topk_numba import select_rows
+            except ImportError:  # numba not installed (the `fast` extra): torch.topk does the work
+                _NUMBA = False
+            except Exception as e:  # a numba that is installed but broken must not break encoding
+                warnings.warn(f"splinterp: numba selection unavailable ({e!r}); using torch.topk", stacklevel=3)
+                _NUMBA = False
+            else:
+                _NUMBA = select_rows
+    return _NUMBA or None
+
+
+_NUMBA = None  # None: not tried yet; False: unavailable or disabled; else splinterp._topk_numba.select_rows
+
+
+def cpu_selection_backend() -> str:
+    """Which TopK selection CPU float32/float64 encodes use: "numba" (fused, the `fast` extra) or "torch".
+
+    Set SPLINTERP_NUMBA=0 before the first encode to force torch."""
+    return "numba" if _numba_select() is not None else "torch"
+
+
+def _fused_topk(select, u: torch.Tensor, b: torch.Tensor, k: int, absolute: bool):
+    """(indices, values) of u + b through the fused kernel; rows it flags (NaN, or a failed guess) via torch."""
+    idx, vals, bad = select(u, b, k, absolute, torch.get_num_threads())
+    if bool(bad.any()):
+        rows = bad.nonzero().squeeze(1)
+        ur = u[rows] + b
+        ix = topk_select(ur.abs() if absolute else ur, k)
+        idx[rows] = ix
+        vals[rows] = ur.gather(1, ix)
+    return idx, vals
 
 
 def _chunk_rows(n_rows: int, d_sae: int, x: torch.Tensor, copies: int) -> int:
@@ -348,7 +405,8 @@ def encode_topk(
     B, n = x.shape[0], W.shape[1]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
         raise ConfigError(f"k must be an integer with 1 <= k <= d_sae={n}, got {k!r}")
-    copies = 2 if absolute else 1
+    fused = _fused_cpu_select(x, n, k)
+    copies = 2 if absolute and fused is None else 1  # the torch path needs a second buffer for |u|
     rows = chunk_rows or _chunk_rows(B, n, x, copies)
     with torch.no_grad():
         idx = torch.empty(B, k, dtype=torch.long, device=x.device)
@@ -357,11 +415,14 @@ def encode_topk(
         r = max(1, min(rows, B))
         work = _workspace(copies * r * n, vals.dtype, x.device)
         buf = work[: r * n].view(r, n)
-        sbuf = work[r * n :].view(r, n) if absolute else None
+        sbuf = work[r * n :].view(r, n) if copies == 2 else None
         for s in range(0, B, rows):
             xs = x.detach()[s : s + rows]
             u = buf[: xs.shape[0]]
             torch.mm(xs, Wd, out=u)
+            if fused is not None:
+                idx[s : s + rows], vals[s : s + rows] = _fused_topk(fused, u, bd, k, absolute)
+                continue
             u += bd  # as x @ W + b, so values match the dense formula
             score = torch.abs(u, out=sbuf[: xs.shape[0]]) if absolute else u
             ix = topk_select(score, k)

@@ -133,7 +133,10 @@ class SAE(nn.Module):
         def param(t: torch.Tensor) -> nn.Parameter:
             return nn.Parameter(t.to(device=dev, dtype=dt).contiguous())
 
-        self.W_enc = param(w_dec.T.clone())
+        # W_enc [d_in, d_sae] is stored column-major (its transpose is contiguous). Why: the sparse backward
+        # (splinterp.kernels) produces the encoder gradient as [d_sae, d_in] rows, and a gradient must match
+        # its parameter's strides, so a row-major W_enc would cost a full transposed copy every step.
+        self.W_enc = nn.Parameter(w_dec.to(device=dev, dtype=dt, copy=True).T)  # own storage, never W_dec's
         if not cfg.tied:
             self.W_dec = param(w_dec)
         self.b_dec = param(torch.zeros(d_in))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from unittest.mock import patch
 
 import numpy as np
@@ -17,6 +18,22 @@ from splinterp.errors import ConfigError, DTypeError, ShapeError
 from splinterp.sae import topk_indices
 
 ARCHS = [("topk", 4), ("topk_abs", 4), ("relu", None), ("jumprelu", None), ("gated", None)]
+HAS_NUMBA = importlib.util.find_spec("numba") is not None
+needs_numba = pytest.mark.skipif(not HAS_NUMBA, reason="numba (the `fast` extra) is not installed")
+
+
+@pytest.fixture(params=["numba", "torch"])
+def selection(request, monkeypatch):
+    """Run the test once with the fused numba CPU selection and once with torch.topk."""
+    if request.param == "numba":
+        if not HAS_NUMBA:
+            pytest.skip("numba (the `fast` extra) is not installed")
+        monkeypatch.delenv("SPLINTERP_NUMBA", raising=False)
+        monkeypatch.setattr(kernels, "_NUMBA", None)
+    else:
+        monkeypatch.setattr(kernels, "_NUMBA", False)
+    assert kernels.cpu_selection_backend() == request.param
+    return request.param
 
 
 def randomised(sae: sp.SAE, seed: int = 0, scale: float = 0.3) -> sp.SAE:
@@ -111,6 +128,112 @@ def test_rowdot_batch_major_and_latent_major(B, n):
     torch.testing.assert_close(kernels._rowdot(a.half(), table.half(), idx), ref.half(), rtol=1e-2, atol=1e-2)
 
 
+# ------------------------------------------------------------------------------------------ fused CPU selection
+def _reference(u, b, k, absolute):
+    s = u + b
+    idx = topk_indices(s.abs() if absolute else s, k)
+    return idx, s.gather(1, idx)
+
+
+def _fused(u, b, k, absolute, threads=1):
+    from splinterp._topk_numba import select_rows
+
+    return kernels._fused_topk(lambda *a: select_rows(*a[:4], threads), u, b, k, absolute)
+
+
+@needs_numba
+@settings(max_examples=150, deadline=None)
+@given(
+    rows=st.integers(1, 150),
+    n=st.integers(2, 300),
+    levels=st.sampled_from([2, 4, 7, None]),
+    absolute=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    data=st.data(),
+)
+def test_fused_selection_is_topk_indices(rows, n, levels, absolute, dtype, data):
+    """Exact indices and values, ties broken towards the lower index; few distinct levels force ties at the
+    k-th place, all-equal rows and guesses that fail (those rows go through torch); rows >= 128 use 2 threads."""
+    k = data.draw(st.integers(1, n - 1))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    if levels is None:
+        u, b = torch.randn(rows, n, generator=g, dtype=dtype), torch.randn(n, generator=g, dtype=dtype)
+    else:
+        u = torch.randint(-levels, levels + 1, (rows, n), generator=g).to(dtype)
+        b = torch.randint(-1, 2, (n,), generator=g).to(dtype)
+    threads = data.draw(st.sampled_from([1, 2, 3]))
+    idx, vals = _fused(u, b, k, absolute, threads)
+    ref_idx, ref_vals = _reference(u, b, k, absolute)
+    assert torch.equal(idx, ref_idx)
+    assert torch.equal(vals, ref_vals)
+
+
+@needs_numba
+@pytest.mark.parametrize("n,k", [(4096, 32), (1000, 1), (1001, 37), (300, 256), (16384, 64)])
+@pytest.mark.parametrize("absolute", [False, True])
+def test_fused_selection_decides_continuous_rows_itself(n, k, absolute):
+    """On continuous scores no row is handed back to torch (the fast path is the path), and the answer is
+    exact; n not a multiple of the block count leaves latents in no block (the tail)."""
+    from splinterp._topk_numba import select_rows
+
+    g = torch.Generator().manual_seed(n + k)
+    u, b = torch.randn(256, n, generator=g), torch.randn(n, generator=g)
+    idx, vals, bad = select_rows(u, b, k, absolute, 2)
+    assert not bad.any()
+    ref_idx, ref_vals = _reference(u, b, k, absolute)
+    assert torch.equal(idx, ref_idx) and torch.equal(vals, ref_vals)
+
+
+@needs_numba
+def test_fused_selection_with_nan_and_inf_matches_torch():
+    """NaN rows are handed back to torch (NaN ranks first, as torch.sort puts it); +-inf are ordinary."""
+    from splinterp._topk_numba import select_rows
+
+    g = torch.Generator().manual_seed(3)
+    u, b = torch.randn(8, 200, generator=g), torch.zeros(200)
+    u[1, 50] = float("nan")
+    u[2, :] = float("inf")
+    u[3, ::3] = -float("inf")
+    u[4, :] = -float("inf")
+    u[5, 7] = float("inf")
+    u[6, 199] = float("nan")  # in the tail or a late block
+    _, _, bad = select_rows(u, b, 5, False, 1)
+    assert bad[1] and bad[6]
+    for absolute in (False, True):
+        idx, vals = _fused(u, b, 5, absolute)
+        s = (u + b).abs() if absolute else u + b
+        ref_idx = kernels.topk_select(s, 5)
+        assert torch.equal(idx, ref_idx)
+        torch.testing.assert_close(vals, (u + b).gather(1, ref_idx), equal_nan=True)
+
+
+@needs_numba
+def test_encode_topk_same_with_either_selection(monkeypatch):
+    x, W, b = _affine(B=300, d_in=7, n=64, seed=8)
+    out = {}
+    for backend in ("numba", "torch"):
+        monkeypatch.setattr(kernels, "_NUMBA", None if backend == "numba" else False)
+        assert kernels.cpu_selection_backend() == backend
+        for absolute in (False, True):
+            for t in (x, W, b):
+                t.grad = None
+            vals, idx = kernels.encode_topk(x, W, b, 9, absolute=absolute)
+            (vals * torch.arange(9.0, dtype=vals.dtype)).sum().backward()
+            out[backend, absolute] = (vals.detach(), idx, x.grad.clone(), W.grad.clone(), b.grad.clone())
+    for absolute in (False, True):
+        for a, c in zip(out["numba", absolute], out["torch", absolute], strict=True):
+            assert torch.equal(a, c)
+
+
+def test_selection_backend_switch(monkeypatch):
+    monkeypatch.setattr(kernels, "_NUMBA", None)
+    monkeypatch.setenv("SPLINTERP_NUMBA", "0")
+    assert kernels.cpu_selection_backend() == "torch"
+    monkeypatch.setattr(kernels, "_NUMBA", None)
+    monkeypatch.delenv("SPLINTERP_NUMBA")
+    assert kernels.cpu_selection_backend() == ("numba" if HAS_NUMBA else "torch")
+
+
 def test_topk_select_rejects_bad_k_and_shapes():
     with pytest.raises(ConfigError):
         kernels.topk_select(torch.zeros(2, 5), 6)
@@ -170,7 +293,7 @@ def test_topk_relu_zero_values_pass_no_gradient():
 @pytest.mark.parametrize("arch,k", ARCHS)
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("b_dec_in", [False, True])
-def test_sae_sparse_path_matches_dense_float64(arch, k, tied, b_dec_in):
+def test_sae_sparse_path_matches_dense_float64(arch, k, tied, b_dec_in, selection):
     sae = randomised(sp.make_sae(6, 20, arch, k, tied=tied, apply_b_dec_to_input=b_dec_in, dtype="float64"), 1)
     x = torch.randn(2, 5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(4))  # leading dims
     weight = torch.linspace(-1, 1, 20, dtype=torch.float64)
@@ -198,7 +321,7 @@ def test_sae_sparse_path_matches_dense_float64(arch, k, tied, b_dec_in):
 
 
 @pytest.mark.parametrize("arch,k", [("topk", 16), ("topk_abs", 16), ("relu", None)])
-def test_sae_adam_steps_match_dense_float32(arch, k):
+def test_sae_adam_steps_match_dense_float32(arch, k, selection):
     """A few full training steps at a realistic width: same weights to float32 tolerance."""
     torch.manual_seed(0)
     x = torch.randn(96, 40)

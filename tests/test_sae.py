@@ -129,3 +129,14 @@ def test_a_batch_where_no_latent_fires_decodes_to_b_dec(arch):
     torch.testing.assert_close(y, sae(x, dense=True))
     y.sum().backward()
     torch.testing.assert_close(sae.b_dec.grad, torch.full((6,), 4.0))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_untied_weights_own_their_storage_and_w_enc_is_column_major(dtype):
+    """W_enc is stored column-major (the sparse backward's gradient layout) and never aliases W_dec."""
+    sae = sp.make_sae(5, 12, "topk", 3, dtype=dtype)
+    assert sae.W_enc.T.is_contiguous()
+    assert sae.W_enc.untyped_storage().data_ptr() != sae.W_dec.untyped_storage().data_ptr()
+    with torch.no_grad():
+        sae.W_enc.zero_()
+    assert sae.W_dec.abs().sum() > 0

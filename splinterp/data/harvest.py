@@ -48,7 +48,7 @@ from splinterp import __version__
 from splinterp.atomic import atomic_dir, write_bytes, write_json
 from splinterp.data.cache import CACHE_FORMAT, CACHE_FORMAT_VERSION, MANIFEST, STORE_DTYPES, ActivationCache
 from splinterp.errors import ConfigError, EmptyDataError, NonFiniteError, OverwriteError, ShapeError
-from splinterp.validation import check_data, check_positive_int
+from splinterp.validation import all_finite, check_data, check_positive_int
 
 log = logging.getLogger(__name__)
 
@@ -533,7 +533,7 @@ def harvest(
                 rows: dict[str, torch.Tensor] = {}
                 for layer in layer_ids:
                     h = cap.acts[layer][keep.to(cap.acts[layer].device)].float().cpu()
-                    if not bool(torch.isfinite(h).all()):
+                    if not all_finite(h):
                         bad = int((~torch.isfinite(h)).any(-1).nonzero()[0, 0])
                         text_i = int(text_index[keep.nonzero()[bad, 0]])
                         raise NonFiniteError(f"non-finite activation at layer {layer}, text {text_i}")

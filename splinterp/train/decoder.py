@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from splinterp.errors import ConfigError, DTypeError, EmptyDataError, NonFiniteError, ShapeError
-from splinterp.validation import check_data, check_finite
+from splinterp.validation import all_finite, check_data, check_finite
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +278,7 @@ class DecoderAccumulator:
         self._fold()
         if self.n == 0:
             raise EmptyDataError("the decoder accumulator has seen no rows; cannot solve")
-        if not bool(torch.isfinite(self._s_z).all() and torch.isfinite(self._g_diag).all()):
+        if not (all_finite(self._s_z) and all_finite(self._g_diag)):
             raise NonFiniteError("the codes contain NaN or inf (an encoder that diverged?); cannot solve")
         d, n_in = self.d_sae, self.d_in
         out_dtype = out_dtype or torch.float32
@@ -324,7 +324,7 @@ def _check_prev(t, shape, name, device, dtype):
     if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
         got = tuple(t.shape) if hasattr(t, "shape") else type(t).__name__
         raise ShapeError(f"{name} must have shape {shape}, got {got}")
-    if not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
         raise NonFiniteError(f"{name} contains NaN or inf")
     return t.detach().to(device=device, dtype=dtype)
 
