@@ -32,7 +32,7 @@ def selection(request, monkeypatch):
         monkeypatch.setattr(kernels, "_NUMBA", None)
     else:
         monkeypatch.setattr(kernels, "_NUMBA", False)
-    assert kernels.cpu_selection_backend() == request.param
+    assert kernels.cpu_kernel_backend() == request.param
     return request.param
 
 
@@ -136,7 +136,7 @@ def _reference(u, b, k, absolute):
 
 
 def _fused(u, b, k, absolute, threads=1):
-    from splinterp._topk_numba import select_rows
+    from splinterp._numba_kernels import select_rows
 
     return kernels._fused_topk(lambda *a: select_rows(*a[:4], threads), u, b, k, absolute)
 
@@ -174,7 +174,7 @@ def test_fused_selection_is_topk_indices(rows, n, levels, absolute, dtype, data)
 def test_fused_selection_decides_continuous_rows_itself(n, k, absolute):
     """On continuous scores no row is handed back to torch (the fast path is the path), and the answer is
     exact; n not a multiple of the block count leaves latents in no block (the tail)."""
-    from splinterp._topk_numba import select_rows
+    from splinterp._numba_kernels import select_rows
 
     g = torch.Generator().manual_seed(n + k)
     u, b = torch.randn(256, n, generator=g), torch.randn(n, generator=g)
@@ -187,7 +187,7 @@ def test_fused_selection_decides_continuous_rows_itself(n, k, absolute):
 @needs_numba
 def test_fused_selection_with_nan_and_inf_matches_torch():
     """NaN rows are handed back to torch (NaN ranks first, as torch.sort puts it); +-inf are ordinary."""
-    from splinterp._topk_numba import select_rows
+    from splinterp._numba_kernels import select_rows
 
     g = torch.Generator().manual_seed(3)
     u, b = torch.randn(8, 200, generator=g), torch.zeros(200)
@@ -213,7 +213,7 @@ def test_encode_topk_same_with_either_selection(monkeypatch):
     out = {}
     for backend in ("numba", "torch"):
         monkeypatch.setattr(kernels, "_NUMBA", None if backend == "numba" else False)
-        assert kernels.cpu_selection_backend() == backend
+        assert kernels.cpu_kernel_backend() == backend
         for absolute in (False, True):
             for t in (x, W, b):
                 t.grad = None
@@ -228,10 +228,10 @@ def test_encode_topk_same_with_either_selection(monkeypatch):
 def test_selection_backend_switch(monkeypatch):
     monkeypatch.setattr(kernels, "_NUMBA", None)
     monkeypatch.setenv("SPLINTERP_NUMBA", "0")
-    assert kernels.cpu_selection_backend() == "torch"
+    assert kernels.cpu_kernel_backend() == "torch"
     monkeypatch.setattr(kernels, "_NUMBA", None)
     monkeypatch.delenv("SPLINTERP_NUMBA")
-    assert kernels.cpu_selection_backend() == ("numba" if HAS_NUMBA else "torch")
+    assert kernels.cpu_kernel_backend() == ("numba" if HAS_NUMBA else "torch")
 
 
 def test_topk_select_rejects_bad_k_and_shapes():

@@ -1,4 +1,4 @@
-"""Fused CPU TopK selection (numba): scores + bias, optional |.|, top k, the selected values, in one pass per row.
+"""CPU kernels in numba: the fused TopK selection (scores + bias, optional |.|, top k, the selected values).
 
 Why: `torch.topk` on CPU copies every row into (value, index) pairs before a partial sort, about 2 ns per
 score: at d_sae 4096 that is a sixth of a training step. Here each row costs one vectorised pass (block
