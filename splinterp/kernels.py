@@ -135,9 +135,10 @@ def _tree_candidates(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
 def topk_select(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices [R, k] of the k largest scores per row, decreasing, ties towards the lower index.
 
-    Same result as `splinterp.sae.topk_indices`, cheaper: one `topk` of k+1 (over a candidate superset
-    on CPU) tells whether any of the top k+1 scores tie, so no extra pass over the scores is needed;
-    rows with a tie (or NaN) are redone with a stable sort.
+    The one implementation of the tie rule (`splinterp.sae.topk_indices` calls it): on CPU float32/64 the
+    fused numba selection when installed, else one `topk` of k+1 (over a candidate superset on CPU), which
+    tells whether any of the top k+1 scores tie without an extra pass; rows with a tie (or NaN) are redone
+    with a stable sort.
     """
     if scores.ndim != 2:
         raise ShapeError(f"scores must be 2-D [rows, d_sae], got shape {tuple(scores.shape)}")
@@ -146,6 +147,15 @@ def topk_select(scores: torch.Tensor, k: int) -> torch.Tensor:
         raise ConfigError(f"k must be an integer with 1 <= k <= {n}, got {k!r}")
     if scores.shape[0] == 0:
         return torch.empty(0, k, dtype=torch.long, device=scores.device)
+    fused = _fused_cpu_select(scores, n, k)
+    if fused is not None:
+        s = scores.detach().contiguous()
+        return _fused_topk(fused, s, s.new_zeros(n), k, False)[0]
+    return _torch_topk_select(scores, k)
+
+
+def _torch_topk_select(scores: torch.Tensor, k: int) -> torch.Tensor:
+    n = scores.shape[1]
     if k == n:
         return _stable_topk(scores, k)
     tree = _tree_candidates(scores, k)
@@ -213,7 +223,7 @@ def _fused_topk(select, u: torch.Tensor, b: torch.Tensor, k: int, absolute: bool
     if bool(bad.any()):
         rows = bad.nonzero().squeeze(1)
         ur = u[rows] + b
-        ix = topk_select(ur.abs() if absolute else ur, k)
+        ix = _torch_topk_select(ur.abs() if absolute else ur, k)
         idx[rows] = ix
         vals[rows] = ur.gather(1, ix)
     return idx, vals

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from splinterp import kernels
-from splinterp.errors import ConfigError
+from splinterp.errors import ConfigError, ShapeError
 from splinterp.validation import check_batch, check_dataclass_types
 
 ARCHITECTURES = ("relu", "topk", "topk_abs", "jumprelu", "gated")
@@ -98,21 +98,15 @@ class SAEConfig:
 
 
 def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest scores per row, in decreasing order, ties towards the lower index.
+    """Indices of the k largest scores along the last dim, in decreasing order, ties towards the lower index.
 
-    torch.topk does not promise an order among equal values, so rows where the k-th value is tied with
-    an unselected entry are redone with a stable sort. Ties have measure zero on real data; the check is
-    one comparison pass.
+    torch.topk promises no order among equal values; this is the canonical selection every TopK code and
+    region key uses (`splinterp.kernels.topk_select`, which also makes it cheap on CPU).
     """
-    vals, idx = torch.topk(scores, k, dim=-1)
-    boundary_tie = (scores >= vals[..., -1:]).sum(-1) > k  # k-th value shared with an unselected entry
-    inner_tie = (vals[..., 1:] == vals[..., :-1]).any(-1)  # equal values inside the selection
-    redo = boundary_tie | inner_tie
-    if bool(redo.any()):
-        rows = redo.nonzero(as_tuple=True)
-        idx = idx.clone()
-        idx[rows] = torch.sort(scores[rows], dim=-1, descending=True, stable=True).indices[..., :k]
-    return idx
+    if scores.ndim == 0:
+        raise ShapeError("scores must have at least one dimension")
+    flat = scores.reshape(-1, scores.shape[-1])
+    return kernels.topk_select(flat, k).view(*scores.shape[:-1], k)
 
 
 class SAE(nn.Module):
