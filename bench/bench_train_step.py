@@ -23,6 +23,8 @@ from bench.common import interleaved, median, round_ratios, row
 
 CONFIGS = [(784, 4096, 32), (384, 16384, 64)]  # (d_in, d_sae, k)
 BATCH = 4096
+ROUNDS = 11
+"""Interleaved rounds per figure (the median of per-round ratios; more rounds, less noise on a shared machine)."""
 
 
 def _load_sparsify():
@@ -166,7 +168,7 @@ def wall_rows(quick: bool) -> list[dict]:
     rows = []
     for d_in, d_sae, k in CONFIGS:
         cases, _ = _steps(d_in, d_sae, k, 1024 if quick else BATCH)
-        rows += _rows(f"d_in {d_in}, d_sae {d_sae}, k {k}", how, interleaved(cases, rounds=3 if quick else 7))
+        rows += _rows(f"d_in {d_in}, d_sae {d_sae}, k {k}", how, interleaved(cases, rounds=3 if quick else ROUNDS))
     return rows
 
 
@@ -174,13 +176,16 @@ def run(quick: bool = False) -> dict:
     """Per config: wall time at torch's default thread count (the headline), CPU time of a single thread
     (torch.set_num_threads(1), time.thread_time: a busy shared machine cannot inflate it), and the wall
     time again with passive OpenMP waits (child process)."""
+    from splinterp import kernels
+
     batch = 1024 if quick else BATCH
-    rounds = 3 if quick else 7
+    rounds = 3 if quick else ROUNDS
     threads = torch.get_num_threads()
     rows: list[dict] = []
     notes = [
         f"float32, batch {batch}, loss mean_b |x_hat - x|^2 (sparsify: its fvu), Adam(fused=True) for all",
         f"wall: torch's default {threads} threads; cpu-1t: CPU time with 1 thread (immune to other users' load)",
+        f"CPU TopK selection: {kernels.cpu_kernel_backend()} (numba is the `fast` extra; SPLINTERP_NUMBA=0 forces torch)",
     ]
     for d_in, d_sae, k in CONFIGS:
         tag = f"d_in {d_in}, d_sae {d_sae}, k {k}"
