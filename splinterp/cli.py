@@ -1,7 +1,7 @@
 """Command line: ``splinterp <command>`` (or ``python -m splinterp <command>``).
 
     splinterp reproduce [--quick] [--out DIR] [--only NAME ...] [--skip NAME ...] [--seed S] [--device D]
-                        [--force] [--plotlyjs directory|inline|cdn]
+                        [--threads N] [--force] [--plotlyjs directory|inline|cdn]
     splinterp figure NAME [--out DIR] [--quick] [--seed S] [--device D] [--force]
     splinterp list [--json]
     splinterp geometry SAE_FOLDER --data FILE.npy|.pt|.safetensors|CACHE_FOLDER [--layer L] [--key K]
@@ -144,27 +144,31 @@ def _plotlyjs_mode(mode: str | None):
 
 
 def run_jobs(names: Sequence[str], out: Path, quick: bool, seed: int, device: str, force: bool = False,
-             plotlyjs: str | None = None, progress: bool = True) -> dict:
-    """Run the named registered jobs into `out`; write results.json and summary.md. Returns results."""
+             plotlyjs: str | None = None, progress: bool = True, threads: int | None = None) -> dict:
+    """Run the named registered jobs into `out`; write results.json and summary.md. Returns results.
+
+    threads: torch intra-op threads for every job (None: torch's default; the quick LLM jobs use 1)."""
     import torch
     from tqdm.auto import tqdm
 
     import splinterp
     from splinterp.atomic import write_json, write_text
     from splinterp.experiments import registry
+    from splinterp.experiments.e3_llm import threads_for_all_jobs
 
     previous = prepare_out(out, force)
     results = previous or {"format": RESULTS_FORMAT, "meta": {}, "jobs": {}}
     results.setdefault("jobs", {})
     t_all = time.perf_counter()
     bar = tqdm(names, desc="splinterp reproduce", unit="job", disable=not progress)
-    with _plotlyjs_mode(plotlyjs):
+    with _plotlyjs_mode(plotlyjs), threads_for_all_jobs(threads):
         for name in bar:
             job = registry.get(name)
             bar.set_postfix_str(name)
             log.info("job %s: %s", name, job.description)
             entry: dict[str, Any] = {"description": job.description, "module": job.module, "quick": quick,
-                                     "seed": seed, "device": device, "quick_seconds": job.quick_seconds,
+                                     "seed": seed, "device": device, "threads": threads,
+                                     "quick_seconds": job.quick_seconds,
                                      "outputs": list(job.outputs)}
             t0, c0 = time.perf_counter(), time.process_time()
             try:
@@ -235,7 +239,7 @@ def cmd_reproduce(args) -> int:
     names = _select(jobs, args.only, args.skip)
     out = Path(args.out)
     results = run_jobs(names, out, args.quick, args.seed, device, args.force, args.plotlyjs,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, threads=args.threads)
     return _report(results, names, out)
 
 
@@ -245,7 +249,7 @@ def cmd_figure(args) -> int:
     names = _select(jobs, [args.name], None)
     out = Path(args.out)
     results = run_jobs(names, out, args.quick, args.seed, device, args.force, args.plotlyjs,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, threads=args.threads)
     return _report(results, names, out)
 
 
@@ -504,6 +508,16 @@ def cmd_train(args) -> int:
 
 
 # -------------------------------------------------------------------------------------------- parser
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="splinterp", description="The spline geometry of sparse autoencoders.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -521,6 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how HTML figures get plotly.js: one shared plotly.min.js in --out (default, "
                        "offline), inline in every page, or from the CDN (small files, needs network)")
         q.add_argument("--no-progress", action="store_true", help="no progress bar")
+        q.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                       help="torch intra-op threads for every job (default: torch's default, 1 for the quick "
+                       "LLM jobs; on a busy machine 1 is often fastest)")
 
     q = sub.add_parser("reproduce", help="run every registered figure/experiment job",
                        description="Run the registered jobs (see `splinterp list`) and write their figures, "

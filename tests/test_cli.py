@@ -135,6 +135,27 @@ def test_bad_reproduce_args(tmp_path, capsys):
         main(["reproduce", "--seed", "abc"])
     with pytest.raises(SystemExit):
         main(["reproduce", "--plotlyjs", "sometimes"])
+    for bad in ("0", "-2", "two"):
+        with pytest.raises(SystemExit):
+            main(["reproduce", "--threads", bad])
+    assert "positive integer" in capsys.readouterr().err
+
+
+def test_threads_flag_reaches_every_job_and_is_restored(tmp_path, temp_job):
+    from splinterp.experiments.e3_llm import job_threads
+
+    seen = {}
+
+    def record(out_dir, quick, seed, device):
+        seen["torch"], seen["job_quick"], seen["job_full"] = torch.get_num_threads(), job_threads(True), job_threads(False)
+        return {}
+
+    temp_job("t_threads", record)
+    before = torch.get_num_threads()
+    assert main(["figure", "t_threads", "--threads", "3", "--quick", "--out", str(tmp_path / "o"), "--no-progress"]) == 0
+    assert seen == {"torch": 3, "job_quick": 3, "job_full": 3}
+    assert torch.get_num_threads() == before and job_threads(True) == 1 and job_threads(False) is None
+    assert json.loads((tmp_path / "o" / RESULTS).read_text())["jobs"]["t_threads"]["threads"] == 3
 
 
 # ------------------------------------------------------------------------------------------- registry

@@ -652,9 +652,33 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
+_THREADS_OVERRIDE: int | None = None  # set by `threads_for_all_jobs` (splinterp reproduce --threads)
+
+
 def job_threads(quick: bool) -> int | None:
-    """Intra-op threads of a registered LLM job: 1 in quick mode, torch's default otherwise."""
+    """Intra-op threads of a registered LLM job: the user's `--threads` if given, else 1 in quick mode and
+    torch's default otherwise."""
+    if _THREADS_OVERRIDE is not None:
+        return _THREADS_OVERRIDE
     return 1 if quick else None
+
+
+@contextlib.contextmanager
+def threads_for_all_jobs(n: int | None) -> Iterator[None]:
+    """Every job in the body runs with n intra-op threads (None: each job's default)."""
+    global _THREADS_OVERRIDE
+    if n is None:
+        yield
+        return
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"threads must be a positive integer, got {n!r}")
+    old = _THREADS_OVERRIDE
+    _THREADS_OVERRIDE = n
+    try:
+        with torch_threads(n):
+            yield
+    finally:
+        _THREADS_OVERRIDE = old
 
 
 def _job(*args: Any, **kwargs: Any) -> Callable[[Any], Any]:
