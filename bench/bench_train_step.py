@@ -185,7 +185,7 @@ def run(quick: bool = False) -> dict:
     notes = [
         f"float32, batch {batch}, loss mean_b |x_hat - x|^2 (sparsify: its fvu), Adam(fused=True) for all",
         f"wall: torch's default {threads} threads; cpu-1t: CPU time with 1 thread (immune to other users' load)",
-        f"CPU TopK selection: {kernels.cpu_kernel_backend()} (numba is the `fast` extra; SPLINTERP_NUMBA=0 forces torch)",
+        f"CPU TopK selection: {kernels.cpu_kernel_backend()} (numba: the `fast` extra; SPLINTERP_NUMBA=0: torch)",
     ]
     for d_in, d_sae, k in CONFIGS:
         tag = f"d_in {d_in}, d_sae {d_sae}, k {k}"

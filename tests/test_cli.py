@@ -147,12 +147,13 @@ def test_threads_flag_reaches_every_job_and_is_restored(tmp_path, temp_job):
     seen = {}
 
     def record(out_dir, quick, seed, device):
-        seen["torch"], seen["job_quick"], seen["job_full"] = torch.get_num_threads(), job_threads(True), job_threads(False)
+        seen.update(torch=torch.get_num_threads(), job_quick=job_threads(True), job_full=job_threads(False))
         return {}
 
     temp_job("t_threads", record)
     before = torch.get_num_threads()
-    assert main(["figure", "t_threads", "--threads", "3", "--quick", "--out", str(tmp_path / "o"), "--no-progress"]) == 0
+    args = ["figure", "t_threads", "--threads", "3", "--quick", "--out", str(tmp_path / "o"), "--no-progress"]
+    assert main(args) == 0
     assert seen == {"torch": 3, "job_quick": 3, "job_full": 3}
     assert torch.get_num_threads() == before and job_threads(True) == 1 and job_threads(False) is None
     assert json.loads((tmp_path / "o" / RESULTS).read_text())["jobs"]["t_threads"]["threads"] == 3
