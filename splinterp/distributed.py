@@ -697,6 +697,9 @@ class _DistributedMixin:
         if not (dist.is_available() and dist.is_initialized()):
             raise ConfigError("no torch.distributed process group: call init_distributed() under torchrun, or "
                               "use train_sgd / train_pam_sgd on one process")
+        if cfg.aux_k:
+            raise ConfigError("aux_k is not supported in data-parallel training yet (each rank would count dead "
+                              "latents on its own shard); set aux_k=0 or train on one process")
         self.group = group
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         mine = {"trainer": {k: v for k, v in cfg.to_dict().items() if k not in ("device", "progress")},

@@ -98,6 +98,23 @@ def test_sgd_resume_after_an_epoch_is_bit_identical(tmp_path):
     assert_same_optimizer(tmp_path / "ref", tmp_path / "run")
 
 
+def test_auxk_resume_mid_epoch_is_bit_identical(tmp_path):
+    """The AuxK dead-latent counters are part of the checkpoint: a resumed run sees the same dead latents."""
+    X, Xt = make_data(0), make_data(1, n=64)
+    kw = dict(aux_k=2, dead_after_samples=100, checkpoint_every_steps=2)
+    ref = make_sae("topk")
+    h_ref = train_sgd(ref, X, _sgd(**kw, checkpoint_dir=str(tmp_path / "ref")), eval_data=Xt)
+    assert any(r["train_running_dead"] > 0 for r in h_ref.records)  # latents did die: the state matters
+    run = make_sae("topk")
+    cfg = _sgd(**kw, checkpoint_dir=str(tmp_path / "run"))
+    with pytest.raises(Stop):
+        train_sgd(run, X, cfg, eval_data=Xt, callback=stop_at("step", 1, 3))
+    fresh = make_sae("topk", seed=99)
+    h = train_sgd(fresh, X, cfg.replace(resume=True), eval_data=Xt)
+    assert_same_model(fresh, ref)
+    assert h.without_times() == h_ref.without_times()
+
+
 @pytest.mark.parametrize("order", ["encoder_first", "decoder_first"])
 @pytest.mark.parametrize("stop_batch", [3, 2])  # 3: right after a mid-epoch checkpoint; 2: between checkpoints
 def test_pam_resume_mid_epoch_is_bit_identical(tmp_path, order, stop_batch):

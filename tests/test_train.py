@@ -261,3 +261,60 @@ def test_history_json_roundtrip(tmp_path):
     assert back["test_explained_variance"] == [None, None]
     with pytest.raises(KeyError):
         back["nope"]
+
+
+# ------------------------------------------------------------------------------------------------ AuxK
+def test_auxk_loss_by_hand():
+    """The aux_k best dead latents (the SAE's own rule, restricted to them) decoded without b_dec, against the
+    detached residual, over the batch's total variance."""
+    for arch in ("topk", "topk_abs"):
+        sae = sp.make_sae(D_IN, D_SAE, arch, 3, dtype="float64", seed=2)
+        with torch.no_grad():
+            for p in sae.parameters():
+                p.add_(0.3 * torch.randn(p.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5)))
+        x = _data(3, n=40).double()
+        x_hat = sae(x)
+        dead = torch.zeros(D_SAE, dtype=torch.bool)
+        dead[[1, 4, 5, 9, 15]] = True
+        got = losses_mod.auxk_loss(sae, x, x_hat, dead, aux_k=2)
+        W, b = sae.encoder_affine()
+        u = (x @ W + b)[:, dead]
+        rank = u.abs() if arch == "topk_abs" else u
+        sel = torch.sort(rank, dim=1, descending=True, stable=True).indices[:, :2]
+        z = torch.zeros_like(u).scatter(1, sel, u.gather(1, sel))
+        if arch == "topk":
+            z = z.clamp_min(0)
+        e_hat = z @ sae.W_dec[dead]
+        want = ((x - x_hat).detach() - e_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+        torch.testing.assert_close(got, want)
+        got.backward()  # the dead latents' encoder columns get a gradient, the live ones none
+        assert sae.W_enc.grad[:, dead].abs().sum() > 0 and not sae.W_enc.grad[:, ~dead].any()
+        sae.zero_grad()
+        assert float(losses_mod.auxk_loss(sae, x, x_hat, torch.zeros(D_SAE, dtype=torch.bool), 2)) == 0.0
+
+
+def test_auxk_revives_dead_latents():
+    """Real MNIST digits, where a TopK SAE leaves most latents dead: AuxK (default weight) revives dozens
+    and lowers the reconstruction error (measured: 169 -> 124 dead of 256, mse 0.278 -> 0.261)."""
+    from splinterp.data import load_mnist
+
+    X = load_mnist("train")[0][:2000]
+    out = {}
+    for aux_k in (0, 64):
+        sae = sp.make_sae(784, 256, "topk", 8, seed=0)
+        cfg = SGDConfig(epochs=5, batch_size=128, lr=3e-3, progress=False, aux_k=aux_k, dead_after_samples=1000,
+                        eval_batch_size=2000)
+        h = train_sgd(sae, X, cfg)
+        out[aux_k] = (h.last["train_dead_features"], h.last["train_mse"])
+        assert ("train_running_auxk" in h.last) == bool(aux_k)
+    assert out[64][0] <= out[0][0] - 20, out
+    assert out[64][1] < out[0][1], out
+
+
+def test_auxk_config_errors():
+    with pytest.raises(ConfigError, match="aux_k"):
+        _cfg(aux_k=-1)
+    with pytest.raises(ConfigError, match="dead_after_samples"):
+        _cfg(aux_k=4, dead_after_samples=0)
+    with pytest.raises(ConfigError, match="TopK"):
+        train_sgd(sp.make_sae(D_IN, D_SAE, "relu"), _data(), _cfg(aux_k=4))

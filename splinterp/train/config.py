@@ -73,6 +73,13 @@ class SGDConfig:
     resume_from: str | None = None
     """Continue from this checkpoint folder (or a checkpoint_dir holding latest.json); it must exist."""
     progress: bool = True
+    aux_k: int = 0
+    """TopK only: the AuxK loss (Gao et al. 2024) lets the aux_k highest-scoring *dead* latents reconstruct
+    the residual x - x_hat, which gives dead latents a gradient back into use. 0 = off; d_in // 2 is usual."""
+    aux_k_coefficient: float = 1 / 32
+    """Weight of the AuxK loss (normalised: residual error over the batch's total variance)."""
+    dead_after_samples: int = 10_000_000
+    """A latent is dead for AuxK once it has not fired on this many consecutive training samples."""
     loss_kwargs: dict[str, Any] = field(default_factory=dict)
     """Free settings for the registered loss of the architecture (e.g. {"l1_decoder_norm": True})."""
 
@@ -92,6 +99,9 @@ class SGDConfig:
             raise ConfigError("lr must be > 0")
         _nonneg(self.weight_decay, "weight_decay")
         _nonneg(self.l1_coefficient, "l1_coefficient")
+        _pos_int(self.aux_k, "aux_k", allow_zero=True)
+        _nonneg(self.aux_k_coefficient, "aux_k_coefficient")
+        _pos_int(self.dead_after_samples, "dead_after_samples")
         if self.grad_clip is not None:
             _nonneg(self.grad_clip, "grad_clip")
             if self.grad_clip == 0:

@@ -24,6 +24,7 @@ from splinterp import metrics
 from splinterp.errors import ConfigError, DeviceError, NonFiniteError
 from splinterp.sae import SAE
 from splinterp.train import checkpoint as ckpt
+from splinterp.train import losses
 from splinterp.train.config import RESUME_MUTABLE, SGDConfig
 from splinterp.train.data import BatchSource
 from splinterp.train.history import History
@@ -83,6 +84,7 @@ class Trainer:
             eval_data = check_data(eval_data, sae.cfg.d_in, name="eval_data", dtype=sae.dtype)
         self.eval_data = eval_data
         self.check_config()
+        self._check_aux_k()
         named = dict(sae.named_parameters())
         self.train_names = self.trainable_names()
         self.train_params = [named[n] for n in self.train_names]
@@ -90,6 +92,9 @@ class Trainer:
         self.clip_params = (self.train_params if cfg.grad_clip_scope == "all"
                             else [named[n] for n in self.train_names if n in enc])
         self.opt = self.make_optimizer()
+        # AuxK: samples since each latent last fired (a latent is dead after cfg.dead_after_samples)
+        self.since_fired = (torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=self.device)
+                            if cfg.aux_k > 0 else None)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.epoch = 0
         self.batch = 0
@@ -104,6 +109,15 @@ class Trainer:
     # ------------------------------------------------------------------ hooks for subclasses
     def check_config(self) -> None:
         pass
+
+    def _check_aux_k(self) -> None:
+        c, arch = self.cfg, self.sae.architecture
+        if c.aux_k == 0:
+            return
+        if arch not in ("topk", "topk_abs"):
+            raise ConfigError(f"aux_k is for TopK SAEs (topk, topk_abs), not {arch!r}; set aux_k=0")
+        if self.loss_fn is not losses.mse_loss:
+            raise ConfigError(f"aux_k adds to the built-in TopK loss, but a custom loss is registered for {arch!r}")
 
     def trainable_names(self) -> list[str]:
         return [n for n, _ in self.sae.named_parameters()]
@@ -143,7 +157,10 @@ class Trainer:
 
     def _sgd_step(self, x: torch.Tensor) -> None:
         self.opt.zero_grad(set_to_none=True)
-        loss, parts = self.loss_fn(self.sae, x, self.cfg)
+        if self.since_fired is None:
+            loss, parts = self.loss_fn(self.sae, x, self.cfg)
+        else:
+            loss, parts = self._topk_loss_with_aux(x)
         extra = self.extra_loss()
         if extra is not None:
             loss = loss + extra
@@ -158,6 +175,19 @@ class Trainer:
         for k, v in {"loss": loss.detach(), **parts}.items():
             v = torch.as_tensor(v, dtype=torch.float64, device=self.device).detach()
             self.run_sums[k] = self.run_sums[k] + v if k in self.run_sums else v.clone()
+
+    def _topk_loss_with_aux(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The TopK reconstruction loss plus aux_k_coefficient * AuxK; updates the dead-latent counters."""
+        c = self.cfg
+        x_hat, vals, idx = losses.encode_decode(self.sae, x)
+        mse = losses.reconstruction_mse(x, x_hat)
+        dead = self.since_fired >= c.dead_after_samples
+        aux = losses.auxk_loss(self.sae, x, x_hat, dead, c.aux_k)
+        with torch.no_grad():
+            self.since_fired += x.shape[0]
+            self.since_fired[idx[vals.detach() != 0]] = 0
+        loss = mse + c.aux_k_coefficient * aux if c.aux_k_coefficient else mse
+        return loss, {"mse": mse.detach(), "auxk": aux.detach(), "dead": dead.sum().to(torch.float64)}
 
     def _evaluate(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -184,6 +214,7 @@ class Trainer:
             "shuffle_gen": self.gen.get_state(),
             "epoch_gen_state": self.epoch_gen_state,
             "run_sums": {k: v.cpu() for k, v in self.run_sums.items()},
+            **({} if self.since_fired is None else {"aux_since_fired": self.since_fired.cpu()}),
             **self.extra_tensors(),
         }
         state = {
@@ -228,6 +259,8 @@ class Trainer:
         self.gen.set_state(t["shuffle_gen"])
         self.epoch_gen_state = t["epoch_gen_state"]
         self.run_sums = {k: v.to(self.device) for k, v in t["run_sums"].items()}
+        if self.since_fired is not None:
+            self.since_fired = t["aux_since_fired"].to(self.device)
         self.load_extra_tensors(t)
         ckpt.restore_rng(t, st["rng"])
         self.epoch, self.batch, self.step = int(st["epoch"]), int(st["batch"]), int(st["step"])

@@ -61,8 +61,8 @@ def loss_kwargs(cfg: Any) -> dict[str, Any]:
 
 
 def reconstruction_mse(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    """Mean over all elements of (x - x_hat)^2."""
-    return (x_hat - x).pow(2).mean()
+    """Mean over all elements of (x - x_hat)^2 (one fused kernel each way, no [B, d] temporaries)."""
+    return torch.nn.functional.mse_loss(x_hat, x)
 
 
 def encode_decode(sae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -79,6 +79,25 @@ def mse_loss(sae, x: torch.Tensor, cfg: Any) -> tuple[torch.Tensor, dict[str, An
     x_hat, _, _ = encode_decode(sae, x)
     m = reconstruction_mse(x, x_hat)
     return m, {"mse": m.detach()}
+
+
+def auxk_loss(sae, x: torch.Tensor, x_hat: torch.Tensor, dead: torch.Tensor, aux_k: int) -> torch.Tensor:
+    """AuxK (Gao et al. 2024): how badly the aux_k highest-scoring dead latents reconstruct the residual.
+
+    e = x - x_hat (detached: only the dead latents learn from it), e_hat = their TopK code (the SAE's own
+    selection rule, restricted to the dead latents) decoded without b_dec, and the loss is
+    sum |e - e_hat|^2 / sum |x - mean(x)|^2. Zero (with no graph) when no latent is dead.
+    """
+    dead_idx = dead.nonzero().squeeze(1)
+    if dead_idx.numel() == 0 or x.shape[0] == 0:
+        return x.new_zeros(())
+    W, b = sae.encoder_affine()
+    k = min(aux_k, dead_idx.numel())
+    vals, local = kernels.encode_topk(x, W[:, dead_idx], b[dead_idx], k, absolute=sae.architecture == "topk_abs")
+    e_hat = kernels.decode(vals, dead_idx[local], sae.W_dec, None)
+    e = (x - x_hat).detach()
+    total = (x - x.mean(0)).pow(2).sum().clamp_min(torch.finfo(x.dtype).tiny)
+    return (e - e_hat).pow(2).sum() / total
 
 
 def relu_l1_loss(sae, x: torch.Tensor, cfg: Any) -> tuple[torch.Tensor, dict[str, Any]]:
