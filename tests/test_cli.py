@@ -268,6 +268,31 @@ def test_train_saves_a_loadable_sae(tmp_path, capsys):
     assert main(["geometry", str(out), "--data", str(tmp_path / "x.npy"), "--json"]) == 0
 
 
+def test_train_streams_a_cache_like_it_loads_it(tmp_path, capsys):
+    """--memory-limit-mb streams the cache (bounded memory); unshuffled, it sees the same batches and the same
+    standardiser as loading the whole cache, so the SAE comes out the same to float rounding."""
+    from splinterp.data.harvest import write_cache
+
+    g = torch.Generator().manual_seed(0)
+    write_cache(tmp_path / "cache", {3: torch.randn(300, 6, generator=g) * 3 + 1}, shard_tokens=50)
+    base = ["train", "--data", str(tmp_path / "cache"), "--d-sae", "10", "--k", "2", "--epochs", "2",
+            "--batch-size", "32", "--no-shuffle", "--no-progress"]
+    assert main(base + ["--out", str(tmp_path / "loaded")]) == 0
+    assert main(base + ["--out", str(tmp_path / "streamed"), "--memory-limit-mb", "0.05"]) == 0
+    assert "streamed" in capsys.readouterr().out
+    a, b = splinterp.load(tmp_path / "loaded"), splinterp.load(tmp_path / "streamed")
+    for name, p in a.named_parameters():
+        torch.testing.assert_close(dict(b.named_parameters())[name], p, rtol=1e-4, atol=1e-5, msg=name)
+    sa = json.loads((tmp_path / "loaded" / "standardizer.json").read_text())
+    sb = json.loads((tmp_path / "streamed" / "standardizer.json").read_text())
+    np.testing.assert_allclose(sb["mean"], sa["mean"], rtol=1e-6)
+    ha = json.loads((tmp_path / "loaded" / "history.json").read_text())["records"][-1]
+    hb = json.loads((tmp_path / "streamed" / "history.json").read_text())["records"][-1]
+    assert hb["test_mse"] == pytest.approx(ha["test_mse"], rel=1e-4)
+    assert main(base + ["--out", str(tmp_path / "x"), "--memory-limit-mb", "0"]) == 2
+    assert "memory-limit-mb" in capsys.readouterr().err
+
+
 def test_train_bad_args(tmp_path, capsys):
     np.save(tmp_path / "x.npy", np.zeros((20, 4), np.float32))
     base = ["train", "--data", str(tmp_path / "x.npy"), "--out", str(tmp_path / "s"), "--d-sae", "8"]
