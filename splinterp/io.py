@@ -1,4 +1,5 @@
-"""Save and load SAE folders: ours (a SAELens folder), SAELens's own, and sparsify's.
+"""Save and load SAE folders: ours (a SAELens folder), SAELens's own, and sparsify's (TopK SAEs can also be
+saved in sparsify's format: `save(sae, folder, format="sparsify")`).
 
 Our folder *is* a SAELens 6 folder: `cfg.json` + `sae_weights.safetensors` with SAELens names, so
 `sae_lens.SAE.load_from_disk` reads it. cfg.json carries the SAELens keys, then our full `SAEConfig` under
@@ -168,14 +169,22 @@ def _check_target(folder: Path) -> None:
             )
 
 
-def save(sae: SAE, folder: str | os.PathLike) -> Path:
-    """Write `sae` to `folder` (cfg.json + sae_weights.safetensors), atomically. Returns the folder.
+SAVE_FORMATS = ("splinterp", "sparsify")
 
+
+def save(sae: SAE, folder: str | os.PathLike, *, format: str = "splinterp") -> Path:  # noqa: A002
+    """Write `sae` to `folder`, atomically. Returns the folder.
+
+    format="splinterp" (default): cfg.json + sae_weights.safetensors, a SAELens 6 folder that round-trips
+    exactly. format="sparsify": cfg.json + sae.safetensors as EleutherAI sparsify writes them
+    (`SparseCoder.load_from_disk` reads it); TopK SAEs only, since sparsify has no other architecture.
     An existing SAE folder there is replaced whole; anything else there is refused (OverwriteError).
     Non-finite weights are refused (NonFiniteError): `load` would reject the folder.
     """
     if not isinstance(sae, SAE):
         raise TypeError(f"save expects a splinterp SAE, got {type(sae).__name__}")
+    if format not in SAVE_FORMATS:
+        raise ConfigError(f"format must be one of {SAVE_FORMATS}, got {format!r}")
     folder = Path(folder)
     cfg = sae.cfg
     check_dataclass_types(cfg)
@@ -185,6 +194,8 @@ def save(sae: SAE, folder: str | os.PathLike) -> Path:
             check_finite(t, name=name)
         except NonFiniteError as e:
             raise NonFiniteError(f"cannot save the SAE: {e}") from None
+    if format == "sparsify":
+        return _save_sparsify(cfg, tensors, folder)
     if cfg.architecture == "jumprelu" and bool((tensors["threshold"] < 0).any()):
         warnings.warn(
             "this JumpReLU SAE has negative thresholds: splinterp computes u * [u > theta], SAELens "
@@ -203,6 +214,30 @@ def save(sae: SAE, folder: str | os.PathLike) -> Path:
     with atomic_dir(folder) as tmp:
         (tmp / WEIGHTS_FILE).write_bytes(blob)
         (tmp / CFG_FILE).write_text(cfg_text)
+    return folder
+
+
+def _save_sparsify(cfg: SAEConfig, tensors: dict[str, torch.Tensor], folder: Path) -> Path:
+    """sparsify's folder: it encodes topk(relu((x - b_dec) @ encoder.weight.T + encoder.bias)), which is our
+    topk with b_dec applied to the input; without that, b_dec @ W_enc is folded into the encoder bias."""
+    if cfg.architecture != "topk":
+        raise ConfigError(
+            f"sparsify only has TopK-then-ReLU SAEs; a {cfg.architecture!r} SAE cannot be saved in its format "
+            "(save it with format='splinterp', which SAELens reads)"
+        )
+    W, b = tensors["W_enc"], tensors["b_enc"]
+    if not cfg.apply_b_dec_to_input:
+        b = (b.double() + tensors["b_dec"].double() @ W.double()).to(b.dtype)
+    weights = {"encoder.weight": W.T.contiguous(), "encoder.bias": b.contiguous(),
+               "W_dec": tensors["W_dec"].contiguous(), "b_dec": tensors["b_dec"].contiguous()}
+    cfg_dict = {"activation": "topk", "expansion_factor": max(1, cfg.d_sae // cfg.d_in),
+                "normalize_decoder": False, "num_latents": cfg.d_sae, "k": cfg.k, "multi_topk": False,
+                "skip_connection": False, "transcode": False, "d_in": cfg.d_in}
+    blob = safetensors_bytes(weights, metadata={"format": "pt"})
+    _check_target(folder)
+    with atomic_dir(folder) as tmp:
+        (tmp / SPARSIFY_WEIGHTS_FILE).write_bytes(blob)
+        (tmp / CFG_FILE).write_text(json.dumps(cfg_dict, indent=2) + "\n")
     return folder
 
 

@@ -264,6 +264,20 @@ def test_sparsify_folder_loads_with_equal_outputs(sparsify, tmp_path, dtype, cfg
         torch.testing.assert_close(ours(x), forward(x), **TOL[name])
 
 
+@pytest.mark.parametrize("b_dec_in", [True, False])
+def test_our_sparsify_export_loads_in_sparsify_with_equal_outputs(sparsify, tmp_path, b_dec_in):
+    ours = sp.make_sae(D_IN, D_SAE, "topk", K, apply_b_dec_to_input=b_dec_in, dtype="float64")
+    randomise(ours, 3)
+    sp.save(ours, tmp_path / "sae", format="sparsify")
+    ref = sparsify.SparseCoder.load_from_disk(tmp_path / "sae")
+    assert ref.num_latents == D_SAE and ref.cfg.k == K and ref.dtype == torch.float64
+    encode, decode, forward = _sparsify_fns(ref)
+    with torch.no_grad():
+        x = data("float64")
+        torch.testing.assert_close(encode(x), ours.encode(x), **TOL["float64"])
+        torch.testing.assert_close(forward(x), ours(x), **TOL["float64"])
+
+
 def test_sparsify_load_many_is_naturally_sorted(sparsify, tmp_path):
     for i in (10, 2, 1):
         sparsify_sae(sparsify, torch.float32, seed=i).save_to_disk(tmp_path / f"layers.{i}")

@@ -448,3 +448,35 @@ def test_save_warns_on_negative_jumprelu_threshold(tmp_path):
     with pytest.warns(UserWarning, match="SAELens"):
         save(sae, tmp_path / "a")
     assert bits_equal(load(tmp_path / "a").threshold, sae.threshold)  # our own round trip keeps it
+
+
+# ------------------------------------------------------------------------------------------ sparsify export
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("b_dec_in", [True, False])
+@pytest.mark.parametrize("tied", [False, True])
+def test_sparsify_export_reads_back_as_the_same_sae(tmp_path, dtype, b_dec_in, tied):
+    """format="sparsify" writes sparsify's folder; read back (sparsify semantics: b_dec applied to the input,
+    folded into the encoder bias when the SAE did not apply it) it computes the same codes and outputs."""
+    sae = randomise(sp.make_sae(7, 20, "topk", 3, dtype=dtype, tied=tied, apply_b_dec_to_input=b_dec_in), 4)
+    save(sae, tmp_path / "sp", format="sparsify")
+    assert detect_format(tmp_path / "sp") == "sparsify"
+    cfg = json.loads((tmp_path / "sp" / CFG_FILE).read_text())
+    assert (cfg["d_in"], cfg["num_latents"], cfg["k"], cfg["activation"]) == (7, 20, 3, "topk")
+    back = load(tmp_path / "sp")
+    assert back.cfg.apply_b_dec_to_input and back.dtype == sae.dtype
+    x = torch.randn(50, 7, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(sae.dtype)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == "float32" else dict(rtol=1e-10, atol=1e-10)
+    with torch.no_grad():
+        if dtype == "float64":  # float32 folding of b_dec may reorder near-ties
+            assert torch.equal(back.encode_sparse(x)[1], sae.encode_sparse(x)[1])
+        torch.testing.assert_close(back.encode(x), sae.encode(x), **tol)
+        torch.testing.assert_close(back(x), sae(x), **tol)
+
+
+def test_sparsify_export_refuses_what_sparsify_cannot_hold(tmp_path):
+    for arch, k in (("topk_abs", 2), ("relu", None), ("jumprelu", None), ("gated", None)):
+        with pytest.raises(ConfigError, match="sparsify"):
+            save(sp.make_sae(4, 8, arch, k), tmp_path / arch, format="sparsify")
+        assert not (tmp_path / arch).exists()
+    with pytest.raises(ConfigError, match="format"):
+        save(sp.make_sae(4, 8, "topk", 2), tmp_path / "x", format="saelens5")
