@@ -359,3 +359,26 @@ def test_module_conversions_keep_device_and_dtype_in_step():
     assert torch.equal(km32.regions(X.float()), km.labels_)
     with pytest.raises(DTypeError):
         km32.encode(X)
+
+
+# ------------------------------------------------------------------------------------------ state_dict
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_state_dict_round_trip_into_an_unfitted_model(tmp_path, dtype):
+    """torch.save(model.state_dict()) -> a new, unfitted model of the same settings -> the same model."""
+    from splinterp.reference import KMeansAE, LocalPCAAE, PCAAE
+
+    X = torch.randn(300, 6, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    for cls, kw in ((KMeansAE, dict(n_clusters=4, n_init=2)), (LocalPCAAE, dict(n_regions=3, rank=2)),
+                    (PCAAE, dict(rank=2))):
+        a = cls(**kw).fit(X)
+        torch.save(a.state_dict(), tmp_path / "m.pt")
+        b = cls(**kw)
+        b.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True))
+        assert (b.d_in, b.dtype) == (6, dtype)
+        assert torch.equal(b(X), a(X)) and torch.equal(b.encode(X), a.encode(X)), cls.__name__
+        for attr in cls._FIT_ATTRS:
+            assert getattr(b, attr) == getattr(a, attr), attr
+        other = dict(kw, **{next(iter(kw)): 5}) if cls is not PCAAE else dict(rank=3)
+        with pytest.raises(ConfigError, match="settings"):
+            cls(**other).load_state_dict(a.state_dict())
+    assert list(PCAAE(rank=2).state_dict()) == ["_extra_state"]  # unfitted: nothing but the flag

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
-from splinterp.errors import DTypeError, NotFittedError, ShapeError
+from splinterp.errors import ConfigError, CorruptFileError, DTypeError, NotFittedError, ShapeError
 from splinterp.validation import as_tensor, check_data
 
 log = logging.getLogger(__name__)
@@ -284,6 +285,47 @@ class ReferenceAE(nn.Module):
                 self._dtype = b.dtype
             break
         return out
+
+    # ------------------------------------------------------------------ state_dict (save / load)
+    _FIT_ATTRS: tuple[str, ...] = ()
+    """Plain attributes `fit` sets (inertia_, n_iter_, ...): saved in the state_dict's extra state."""
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"fitted": self._fitted, "d_in": self._d_in, **{a: getattr(self, a) for a in self._FIT_ATTRS}}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or "fitted" not in state:
+            raise CorruptFileError(f"{type(self).__name__}: not a reference-AE state_dict (bad extra state)")
+        for a in self._FIT_ATTRS:
+            if a in state:
+                setattr(self, a, state[a])
+        if state["fitted"]:
+            missing = [n for n, b in self._buffers.items() if b is None and n in self._fitted_buffers()]
+            if missing:
+                raise CorruptFileError(f"{type(self).__name__}: the state_dict says fitted but lacks {missing}")
+            self._fitted, self._d_in = True, int(state["d_in"])
+            self._dtype = next(b.dtype for b in self.buffers() if b.is_floating_point())
+            problem = self._loaded_mismatch()
+            if problem:
+                self._fitted = False
+                raise ConfigError(f"{type(self).__name__}: the state_dict does not fit its settings: {problem}")
+
+    def _loaded_mismatch(self) -> str | None:
+        """What a loaded state disagrees with in the constructor's settings (n_clusters, rank...), if anything."""
+        return None
+
+    def _fitted_buffers(self) -> list[str]:
+        return [n for n in self._buffers if n != "labels_"]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # an unfitted model holds None buffers, which nn.Module would skip: give them the saved shapes first
+        for name, buf in list(self._buffers.items()):
+            src = state_dict.get(prefix + name)
+            if buf is None and isinstance(src, torch.Tensor):
+                self._buffers[name] = torch.empty(src.shape, dtype=src.dtype, device=self._device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def _require_fitted(self) -> None:
         if not self._fitted:

@@ -222,6 +222,8 @@ class KMeansAE(ReferenceAE):
     restart), `n_refine_rounds_` (Hartigan rounds after it).
     """
 
+    _FIT_ATTRS = ("inertia_", "n_iter_", "n_refine_rounds_")
+
     def __init__(
         self,
         n_clusters: int,
@@ -252,6 +254,10 @@ class KMeansAE(ReferenceAE):
     @property
     def n_clusters(self) -> int:
         return self.cfg.n_clusters
+
+    def _loaded_mismatch(self) -> str | None:
+        n = self._centres.shape[0]
+        return None if n == self.n_clusters else f"{n} centres, n_clusters={self.n_clusters}"
 
     @property
     def cluster_centers_(self) -> torch.Tensor:

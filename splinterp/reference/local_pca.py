@@ -154,6 +154,8 @@ class LocalPCAAE(ReferenceAE):
     with the k-means initialisation), `n_iter_`.
     """
 
+    _FIT_ATTRS = ("objective_", "objective_history_", "n_iter_")
+
     def __init__(
         self,
         n_regions: int,
@@ -202,6 +204,11 @@ class LocalPCAAE(ReferenceAE):
     @property
     def rank(self) -> int:
         return self.cfg.rank
+
+    def _loaded_mismatch(self) -> str | None:
+        m, _, r = self.bases_.shape
+        ok = (m, r) == (self.n_regions, self.rank)
+        return None if ok else f"{m} regions of rank {r}, n_regions={self.n_regions} and rank={self.rank}"
 
     @property
     def means_(self) -> torch.Tensor:

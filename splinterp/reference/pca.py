@@ -39,6 +39,8 @@ class PCAAE(ReferenceAE):
     `explained_variance_` [rank] (ddof=1, like scikit-learn).
     """
 
+    _FIT_ATTRS = ("_n_samples",)
+
     def __init__(self, rank: int, seed: int = 0, device: str | torch.device = "cpu", chunk_size: int | None = None):
         cfg = PCAConfig(rank, seed, str(device), chunk_size)
         super().__init__(cfg.device)
@@ -46,6 +48,7 @@ class PCAAE(ReferenceAE):
         self.register_buffer("mean_", None)
         self.register_buffer("components_", None)
         self.register_buffer("singular_values_", None)
+        self._n_samples: int | None = None
 
     @classmethod
     def from_config(cls, cfg: PCAConfig) -> PCAAE:
@@ -54,6 +57,10 @@ class PCAAE(ReferenceAE):
     @property
     def rank(self) -> int:
         return self.cfg.rank
+
+    def _loaded_mismatch(self) -> str | None:
+        r = self.components_.shape[0]
+        return None if r == self.rank else f"{r} components, rank={self.rank}"
 
     @property
     def explained_variance_(self) -> torch.Tensor:
