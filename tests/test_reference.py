@@ -365,7 +365,7 @@ def test_module_conversions_keep_device_and_dtype_in_step():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_state_dict_round_trip_into_an_unfitted_model(tmp_path, dtype):
     """torch.save(model.state_dict()) -> a new, unfitted model of the same settings -> the same model."""
-    from splinterp.reference import KMeansAE, LocalPCAAE, PCAAE
+    from splinterp.reference import PCAAE, KMeansAE, LocalPCAAE
 
     X = torch.randn(300, 6, generator=torch.Generator().manual_seed(0), dtype=dtype)
     for cls, kw in ((KMeansAE, dict(n_clusters=4, n_init=2)), (LocalPCAAE, dict(n_regions=3, rank=2)),
