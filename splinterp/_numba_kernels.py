@@ -1,9 +1,10 @@
 """CPU kernels in numba: the fused TopK selection (scores + bias, optional |.|, top k, the selected values).
 
 Why: `torch.topk` on CPU copies every row into (value, index) pairs before a partial sort, about 2 ns per
-score: at d_sae 4096 that is a sixth of a training step. Here each row costs one vectorised pass (block
-maxima) and one compare-only pass: a guess t0 of the k-th largest score (the k-th largest of 2k block
-maxima) lets through only the few scores >= t0, which are insertion-sorted into a k-slot list.
+score: at d_sae 4096 that is a sixth of a training step. Here each row costs one vectorised pass (maxima
+of 4k strided blocks), a bisection on those maxima for a guess t0 just below the k-th largest score, and
+a compare-only pass over the blocks whose maximum reaches t0; the few scores >= t0 are collected and
+insertion-sorted.
 
 Exactness does not depend on the guess: a row's result is kept only if at least k scores were >= t0
 (then every score left out is < t0 <= the k-th kept one); otherwise, and for any row holding a NaN, the
@@ -69,6 +70,20 @@ def _floor_guess(bm, k):  # pragma: no cover (compiled)
     return lo
 
 
+@nb.njit(nogil=True, cache=True, boundscheck=False, inline="always")
+def _take(row, b, j, absolute, t0, cs, cj, c, cap):  # pragma: no cover (compiled)
+    # latent j joins the candidates if its score reaches t0: (new count, fail); fail on NaN or overflow
+    v = row[j] + b[j]
+    s = abs(v) if absolute else v
+    if not s < t0:  # s >= t0, or s is NaN
+        if s != s or c == cap:
+            return c, True
+        cs[c] = s
+        cj[c] = j
+        return c + 1, False
+    return c, False
+
+
 @nb.njit(nogil=True, cache=True, boundscheck=False)
 def _select(u, b, k, absolute, r0, r1, idx_out, val_out, bad):  # pragma: no cover (compiled)
     n = u.shape[1]
@@ -91,28 +106,13 @@ def _select(u, b, k, absolute, r0, r1, idx_out, val_out, bad):  # pragma: no cov
                 break
             if not bm[q] < t0:
                 for t in range(G):
-                    j = q + t * nblk
-                    v = row[j] + b[j]
-                    s = abs(v) if absolute else v
-                    if not s < t0:  # s >= t0, or NaN
-                        if s != s or c == cap:
-                            fail = True
-                            break
-                        cs[c] = s
-                        cj[c] = j
-                        c += 1
+                    c, fail = _take(row, b, q + t * nblk, absolute, t0, cs, cj, c, cap)
+                    if fail:
+                        break
         for j in range(G * nblk, n):
             if fail:
                 break
-            v = row[j] + b[j]
-            s = abs(v) if absolute else v
-            if not s < t0:
-                if s != s or c == cap:
-                    fail = True
-                    break
-                cs[c] = s
-                cj[c] = j
-                c += 1
+            c, fail = _take(row, b, j, absolute, t0, cs, cj, c, cap)
         bad[r] = fail or c < k
         if bad[r]:
             continue
