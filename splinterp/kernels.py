@@ -319,8 +319,8 @@ def _latent_sum(pat: _LatentMajor, weights: torch.Tensor, table: torch.Tensor) -
 def _row_sum(idx: torch.Tensor, weights: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """out[b] = sum_j weights[b, j] * table[idx[b, j]]: [B, d], cost B*m*d.
 
-    Flat indices with explicit offsets, not a 2-D index: on CPU embedding_bag's 2-D form is ~1.5x slower
-    (measured 14.8 vs 9.3 ms at B 4096, m 32, d 784, one thread)."""
+    Inputs detached: embedding_bag then takes its forward-only kernel (no offset2bag / bag_size outputs,
+    which only its own backward needs; the autograd Functions here supply the backward)."""
     B, m = idx.shape
     offsets = torch.arange(0, B * m, m, device=idx.device)
     w = weights.detach().reshape(-1)  # detached: embedding_bag skips its backward bookkeeping (offset2bag...)
