@@ -8,9 +8,9 @@ that is reused between calls, so a large batch needs O(B*k + chunk*d_sae) memory
 
 Pure torch ops (`embedding_bag`, `sampled_addmm`, `topk`, ...), so the same code runs on CPU and CUDA.
 One exception, CPU only: with numba installed (the `fast` extra), the bias add, |.| and top-k selection
-of float32/float64 scores run fused in `splinterp._numba_kernels` (5x cheaper than torch.topk on CPU, the
-same indices and values); without numba, or with SPLINTERP_NUMBA=0, torch does it (`cpu_kernel_backend()`
-says which).
+of float32/float64 scores run fused in `splinterp._numba_kernels` (5x cheaper than torch.topk on CPU,
+`python -m bench selection`; the same indices and values); without numba, or with SPLINTERP_NUMBA=0,
+torch does it (`cpu_kernel_backend()` says which).
 
     vals, idx = encode_topk(x, W_enc, b_enc, k)             # [B, k], [B, k]; differentiable in x, W, b
     x_hat = decode(vals, idx, W_dec, b_dec)                  # [B, d_in]; differentiable in vals, W_dec, b_dec

@@ -34,7 +34,8 @@ def all_finite(x: torch.Tensor) -> bool:
     """Whether every entry of x is finite, usually for the price of one sum.
 
     Why: a NaN or inf anywhere makes the sum NaN or inf, so a finite sum proves the whole tensor finite
-    (one reduction, no [N, d] bool temporary: ~30x cheaper than isfinite().all() on a training batch).
+    (one reduction, no [N, d] bool temporary: 12x cheaper than isfinite().all() on a 4096 x 784 batch,
+    `python -m bench selection`).
     Only a non-finite sum (a bad entry, or an overflow of huge finite ones) pays for the exact check.
     """
     if x.numel() == 0 or not x.is_floating_point():
