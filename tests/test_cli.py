@@ -308,3 +308,12 @@ def test_train_bad_args(tmp_path, capsys):
                  "--k", "2"]) == 2
     with pytest.raises(SystemExit):
         main(["train", "--data", "mnist", "--out", str(tmp_path / "t")])  # --d-sae required
+
+
+def test_threads_for_all_jobs_refuses_bad_counts():
+    from splinterp.experiments.e3_llm import threads_for_all_jobs
+
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ConfigError, match="positive integer"):
+            with threads_for_all_jobs(bad):
+                pass

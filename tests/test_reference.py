@@ -382,3 +382,13 @@ def test_state_dict_round_trip_into_an_unfitted_model(tmp_path, dtype):
         with pytest.raises(ConfigError, match="settings"):
             cls(**other).load_state_dict(a.state_dict())
     assert list(PCAAE(rank=2).state_dict()) == ["_extra_state"]  # unfitted: nothing but the flag
+
+
+def test_state_dict_that_is_not_a_reference_ae_is_refused():
+    from splinterp.errors import CorruptFileError
+    from splinterp.reference import KMeansAE
+
+    with pytest.raises(CorruptFileError, match="extra state"):
+        KMeansAE(n_clusters=2).load_state_dict({"_extra_state": 5})
+    with pytest.raises(CorruptFileError, match="lacks"):  # says fitted, holds no centres
+        KMeansAE(n_clusters=2).load_state_dict({"_extra_state": {"fitted": True, "d_in": 3}}, strict=False)

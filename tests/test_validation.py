@@ -249,3 +249,16 @@ def test_an_empty_batch_gives_an_empty_result(arch, method, shape):
     out = getattr(make(arch), method)(torch.zeros(*shape))
     out = out[0] if isinstance(out, tuple) else out
     assert out.shape[:-1] == shape[:-1]
+
+
+def test_all_finite_is_exact_even_when_the_sum_overflows():
+    from splinterp.validation import all_finite
+
+    big = torch.full((4, 3), 3e38)  # finite entries whose float32 sum is inf: the exact check decides
+    assert all_finite(big)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.zeros(5, 2)
+        x[3, 1] = bad
+        assert not all_finite(x)
+    assert all_finite(torch.empty(0, 3)) and all_finite(torch.arange(5))
+    assert not all_finite(torch.tensor([1.0, float("nan")], dtype=torch.float16))
