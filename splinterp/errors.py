@@ -57,3 +57,18 @@ class DatasetNotFoundError(SplinterpError, FileNotFoundError):
 
 class NotFittedError(SplinterpError, RuntimeError):
     """A reference autoencoder was used before `fit`."""
+
+
+class TooLargeError(ConfigError):
+    """A computation would exceed a size limit (`max_cells`, `max_regions`); refused before the work, and the
+    message gives the predicted size."""
+
+
+class ScoreOverflowError(SplinterpError, OverflowError):
+    """Finite inputs whose encoder scores overflow the SAE's dtype (inf or NaN scores): the regions there are
+    not defined in that dtype. The message names the first row."""
+
+
+class PrecisionError(SplinterpError, ArithmeticError):
+    """A geometric answer cannot be certified at the working precision (e.g. an LP witness that does not
+    reproduce its pattern in the SAE's dtype); reported instead of an answer that may be wrong."""

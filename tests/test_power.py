@@ -105,7 +105,8 @@ def test_ksets_sorted_by_power_distance_with_ties_to_lower_index():
 def brute_cells(pd, bounds):
     """Every k-set (or active set) polygon by clipping the box with all its defining half-planes."""
     m, k = pd.n_sites, pd.order
-    g, h = pd._g, pd._h
+    # linear forms from the centres and weights themselves: pow_i(x) - |x|^2 = -2 c_i . x + |c_i|^2 - alpha_i
+    g, h = -2.0 * pd.centers, (pd.centers**2).sum(1) - pd.weights
     box = c2.box_polygon(bounds)
     if pd.null_site:
         g = np.vstack([g, np.zeros((1, 2))])
@@ -336,7 +337,7 @@ def test_bad_input_is_named():
         pd.cells_2d((1, 0, 0, 1))
     with pytest.raises(ShapeError, match="2-D diagram"):
         PowerDiagram(np.zeros((3, 3)), np.zeros(3)).cells_2d()
-    with pytest.raises(ConfigError, match="site indices"):
+    with pytest.raises(ConfigError, match="indices must be in"):
         pd.is_nonempty([0, 5])
     with pytest.raises(ConfigError, match="max_cells"):
         PowerDiagram(np.random.default_rng(0).normal(size=(50, 2)), np.zeros(50), order=3).cells_2d(

@@ -1,245 +1,355 @@
-"""Exact convex polygons in the plane, batched in numpy: the engine behind `PowerDiagram.cells_2d` and
-`slice_2d`.
+"""Exact cells of 2-D power diagrams of any order and of line arrangements: the engine behind
+`PowerDiagram.cells_2d` and `slice_2d`.
 
-Sites are given in "linear form": f_i(x) = g_i . x + h_i, the power distance minus |x|^2
-(g_i = -2 c_i, h_i = |c_i|^2 - alpha_i), so comparisons between sites are half-planes. A null site
-(the ReLU rule) is f = 0.
+Sites are given in linear form f_i(x) = g_i . x + h_i (the power distance minus a term common to every
+site), so comparisons between sites are half-planes; a null site (the ReLU rule) is f = 0. Callers pass
+box-centred coordinates (`PowerDiagram` recentres), so precision does not depend on where the box lies.
 
-Polygon batches are padded arrays: verts [P, V, 2] float64 and counts n [P]; vertices are
-counter-clockwise and the padding slots hold copies of vertex 0, so a min/max over all slots equals the
-min/max over the real vertices. Everything is vectorised over the batch; Python loops run over clipping
-steps, never over polygons.
-
-Two algorithms:
-
-- `order_k_cells`: k-th order cells (optionally with the null site) by refinement. Inside an
-  order-(t-1) cell T, the t-th nearest site is the argmin of f over the sites not in T, so the order-t
-  cells inside T are the first-order cells of the remaining sites clipped to T. Only sites that can win
-  somewhere in T are candidates: site j can win only if min over T's vertices of f_j is at most
-  min_l max over T's vertices of f_l (f is affine, so extremes over a polygon are at vertices). Each
-  order-t cell S is the union of its pieces from the parents S - {i}; the union is convex, so the cell is
-  the convex hull of the pieces' vertices. With a null site, a piece where the null site is nearest
-  is final: its active set is T. Level 0 is the box cut into about m/16 tiles, so the first level is
-  local too. Cost: about (cells of all orders up to k) * (a few candidates) clips, all batched.
+- `order_k_cells`: k-th order cells by refinement. Inside an order-(t-1) cell T the t-th nearest site is the
+  argmin of f over the sites not in T, so the order-t cells inside T are the first-order cells of the
+  remaining sites clipped to T. Site j can win somewhere in T only if min over T of f_j is at most
+  U(T) = min_l max over T of f_l (f is affine: extremes are at vertices). Each order-t cell S is the union of
+  its pieces from the parents S - {i}, which is convex, so it is the hull of the pieces' vertices.
+  With a null site, a piece where the null site is nearest is final: its active set is T.
+  Candidates are not searched among all m sites at every order: the box is cut into tiles (about m / 16),
+  and each tile keeps once the sites that can be among the k nearest somewhere in it (min over the tile of
+  f_l at most beta, the k-th smallest max over the tile). At any order t <= k, in any cell inside the
+  tile, the best site's max is at most the t-th smallest max over the tile <= beta, and a candidate's min
+  is at least its min over the tile, so the list holds every candidate. Cells are refined inside their
+  tile and their pieces merged across tiles at the end, so the time follows the cells produced times the
+  tiles' list lengths, not cells x sites.
+  Exactness shortcuts: sites that cannot beat the null site anywhere in the box are removed (they are never
+  active there); when k is at least the number left, TopK is ReLU on them (the arrangement below); without a
+  null site and k > m/2 the k nearest sites are the complement of the m - k farthest (order m - k of -f).
 - `arrangement_cells`: the cells of a line arrangement {f_i = 0} (ReLU / JumpReLU / Gated: latent i is
-  active iff f_i < 0), by splitting every polygon by each line in turn.
+  active iff f_i < 0), by splitting each polygon by each line that crosses it. In general position there
+  are exactly 1 + L + I cells (L lines crossing the box, I crossing points inside it).
 
-Tolerances (documented, relative): a vertex within 1e-12 * (|a x| + |b y| + |c|) of a clipping line is
-put on it (no near-duplicate vertices); hull vertices whose turn has |sin| <= 1e-10 are dropped as
-collinear; polygons with area <= area_tol (default 1e-13 of the box area) are dropped as slivers of
-rounding (cells that thin are below float64 resolution of the box).
+Refusal: both predict their size first (`arrangement_cell_bound` is exact for arrangements; for order k an
+estimate from the order-1 cells: about (2t - 1) times as many cells at order t, on the share of the box
+where t sites beat the null site) and raise `TooLargeError` naming `max_cells` when the cells summed over
+the orders computed would exceed it; the count is checked again after every order. Slivers thinner than
+`polygons.WIDTH_REL` of the box are rounding, not cells (see `polygons`); an explicit `area_tol` drops cells
+by area as well.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
-from splinterp.errors import ConfigError, NonFiniteError, ShapeError
+from splinterp.errors import ConfigError, TooLargeError
+from splinterp.geometry.checks import check_bounds
+from splinterp.geometry.polygons import (
+    WIDTH_REL,
+    box_polygon,
+    clip,
+    drop_slivers,
+    hull_groups,
+    line_values,
+    pad_fill,
+    polygon_areas,
+    tiles,
+    to_list,
+    trim,
+    widen,
+)
 
-SNAP_REL = 1e-12
-COLLINEAR_SIN = 1e-10
-AREA_TOL_REL = 1e-13
-_CHUNK_ELEMS = 1 << 22  # candidate search works on [cells, sites] blocks of at most this many floats
+__all__ = [  # the engine, and the polygon primitives it is built on (re-exported for callers of old)
+    "Cells", "arrangement_cell_bound", "arrangement_cells", "box_polygon", "check_bounds", "clip",
+    "crossing_lines", "order_k_cells", "polygon_areas",
+]
+
+_CHUNK_ELEMS = 1 << 22  # [rows, sites] and [entries, vertices] blocks of at most this many floats
 _DOMINANCE_TOP = 4  # a candidate is first tested against the cell's 4 strongest sites
+TILE_SITES = 16  # the box is cut into about m / 16 tiles (at most 32 x 32), each with its own candidate list
+_GRID = 64  # sample grid (per side) for the share of the box where t sites beat the null site
 
 
-# ----------------------------------------------------------------------------------------------- boxes
-def check_bounds(bounds) -> tuple[float, float, float, float]:
-    """(xmin, xmax, ymin, ymax) as floats; finite and non-degenerate."""
-    try:
-        b = tuple(float(v) for v in bounds)
-    except TypeError:
-        raise ShapeError(f"bounds must be (xmin, xmax, ymin, ymax), got {bounds!r}") from None
-    if len(b) != 4:
-        raise ShapeError(f"bounds must be (xmin, xmax, ymin, ymax), got {len(b)} numbers")
-    if not all(np.isfinite(b)):
-        raise NonFiniteError(f"bounds must be finite, got {b}")
-    if not (b[0] < b[1] and b[2] < b[3]):
-        raise ConfigError(f"bounds need xmin < xmax and ymin < ymax, got {b}")
-    return b
+class Cells(NamedTuple):
+    """Cells of a 2-D diagram: masks bool [R, m] (site i in cell r's key: its k-set, or with a null site its
+    active set) and one counter-clockwise polygon [V, 2] per cell."""
+
+    masks: np.ndarray
+    polygons: list
 
 
-def box_polygon(bounds) -> np.ndarray:
-    """The box as a counter-clockwise polygon [4, 2]."""
+def length_scale(bounds) -> float:
     x0, x1, y0, y1 = check_bounds(bounds)
-    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], dtype=np.float64)
+    return max(abs(x0), abs(x1), abs(y0), abs(y1), x1 - x0, y1 - y0)
 
 
-# -------------------------------------------------------------------------------------- polygon basics
-def polygon_areas(verts: np.ndarray, n: np.ndarray) -> np.ndarray:
-    """Signed shoelace areas [P] (positive for counter-clockwise); padding slots add nothing."""
-    if verts.shape[0] == 0:
-        return np.zeros(0)
-    V = verts.shape[1]
-    ar = np.arange(V)
-    nxt = np.where(ar[None, :] + 1 < n[:, None], ar[None, :] + 1, 0)
-    x, y = verts[..., 0], verts[..., 1]
-    xn = np.take_along_axis(x, nxt, 1)
-    yn = np.take_along_axis(y, nxt, 1)
-    term = np.where(ar[None, :] < n[:, None], x * yn - xn * y, 0.0)
-    return 0.5 * term.sum(1)
-
-
-def _pad_fill(verts: np.ndarray, n: np.ndarray) -> np.ndarray:
-    """Fill slots >= n with vertex 0 (the batch invariant)."""
-    V = verts.shape[1]
-    pad = np.arange(V)[None, :] >= n[:, None]
-    if pad.any():
-        verts = np.where(pad[..., None], verts[:, :1], verts)
-    return verts
-
-
-def to_list(verts: np.ndarray, n: np.ndarray) -> list[np.ndarray]:
-    return [np.ascontiguousarray(verts[i, : n[i]]) for i in range(verts.shape[0])]
-
-
-def clip(verts: np.ndarray, n: np.ndarray, a: np.ndarray, b: np.ndarray, c: np.ndarray):
-    """Clip each convex polygon p to its half-plane a[p] x + b[p] y + c[p] <= 0 (Sutherland-Hodgman).
-
-    Returns (verts, n); a polygon that vanishes gets n = 0. Only polygons that the line actually cuts
-    are recomputed.
-    """
-    P, V, _ = verts.shape
-    if P == 0:
-        return verts, n
-    x, y = verts[..., 0], verts[..., 1]
-    s = x * a[:, None] + y * b[:, None] + c[:, None]
-    scale = np.abs(x * a[:, None]) + np.abs(y * b[:, None]) + np.abs(c)[:, None]
-    s[np.abs(s) <= SNAP_REL * scale] = 0.0
-    valid = np.arange(V)[None, :] < n[:, None]
-    outside = (s > 0) & valid
-    cut = outside.any(1)
-    if not cut.any():
-        return verts, n
-    n = n.copy()
-    gone = cut & ~((s <= 0) & valid).any(1)
-    n[gone] = 0
-    part = np.flatnonzero(cut & ~gone)
-    if part.size == 0:
-        return verts, n
-    vs, ss, ns = verts[part], s[part], n[part]
-    ar = np.arange(V)
-    nxt = np.where(ar[None, :] + 1 < ns[:, None], ar[None, :] + 1, 0)
-    s_next = np.take_along_axis(ss, nxt, 1)
-    v_next = np.take_along_axis(vs, nxt[..., None], 1)
-    ok = ar[None, :] < ns[:, None]
-    emit_v = (ss <= 0) & ok
-    emit_x = (((ss < 0) & (s_next > 0)) | ((ss > 0) & (s_next < 0))) & ok
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t = np.where(emit_x, ss / (ss - s_next), 0.0)
-    xpt = vs + t[..., None] * (v_next - vs)
-    pts = np.stack([vs, xpt], axis=2).reshape(len(part), 2 * V, 2)
-    emit = np.stack([emit_v, emit_x], axis=2).reshape(len(part), 2 * V)
-    new_n = emit.sum(1)
-    Vn = max(V, int(new_n.max()))
-    pos = np.cumsum(emit, 1) - 1
-    rows, cols = np.nonzero(emit)
-    sub = np.zeros((len(part), Vn, 2))
-    sub[rows, pos[rows, cols]] = pts[rows, cols]
-    sub = _pad_fill(sub, new_n)
-    if Vn > V:
-        verts = np.concatenate([verts, np.repeat(verts[:, :1], Vn - V, axis=1)], axis=1)
-    else:
-        verts = verts.copy()
-    verts[part] = sub
-    n[part] = new_n
-    return verts, n
-
-
-def _drop_small(verts, n, area_tol, *others):
-    area = polygon_areas(verts, n)
-    keep = (n >= 3) & (area > area_tol)
-    return (verts[keep], n[keep], *(o[keep] for o in others))
-
-
-def _trim(verts: np.ndarray, n: np.ndarray) -> np.ndarray:
-    V = max(int(n.max()) if n.size else 1, 1)
-    return verts[:, :V]
-
-
-# -------------------------------------------------------------------------------------- convex merging
-def hull_groups(pts: np.ndarray, grp: np.ndarray, n_groups: int, length_scale: float):
-    """Convex hull of each group of points, vectorised: (verts [G, V, 2], n [G]) counter-clockwise.
-
-    Points are sorted by angle around their group's centroid (strictly inside a non-degenerate hull), so
-    each group is a star-shaped polygon; every hull vertex is a convex vertex of it, so repeatedly deleting
-    all reflex and flat vertices at once converges to the hull (Graham's idea without a stack).
-    """
-    cnt = np.bincount(grp, minlength=n_groups).astype(np.float64)
-    cx = np.bincount(grp, pts[:, 0], n_groups) / np.maximum(cnt, 1)
-    cy = np.bincount(grp, pts[:, 1], n_groups) / np.maximum(cnt, 1)
-    dx, dy = pts[:, 0] - cx[grp], pts[:, 1] - cy[grp]
-    order = np.lexsort((np.hypot(dx, dy), np.arctan2(dy, dx), grp))
-    pts, grp = pts[order], grp[order]
-    # near-duplicates (a vertex shared by several pieces) are adjacent after the sort
-    if len(pts) > 1:
-        dup = np.zeros(len(pts), dtype=bool)
-        dup[1:] = (grp[1:] == grp[:-1]) & (np.abs(pts[1:] - pts[:-1]).max(1) <= 1e-12 * length_scale)
-        pts, grp = pts[~dup], grp[~dup]
-    while True:
-        counts = np.bincount(grp, minlength=n_groups)
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        ends = starts + counts - 1
-        i = np.arange(len(pts))
-        first = i == starts[grp]
-        last = i == ends[grp]
-        prev = np.where(first, ends[grp], i - 1)
-        nxt = np.where(last, starts[grp], i + 1)
-        e1 = pts - pts[prev]
-        e2 = pts[nxt] - pts
-        cross = e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]
-        bad = cross <= COLLINEAR_SIN * np.hypot(e1[:, 0], e1[:, 1]) * np.hypot(e2[:, 0], e2[:, 1])
-        bad |= counts[grp] < 3
-        if not bad.any():
-            break
-        pts, grp = pts[~bad], grp[~bad]
-    counts = np.bincount(grp, minlength=n_groups)
-    V = max(int(counts.max()) if counts.size else 1, 1)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    out = np.zeros((n_groups, V, 2))
-    out[grp, np.arange(len(pts)) - starts[grp]] = pts
-    return _pad_fill(out, counts), counts
+def _too_large(what: str, predicted: int, max_cells: int, how: str = "about") -> TooLargeError:
+    return TooLargeError(
+        f"{what}: {how} {predicted:,} cells predicted, more than max_cells={max_cells:,}; "
+        "use a smaller box or a lower order, or raise max_cells"
+    )
 
 
 # ------------------------------------------------------------------------------- k-th order power cells
-def _level_pieces(verts, n, T, G, H, tol, prio):
-    """The pieces of the next refinement level, pruned twice.
+def order_k_cells(
+    G: np.ndarray,
+    H: np.ndarray,
+    k: int,
+    bounds,
+    null: bool = False,
+    area_tol: float | None = None,
+    max_cells: int = 2_000_000,
+) -> Cells:
+    """Cells of the k-th order diagram of sites f_i = G[i] . x + H[i] inside the box.
 
-    1. Envelope bound: site j (not in T) can be the nearest remaining site somewhere in cell c only if
-       min over c's vertices of f_j <= min_l max over c's vertices of f_l.
-    2. Pairwise: j is dead in c if some l has f_l < f_j at every vertex (then everywhere in c); a dead site
-       is never the minimum, so the alive ones decide alone. A piece (c, j) is then clipped only by the
-       alive competitors l whose bisector actually cuts c (f_j > f_l at some vertex).
-    Returns piece cell ids pc [P], piece sites [P], and a padded competitor table comp [P, R] with counts
-    cnt [P], pieces sorted by cnt descending (so "has an r-th constraint" is a prefix).
+    Without `null`: one cell per k-set with interior in the box. With `null` (a site f = 0 that ends the
+    ranking, the TopK-then-ReLU rule): one cell per active set, the members of the k-set that beat the null
+    site (may be fewer than k, or none). Ties between identical sites go to the lower index.
     """
-    C, V, _ = verts.shape
+    G = np.asarray(G, dtype=np.float64)
+    H = np.asarray(H, dtype=np.float64)
+    m = G.shape[0]
+    if not 1 <= k <= m:
+        raise ConfigError(f"order k must satisfy 1 <= k <= number of sites ({m}), got {k}")
+    bounds = check_bounds(bounds)
+    if null:
+        corners = box_polygon(bounds)
+        alive = np.flatnonzero((corners @ G.T + H).min(0) < 0)  # can beat the null site somewhere in the box
+        if alive.size <= k:  # every site that can fire is in the k-set: TopK is ReLU here
+            sub = arrangement_cells(G[alive], H[alive], bounds, area_tol=area_tol, max_cells=max_cells)
+            return Cells(_widen_masks(sub.masks, alive, m), sub.polygons)
+        sub = _refine(G[alive], H[alive], k, bounds, True, area_tol, max_cells, np.arange(alive.size))
+        return Cells(_widen_masks(sub.masks, alive, m), sub.polygons)
+    if k == m:
+        return Cells(np.ones((1, m), dtype=bool), [box_polygon(bounds)])
+    if 2 * k > m:  # the k nearest are the complement of the m - k farthest (ties: higher index is "farther")
+        far = _refine(-G, -H, m - k, bounds, False, area_tol, max_cells, -np.arange(m))
+        return Cells(~far.masks, far.polygons)
+    return _refine(G, H, k, bounds, False, area_tol, max_cells, np.arange(m))
+
+
+def _widen_masks(masks: np.ndarray, cols: np.ndarray, m: int) -> np.ndarray:
+    out = np.zeros((masks.shape[0], m), dtype=bool)
+    out[:, cols] = masks
+    return out
+
+
+def _refine(G, H, k, bounds, null, area_tol, max_cells, prio) -> Cells:
+    """The refinement itself (see the module docstring); prio orders identical sites (lower wins)."""
+    m = G.shape[0]
+    length = length_scale(bounds)
+    wtol = WIDTH_REL * length
+    if null:
+        G = np.vstack([G, np.zeros((1, 2))])
+        H = np.concatenate([H, [0.0]])
+        prio = np.concatenate([prio, [np.iinfo(np.int64).min]])  # the null site wins every tie
     M = G.shape[0]
-    # 1a. bounding-box bound, [C, M] work: extremes of an affine f over a box are centre +- spread
-    lo_xy = verts.min(1)
-    hi_xy = verts.max(1)
-    cen, hw = (lo_xy + hi_xy) / 2, (hi_xy - lo_xy) / 2
-    absG = np.abs(G).T
-    cand = np.zeros((C, M), dtype=bool)
-    step = max(1, _CHUNK_ELEMS // max(M, 1))
+    null_id = m if null else -1
+    fscale = float(np.abs(G).sum(1).max() * length + np.abs(H).max()) if M else 1.0
+    tol = 1e-10 * max(fscale, np.finfo(float).tiny)
+
+    verts, n = tiles(bounds, int(np.clip(np.ceil(np.sqrt(M / TILE_SITES)), 1, 32)))
+    tile = np.arange(len(verts))
+    T = np.zeros((len(verts), 0), dtype=np.int64)
+    tptr, tsite, tbeta = _tile_lists(verts, G, H, tol, k)
+    share = _null_share(G[:m], H[:m], bounds, k) if null else np.ones(k + 1)
+    done_keys, done_verts, done_n = [], [], []  # final cells, still split by tiles
+    total = 0
+    for level in range(1, k + 1):
+        pv, pn, pc, psite = _refine_level(verts, n, T, tile, tptr, tsite, tbeta, G, H, tol, prio, wtol, area_tol)
+        ptile = tile[pc]
+        produced = 0
+        if null:  # pieces where the null site is nearest: final, keyed by the active set T
+            fin = psite == null_id
+            if fin.any():
+                fk = np.full((int(fin.sum()), k), -1, dtype=np.int64)
+                fk[:, : level - 1] = T[pc[fin]]
+                uk, fv, fn, _ = _merge_by_key(pv[fin], pn[fin], np.column_stack([ptile[fin], fk]), length, wtol,
+                                              area_tol)
+                done_keys.append(uk[:, 1:])
+                done_verts.append(fv)
+                done_n.append(fn)
+                produced += len(uk)
+            keep = ~fin
+            pv, pn, pc, psite, ptile = pv[keep], pn[keep], pc[keep], psite[keep], ptile[keep]
+        newkeys = np.sort(np.concatenate([T[pc], psite[:, None]], axis=1), axis=1)
+        uk, verts, n, _ = _merge_by_key(pv, pn, np.column_stack([ptile, newkeys]), length, wtol, area_tol)
+        tile, T = uk[:, 0], uk[:, 1:]
+        produced += len(uk)
+        total += produced
+        if level == 1 and k > 1:
+            predicted = total + int(sum((2 * t - 1) * produced * share[t] for t in range(2, k + 1)))
+            if predicted > max_cells:
+                raise _too_large(f"order {k} with {m} sites", predicted, max_cells)
+        if total > max_cells:
+            raise _too_large(f"order {k} with {m} sites (counted up to order {level})", total, max_cells)
+        if level == k or len(T) == 0:
+            done_keys.append(T)
+            done_verts.append(verts)
+            done_n.append(n)
+            break
+    # one cell per key: the pieces of a cell that several tiles cut are merged (a cell is convex)
+    keys = np.concatenate([np.pad(K, ((0, 0), (0, k - K.shape[1])), constant_values=-1) for K in done_keys])
+    V = max(v.shape[1] for v in done_verts)
+    cv = np.concatenate([widen(v, V) for v in done_verts])
+    cn = np.concatenate(done_n)
+    uk, cv, cn, _ = _merge_by_key(cv, cn, keys, length, wtol, area_tol)
+    masks = np.zeros((len(uk), m), dtype=bool)
+    r, c = np.nonzero(uk >= 0)
+    masks[r, uk[r, c]] = True
+    return Cells(masks, to_list(cv, cn))
+
+
+def _null_share(G, H, bounds, k) -> np.ndarray:
+    """share[t]: fraction of a grid over the box where at least t - 1 sites beat the null site (the part of
+    the box where order-t cells still exist)."""
+    x0, x1, y0, y1 = bounds
+    xs = x0 + (np.arange(_GRID) + 0.5) / _GRID * (x1 - x0)
+    ys = y0 + (np.arange(_GRID) + 0.5) / _GRID * (y1 - y0)
+    P = np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2)
+    count = np.zeros(len(P), dtype=np.int64)
+    step = max(1, _CHUNK_ELEMS // max(len(P), 1))
+    for s in range(0, len(G), step):
+        count += ((P @ G[s : s + step].T + H[s : s + step]) < 0).sum(1)
+    return np.array([1.0] + [float((count >= t - 1).mean()) for t in range(1, k + 1)])
+
+
+def _tile_lists(verts, G, H, tol, k):
+    """Per tile the sites that can be among the k nearest somewhere in it: every l with min over the tile of
+    f_l <= beta, beta the k-th smallest max over the tile. -> (ptr [tiles+1], site [E], beta [tiles]).
+
+    Why this suffices at every order t <= k in every cell c inside the tile: the best site's max over c is at
+    most the t-th smallest max over the tile <= beta, and a candidate's min over c is at least its min over
+    the tile. Each tile first adds to every f the same linear term (minus the gradient of the site nearest at
+    its centre), which changes no comparison but makes the nearby sites' f nearly flat over the tile, so the
+    bounds are tight. A bounding-box bound prunes; the vertex values decide."""
+    C, M = len(verts), G.shape[0]
+    cen = (verts.min(1) + verts.max(1)) / 2
+    hw = (verts.max(1) - verts.min(1)) / 2
+    r = min(k, M)
+    beta = np.empty(C)
+    rows, cols = [], []
+    step = max(1, _CHUNK_ELEMS // (2 * max(M, 1)))
+    shift = np.empty((C, 2))
     for s in range(0, C, step):
         base = cen[s : s + step] @ G.T + H
-        spread = hw[s : s + step] @ absG
-        lo, hi = base - spread, base + spread
-        if T.shape[1]:
-            r = np.arange(lo.shape[0])[:, None]
-            lo[r, T[s : s + step]] = np.inf
-            hi[r, T[s : s + step]] = np.inf
-        cand[s : s + step] = lo <= hi.min(1)[:, None] + tol
-    # 1b. the same bound at the vertices, on the survivors only (the minimiser of max_v f_l survives 1a)
-    cc, cj = np.nonzero(cand)
-    F = np.einsum("pvk,pk->pv", verts[cc], G[cj]) + H[cj][:, None]  # [entries, V]
+        a = -G[base.argmin(1)]  # [c, 2]: the common linear term of this tile
+        shift[s : s + step] = a
+        base += (cen[s : s + step] * a).sum(1)[:, None]
+        spread = np.abs(G[None, :, 0] + a[:, None, 0]) * hw[s : s + step, None, 0]
+        spread += np.abs(G[None, :, 1] + a[:, None, 1]) * hw[s : s + step, None, 1]
+        b = np.partition(base + spread, r - 1, axis=1)[:, r - 1] + tol
+        i, j = np.nonzero(base - spread <= b[:, None])
+        fmin, fmax = _vertex_range(verts, i + s, G, H, j, a[i])
+        b = _rth_smallest(i, fmax, r, len(base)) + tol
+        beta[s : s + step] = b
+        keep = fmin <= b[i]
+        rows.append(i[keep] + s)
+        cols.append(j[keep])
+    rows_a = np.concatenate(rows)
+    ptr = np.zeros(C + 1, dtype=np.int64)
+    ptr[1:] = np.cumsum(np.bincount(rows_a, minlength=C))
+    return ptr, np.concatenate(cols), beta
+
+
+def _rth_smallest(group: np.ndarray, values: np.ndarray, r: int, n_groups: int) -> np.ndarray:
+    """Per group the r-th smallest of its values (inf where a group has fewer than r)."""
+    out = np.full(n_groups, np.inf)
+    if len(group) == 0:
+        return out
+    order = np.lexsort((values, group))
+    g = group[order]
+    cnt = np.bincount(g, minlength=n_groups)
+    rank = np.arange(len(g)) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+    hit = rank == r - 1
+    out[g[hit]] = values[order][hit]
+    return out
+
+
+def _vertex_range(verts, rows, G, H, sites, shift=None) -> tuple[np.ndarray, np.ndarray]:
+    """(min, max) over the vertices of polygon rows[e] of f_{sites[e]} (plus shift[e] . x, a term common to
+    the row's sites), exact (padding repeats vertex 0), chunked to [chunk, V] blocks."""
+    lo, hi = np.empty(len(rows)), np.empty(len(rows))
+    step = max(1, _CHUNK_ELEMS // (2 * max(verts.shape[1], 1)))
+    for s in range(0, len(rows), step):
+        r, j = rows[s : s + step], sites[s : s + step]
+        g = G[j] if shift is None else G[j] + shift[s : s + step]
+        F = np.einsum("pvk,pk->pv", verts[r], g) + H[j][:, None]
+        lo[s : s + step], hi[s : s + step] = F.min(1), F.max(1)
+    return lo, hi
+
+
+def _refine_level(verts, n, T, tile, tptr, tsite, tbeta, G, H, tol, prio, wtol, area_tol):
+    """All pieces of the next order -> (pv, pn, parent cell, site). Cells are sorted by tile (they are merged
+    by (tile, key)); each tile's cells are screened against its list in dense blocks of bounded memory."""
+    C = len(verts)
+    bounds_ = np.flatnonzero(np.diff(tile)) + 1
+    starts = np.concatenate([[0], bounds_])
+    stops = np.concatenate([bounds_, [C]])
+    parts = []
+    for a, b in zip(starts, stops):
+        t = tile[a]
+        sites = tsite[tptr[t] : tptr[t + 1]]
+        step = max(1, _CHUNK_ELEMS // max(4 * len(sites), 1))
+        for s in range(a, b, step):
+            parts.append(_refine_chunk(verts, n, T, s, min(s + step, b), sites, G, H, tol, prio, wtol, area_tol))
+    Vm = max(p[0].shape[1] for p in parts)
+    return (np.concatenate([widen(p[0], Vm) for p in parts]), *(np.concatenate([p[i] for p in parts])
+                                                                 for i in (1, 2, 3)))
+
+
+def _refine_chunk(verts, n, T, c0, c1, sites, G, H, tol, prio, wtol, area_tol):
+    """Pieces of cells c0..c1-1 whose candidates are among `sites`: (pv, pn, parent cell, site)."""
+    Gl, Hl = G[sites], H[sites]
+    # bounding-box bounds, dense [cells, list]; the minimiser of max over the cell survives them
+    lo_xy, hi_xy = verts[c0:c1].min(1), verts[c0:c1].max(1)
+    cen, hw = (lo_xy + hi_xy) / 2, (hi_xy - lo_xy) / 2
+    mid = cen @ Gl.T + Hl
+    spread = hw @ np.abs(Gl).T
+    if T.shape[1]:  # the sites of the cell's own key are not candidates
+        pos = np.full(G.shape[0], -1)
+        pos[sites] = np.arange(len(sites))
+        tk = pos[T[c0:c1]]
+        r = np.broadcast_to(np.arange(c1 - c0)[:, None], tk.shape)
+        mid[r[tk >= 0], tk[tk >= 0]] = np.inf
+    ub = (mid + spread).min(1)
+    ci, li = np.nonzero(mid - spread <= ub[:, None] + tol)
+    cc, cj = ci + c0, sites[li]
+    F = np.einsum("pvk,pk->pv", verts[cc], G[cj]) + H[cj][:, None]  # [entries, V] (padding repeats vertex 0)
     fmin, fmax = F.min(1), F.max(1)
-    U = np.full(C, np.inf)
-    np.minimum.at(U, cc, fmax)
-    keep = fmin <= U[cc] + tol
-    cc, cj, F, fmax = cc[keep], cj[keep], F[keep], fmax[keep]
-    # 2a. dominance by the strongest few sites of the cell (smallest max over the cell)
+    U = np.full(c1 - c0, np.inf)
+    np.minimum.at(U, cc - c0, fmax)
+    cand = fmin <= U[cc - c0] + tol
+    pc, psite, comp, cnt = _prune(cc[cand] - c0, cj[cand], F[cand], G, H, tol, prio)
+    pc = pc + c0
+    pv, pn = verts[pc], n[pc].copy()
+    gj, hj = G[psite], H[psite]
+    for r in range(comp.shape[1]):
+        rows = np.flatnonzero(cnt > r)
+        rows = rows[pn[rows] >= 3]
+        if rows.size == 0:
+            continue
+        other = comp[rows, r]
+        dg = gj[rows] - G[other]
+        dh = hj[rows] - H[other]
+        sv, sn = clip(pv[rows], pn[rows], dg[:, 0], dg[:, 1], dh)
+        Vn = max(pv.shape[1], sv.shape[1])
+        pv, sv = widen(pv, Vn), widen(sv, Vn)
+        pv[rows], pn[rows] = sv, sn
+    pv, pn, pc, psite = drop_slivers(pv, pn, wtol, area_tol, pc, psite)
+    return trim(pv, pn), pn, pc, psite
+
+
+def _prune(cc, cj, F, G, H, tol, prio):
+    """Candidate entries (cell, site, f at the cell's vertices) -> pieces, pruned by dominance.
+
+    j is dead in cell c if some l has f_l < f_j at every vertex (then everywhere in c); a dead site is never
+    the minimum, so the alive ones decide alone. A piece (c, j) is then clipped only by the alive
+    competitors l whose bisector actually cuts c (f_j > f_l at some vertex). Returns piece cells pc [P],
+    piece sites [P], and a padded competitor table comp [P, R] with counts cnt [P], sorted by cnt
+    descending (so "has an r-th constraint" is a prefix).
+    """
+    V = F.shape[1] if F.ndim == 2 else 1
+    fmax = F.max(1) if len(F) else np.zeros(0)
+    C = int(cc.max()) + 1 if len(cc) else 0
+    # dominance by the strongest few sites of the cell (smallest max over the cell)
     order = np.lexsort((fmax, cc))
     cc, cj, F = cc[order], cj[order], F[order]
     q = np.bincount(cc, minlength=C)
@@ -253,7 +363,7 @@ def _level_pieces(verts, n, T, G, H, tol, prio):
         dead[e] |= (F[e] - F[strong]).min(1) > tol
     alive = np.flatnonzero(~dead)
     cc, cj, F = cc[alive], cj[alive], F[alive]
-    # 2b. all pairs among the alive: dead ones and the bisectors that cut the cell
+    # all pairs among the alive: dead ones and the bisectors that cut the cell
     q = np.bincount(cc, minlength=C)
     off = np.cumsum(q) - q
     rep = q[cc]
@@ -274,7 +384,6 @@ def _level_pieces(verts, n, T, G, H, tol, prio):
     alive = ~dead
     use = alive[ea] & alive[eb] & (dmax > 0)
     ea_u, eb_u = ea[use], eb[use]
-    # pieces = alive candidate entries
     piece_of_entry = np.full(len(cc), -1)
     piece_of_entry[alive] = np.arange(int(alive.sum()))
     pc, site = cc[alive], cj[alive]
@@ -291,116 +400,14 @@ def _level_pieces(verts, n, T, G, H, tol, prio):
     return pc[order], site[order], comp, cnt[order]
 
 
-def order_k_cells(
-    G: np.ndarray,
-    H: np.ndarray,
-    k: int,
-    bounds,
-    null: bool = False,
-    area_tol: float | None = None,
-    max_cells: int = 2_000_000,
-) -> tuple[list[tuple[int, ...]], list[np.ndarray]]:
-    """Cells of the k-th order diagram of sites f_i = G[i] . x + H[i] inside the box.
-
-    Without `null`: one cell per k-set with interior in the box, key = the sorted k-set. With `null`
-    (a site f = 0 that ends the ranking, the TopK-then-ReLU rule): key = the sorted active set, the
-    members of the k-set that beat the null site (may be shorter than k, or empty).
-    Returns (keys, polygons) with polygons [V, 2] counter-clockwise.
-    """
-    G = np.asarray(G, dtype=np.float64)
-    H = np.asarray(H, dtype=np.float64)
-    m = G.shape[0]
-    if not 1 <= k <= m:
-        raise ConfigError(f"order k must satisfy 1 <= k <= number of sites ({m}), got {k}")
-    box = box_polygon(bounds)
-    x0, x1, y0, y1 = check_bounds(bounds)
-    box_area = (x1 - x0) * (y1 - y0)
-    length = max(abs(x0), abs(x1), abs(y0), abs(y1), x1 - x0, y1 - y0)
-    if area_tol is None:
-        area_tol = AREA_TOL_REL * box_area
-    if null:
-        G = np.vstack([G, np.zeros((1, 2))])
-        H = np.concatenate([H, [0.0]])
-    fscale = float(np.abs(G).sum(1).max() * length + np.abs(H).max()) if m else 1.0
-    cand_tol = 1e-10 * max(fscale, np.finfo(float).tiny)
-    null_id = m if null else -1
-    prio = np.arange(G.shape[0])  # tie order: lower index first; the null site beats every real site
-    if null:
-        prio[null_id] = -1
-
-    keys_out: list[tuple[int, ...]] = []
-    polys_out: list[np.ndarray] = []
-    if not null and k == m:
-        return [tuple(range(m))], [box]
-    # level 0: the box cut into tiles, so that the first level (where every site is a candidate for the
-    # whole box) is local too; level-1 pieces of one site in several tiles are merged like any others
-    verts, n = _tiles(bounds, int(np.clip(np.ceil(np.sqrt(G.shape[0] / 16)), 1, 32)))
-    T = np.zeros((len(verts), 0), dtype=np.int64)
-    for level in range(1, k + 1):
-        pc, site, comp, cnt = _level_pieces(verts, n, T, G, H, cand_tol, prio)
-        pv, pn = verts[pc], n[pc].copy()
-        gj, hj = G[site], H[site]
-        for r in range(comp.shape[1]):
-            rows = np.flatnonzero(cnt > r)
-            rows = rows[pn[rows] >= 3]
-            if rows.size == 0:
-                continue
-            other = comp[rows, r]
-            dg = gj[rows] - G[other]
-            dh = hj[rows] - H[other]
-            sv, sn = clip(pv[rows], pn[rows], dg[:, 0], dg[:, 1], dh)
-            if sv.shape[1] > pv.shape[1]:
-                pv = np.concatenate([pv, np.repeat(pv[:, :1], sv.shape[1] - pv.shape[1], axis=1)], axis=1)
-            elif sv.shape[1] < pv.shape[1]:
-                sv = np.concatenate([sv, np.repeat(sv[:, :1], pv.shape[1] - sv.shape[1], axis=1)], axis=1)
-            pv[rows], pn[rows] = sv, sn
-        pv, pn, pc, site = _drop_small(pv, pn, area_tol, pc, site)
-        if null:  # pieces where the null site is nearest: final, keyed by the active set T
-            fin = site == null_id
-            if fin.any():
-                fk, fv, fn = _merge_by_key(pv[fin], pn[fin], T[pc[fin]], length, area_tol)
-                keys_out.extend(tuple(int(t) for t in row) for row in fk)
-                polys_out.extend(to_list(fv, fn))
-            pv, pn, pc, site = pv[~fin], pn[~fin], pc[~fin], site[~fin]
-        if len(pc) == 0:
-            break
-        newkeys = np.sort(np.concatenate([T[pc], site[:, None]], axis=1), axis=1)
-        T, verts, n = _merge_by_key(pv, pn, newkeys, length, area_tol)
-        if len(T) + len(keys_out) > max_cells:
-            raise ConfigError(
-                f"more than max_cells={max_cells} cells at order {level}; use a smaller box or raise max_cells"
-            )
-        if level == k:
-            keys_out.extend(tuple(int(t) for t in row) for row in T)
-            polys_out.extend(to_list(verts, n))
-    return keys_out, polys_out
-
-
-def _tiles(bounds, per_side: int):
-    """The box as per_side x per_side rectangles (verts [P, 4, 2], n [P])."""
-    x0, x1, y0, y1 = check_bounds(bounds)
-    xs = np.linspace(x0, x1, per_side + 1)
-    ys = np.linspace(y0, y1, per_side + 1)
-    xs[-1], ys[-1] = x1, y1
-    a, b = np.meshgrid(np.arange(per_side), np.arange(per_side), indexing="ij")
-    a, b = a.ravel(), b.ravel()
-    verts = np.stack(
-        [
-            np.stack([xs[a], ys[b]], -1),
-            np.stack([xs[a + 1], ys[b]], -1),
-            np.stack([xs[a + 1], ys[b + 1]], -1),
-            np.stack([xs[a], ys[b + 1]], -1),
-        ],
-        1,
-    )
-    return verts, np.full(len(verts), 4)
-
-
-def _merge_by_key(pv, pn, keys, length, area_tol):
-    """Union of the pieces that share a key (convex by construction): (unique keys, verts, n).
+def _merge_by_key(pv, pn, keys, length, wtol, area_tol):
+    """Union of the pieces that share a key (convex by construction): (unique keys, verts, n, inv) with
+    inv[p] the output row of piece p, -1 where its cell was dropped as a sliver.
 
     Single pieces are kept as they are; groups of several pieces become the hull of their vertices.
     """
+    if len(keys) == 0:
+        return keys, np.zeros((0, 1, 2)), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     uk, inv, counts = np.unique(keys, axis=0, return_inverse=True, return_counts=True)
     inv = inv.reshape(-1)
     multi = counts[inv] > 1
@@ -416,20 +423,21 @@ def _merge_by_key(pv, pn, keys, length, area_tol):
         local = np.searchsorted(gid_of, inv[mrows])
         valid = np.arange(Vmax)[None, :] < pn[mrows][:, None]
         hv, hn = hull_groups(pv[mrows][valid], np.repeat(local, pn[mrows]), len(gid_of), length)
-        if hv.shape[1] > Vmax:
-            cv = np.concatenate([cv, np.repeat(cv[:, :1], hv.shape[1] - Vmax, axis=1)], axis=1)
-            Vmax = hv.shape[1]
-        hv = np.concatenate([hv, np.repeat(hv[:, :1], Vmax - hv.shape[1], axis=1)], axis=1)
+        Vmax = max(Vmax, hv.shape[1])
+        cv, hv = widen(cv, Vmax), widen(hv, Vmax)
         cv[gid_of], cn[gid_of] = hv, hn
-    cv = _pad_fill(cv, cn)
-    cv, cn, uk = _drop_small(cv, cn, area_tol, uk)
-    return uk, _trim(cv, cn), cn
+    cv = pad_fill(cv, cn)
+    rows = np.arange(len(uk))
+    cv, cn, uk, rows = drop_slivers(cv, cn, wtol, area_tol, uk, rows)
+    new_row = np.full(len(counts), -1, dtype=np.int64)
+    new_row[rows] = np.arange(len(rows))
+    return uk, trim(cv, cn), cn, new_row[inv]
 
 
 # ------------------------------------------------------------------------------------ line arrangements
 def arrangement_cell_bound(G: np.ndarray, H: np.ndarray, bounds) -> int:
-    """Upper bound on the cells of the lines f_i = 0 inside the box: 1 + lines + crossings inside (Euler:
-    a chord that meets j earlier chords adds j + 1 cells; equality in general position). O(m^2), chunked."""
+    """Cells of the lines f_i = 0 inside the box, at most 1 + lines + crossings inside (Euler: a chord that
+    meets j earlier chords adds j + 1 cells; equality in general position). O(m^2) time, chunked memory."""
     x0, x1, y0, y1 = check_bounds(bounds)
     L = len(H)
     total = 1 + L
@@ -446,61 +454,59 @@ def arrangement_cell_bound(G: np.ndarray, H: np.ndarray, bounds) -> int:
     return total
 
 
+def crossing_lines(G: np.ndarray, H: np.ndarray, bounds) -> np.ndarray:
+    """Indices of the lines f_i = 0 that cut the box (strictly negative and positive corners, with the same
+    snapping as the clipping)."""
+    corners = box_polygon(bounds)
+    s = line_values(np.broadcast_to(corners, (len(H), 4, 2)), G[:, 0], G[:, 1], H)
+    return np.flatnonzero((s < 0).any(1) & (s > 0).any(1))
+
+
 def arrangement_cells(
     G: np.ndarray,
     H: np.ndarray,
     bounds,
     area_tol: float | None = None,
     max_cells: int = 2_000_000,
-) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Cells of the arrangement of the lines f_i = 0 inside the box.
+) -> Cells:
+    """Cells of the arrangement of the lines f_i = 0 inside the box; masks[r, i] = f_i < 0 on cell r.
 
-    Returns (masks bool [R, m] with mask[r, i] = f_i < 0 on cell r, polygons). Exact: each polygon is split
-    by each line that crosses it, O(cells * lines). Latents whose line misses the box cost one sign test.
+    Exact: each polygon is split by each line that crosses it. Memory: the polygons, plus blocks of
+    [rows, m] while the masks are read (never cells x lines at once); lines that miss the box cost one test.
     """
     G = np.asarray(G, dtype=np.float64)
     H = np.asarray(H, dtype=np.float64)
-    x0, x1, y0, y1 = check_bounds(bounds)
-    if area_tol is None:
-        area_tol = AREA_TOL_REL * (x1 - x0) * (y1 - y0)
-    verts = box_polygon(bounds)[None]
-    n = np.array([4])
-    corners = verts[0]
-    fc = corners @ G.T + H  # [4, m]: lines that miss the box never split anything
-    crossing = np.flatnonzero((fc.min(0) < 0) & (fc.max(0) > 0))
+    bounds = check_bounds(bounds)
+    wtol = WIDTH_REL * length_scale(bounds)
+    m = len(H)
+    crossing = crossing_lines(G, H, bounds)
     bound = arrangement_cell_bound(G[crossing], H[crossing], bounds)
     if bound > max_cells:
-        raise ConfigError(
-            f"this arrangement has up to {bound} cells in the box (> max_cells={max_cells}); "
-            "use a smaller box or raise max_cells"
-        )
+        raise _too_large(f"an arrangement of {len(crossing)} lines crossing the box", bound, max_cells, "up to")
+    verts = box_polygon(bounds)[None]
+    n = np.array([4])
     for i in crossing:
-        a, b, c = G[i, 0], G[i, 1], H[i]
-        P = verts.shape[0]
-        s = verts @ G[i] + c
+        s = line_values(verts, G[i, 0], G[i, 1], H[i])
         valid = np.arange(verts.shape[1])[None, :] < n[:, None]
         cut = ((s < 0) & valid).any(1) & ((s > 0) & valid).any(1)
         rows = np.flatnonzero(cut)
         if rows.size == 0:
             continue
-        if P + rows.size > max_cells:
-            raise ConfigError(f"more than max_cells={max_cells} cells; use a smaller box or raise max_cells")
         ones = np.ones(rows.size)
-        v1, n1 = clip(verts[rows], n[rows], a * ones, b * ones, c * ones)
-        v2, n2 = clip(verts[rows], n[rows], -a * ones, -b * ones, -c * ones)
+        a, b, c = G[i, 0] * ones, G[i, 1] * ones, H[i] * ones
+        v1, n1 = drop_slivers(*clip(verts[rows], n[rows], a, b, c), wtol, area_tol)
+        v2, n2 = drop_slivers(*clip(verts[rows], n[rows], -a, -b, -c), wtol, area_tol)
+        keep = np.flatnonzero(~cut)
         V = max(verts.shape[1], v1.shape[1], v2.shape[1])
-
-        def widen(v, V=V):
-            return v if v.shape[1] == V else np.concatenate([v, np.repeat(v[:, :1], V - v.shape[1], 1)], 1)
-
-        verts, v1, v2 = widen(verts), widen(v1), widen(v2)
-        verts[rows], n = v1, n.copy()
-        n[rows] = n1
-        verts = np.concatenate([verts, v2])
-        n = np.concatenate([n, n2])
-        verts, n = _drop_small(verts, n, area_tol)
+        verts = np.concatenate([widen(verts[keep], V), widen(v1, V), widen(v2, V)])
+        n = np.concatenate([n[keep], n1, n2])
+        if len(n) > max_cells:
+            raise _too_large("an arrangement (counted while splitting)", len(n), max_cells)
     # the active set of a cell is read at an interior point: the vertex mean of a convex polygon
     valid = np.arange(verts.shape[1])[None, :] < n[:, None]
     centroid = (verts * valid[..., None]).sum(1) / n[:, None]
-    masks = (centroid @ G.T + H) < 0
-    return masks, to_list(verts, n)
+    masks = np.empty((len(n), m), dtype=bool)
+    step = max(1, _CHUNK_ELEMS // max(m, 1))
+    for s in range(0, len(n), step):
+        masks[s : s + step] = (centroid[s : s + step] @ G.T + H) < 0
+    return Cells(masks, to_list(verts, n))

@@ -15,30 +15,33 @@ What the diagram means for each architecture (`power_diagram(sae)`):
 - ``topk_abs``: ranking |u| is not a power diagram of these sites. It is the order-k diagram (no null
   site) of 2 d_sae signed sites: site 2i+1 has score +u_i (c = w_i, alpha = |w_i|^2 + 2 b_i) and site 2i
   score -u_i (c = -w_i, alpha = |w_i|^2 - 2 b_i); the k largest of the 2 d_sae signed scores are exactly
-  the k largest |u_i| with their signs. `signed_pairs=True` marks this layout; site s is latent s // 2 with
-  sign + iff s is odd (the same code `region_ids` uses).
+  the k largest |u_i| with their signs. `signed_pairs=True` marks this layout (`signed_sites`: site 2i+1
+  is the positive sign of latent i).
 
 Numbers are numpy float64 throughout (exact geometry needs float64, and scipy's LP and hulls are numpy);
-inputs may be torch or numpy, float32 or float64, and are converted to float64.
+inputs may be torch or numpy, float32 or float64, and are converted to float64. Comparisons are made in a
+frame where precision does not depend on where the sites or the box are (see `PowerDiagram.__post_init__`
+and `cells_2d`, which works in box-centred coordinates).
 """
 
 from __future__ import annotations
 
-import logging
 import math
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from itertools import combinations
 
 import numpy as np
 import torch
 
-from splinterp.errors import ConfigError, DTypeError, ShapeError
+from splinterp.errors import ConfigError, DTypeError, PrecisionError, ShapeError
 from splinterp.geometry import cells2d
-from splinterp.geometry.lp import LP_TOL, pattern_lp
+from splinterp.geometry.checks import check_bounds, check_count, check_index_set, check_nonneg_float
+from splinterp.geometry.lp import LP_TOL, RegionCheck, RegionCheckWithMargin, pattern_lp
+from splinterp.geometry.polygons import polygon_area
+from splinterp.geometry.signed_sites import interleave, split_signed_mask
 from splinterp.sae import SAE, topk_indices
 from splinterp.validation import as_tensor, check_finite
-
-log = logging.getLogger(__name__)
 
 _CHUNK = 16384
 
@@ -63,9 +66,7 @@ class Cell2D:
 
     @property
     def area(self) -> float:
-        v = self.vertices
-        x, y = v[:, 0], v[:, 1]
-        return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y))
+        return polygon_area(self.vertices)
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,6 +83,10 @@ class PowerDiagram:
     order: int = 1
     null_site: bool = False
     signed_pairs: bool = False
+    offsets: np.ndarray | None = field(default=None, repr=False)
+    """Optional h [m] of the linear form f_i(x) = pow_i(x) - |x|^2 = -2 c_i . x + h_i when it is known
+    exactly (an SAE's scores give h = -2 b, see `diagram_from_affine`); by default |c_i|^2 - alpha_i, which
+    loses digits when |c_i|^2 is much larger than the scores."""
 
     def __post_init__(self):
         c = _f64(self.centers, "centers", 2)
@@ -100,13 +105,27 @@ class PowerDiagram:
         object.__setattr__(self, "centers", c)
         object.__setattr__(self, "weights", w)
         object.__setattr__(self, "order", int(k))
-        # linear form f_i(x) = pow_i(x) - |x|^2 = g_i . x + h_i: what every comparison uses
-        g = -2.0 * c
-        h = np.einsum("ij,ij->i", c, c) - w
-        g.setflags(write=False)
-        h.setflags(write=False)
-        object.__setattr__(self, "_g", g)
-        object.__setattr__(self, "_h", h)
+        # Every comparison uses the linear form f_i(x) = pow_i(x) - |x - ref|^2 = g_i . (x - ref) + h_i, the
+        # same for all sites up to a common term. With a null site (power distance |x|^2) or exact offsets the
+        # reference is the origin; otherwise it is the centres' mean, so that precision does not depend on
+        # where the sites are (sites near 1e6 get the digits of sites near 0).
+        if self.offsets is not None:
+            h0 = _f64(self.offsets, "offsets", 1)
+            if h0.shape != w.shape:
+                raise ShapeError(f"offsets has {h0.shape[0]} entries but there are {c.shape[0]} centers")
+        if self.null_site or self.offsets is not None:
+            ref = np.zeros(c.shape[1])
+            g = -2.0 * c
+            h = h0 if self.offsets is not None else np.einsum("ij,ij->i", c, c) - w
+        else:
+            ref = c.mean(0)
+            cr = c - ref
+            g = -2.0 * cr
+            h = np.einsum("ij,ij->i", cr, cr) - w
+        for name, v in (("_ref", ref), ("_g", g), ("_h", h)):
+            v = np.ascontiguousarray(v, dtype=np.float64)
+            v.setflags(write=False)
+            object.__setattr__(self, name, v)
 
     # ------------------------------------------------------------------ basics
     @property
@@ -129,36 +148,41 @@ class PowerDiagram:
         return X
 
     def _f(self, X: np.ndarray) -> np.ndarray:
-        return X @ self._g.T + self._h
+        return (X - self._ref) @ self._g.T + self._h
+
+    def _ranked(self, X: np.ndarray) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
+        """Chunks of X: (rows, f [b, m], indices of the `order` nearest sites [b, order]) (ties: lower index)."""
+        for s in range(0, X.shape[0], _CHUNK):
+            f = self._f(X[s : s + _CHUNK])
+            yield slice(s, s + _CHUNK), f, topk_indices(-torch.from_numpy(f), self.order).numpy()
 
     def power_distances(self, X) -> np.ndarray:
         """float64 [N, m]: pow_i(x) = |x - c_i|^2 - alpha_i (the null site's is |x|^2)."""
         X = self._points(X)
-        return self._f(X) + np.einsum("ij,ij->i", X, X)[:, None]
+        d = X - self._ref
+        return self._f(X) + np.einsum("ij,ij->i", d, d)[:, None]
 
     def ksets(self, X) -> np.ndarray:
         """int64 [N, k]: the k nearest (real) sites in power distance, nearest first, ties towards the
-        lower index (the SAE's rule). Computed from f = pow - |x|^2 (same ranking, less rounding)."""
+        lower index (the SAE's rule). Computed from f = pow - |x - ref|^2 (same ranking, less rounding)."""
         X = self._points(X)
         out = np.empty((X.shape[0], self.order), dtype=np.int64)
-        for s in range(0, X.shape[0], _CHUNK):
-            f = torch.from_numpy(self._f(X[s : s + _CHUNK]))
-            out[s : s + _CHUNK] = topk_indices(-f, self.order).numpy()
+        for rows, _, ks in self._ranked(X):
+            out[rows] = ks
         return out
 
     def active(self, X) -> np.ndarray:
         """bool [N, m]: site i is in the k-set and (with a null site) strictly beats the null site."""
         X = self._points(X)
         out = np.zeros((X.shape[0], self.n_sites), dtype=bool)
-        for s in range(0, X.shape[0], _CHUNK):
-            f = self._f(X[s : s + _CHUNK])
-            if self.null_site and self.order == self.n_sites:
-                out[s : s + _CHUNK] = f < 0
-                continue
-            ks = topk_indices(-torch.from_numpy(f), self.order).numpy()
+        if self.null_site and self.order == self.n_sites:
+            for s in range(0, X.shape[0], _CHUNK):
+                out[s : s + _CHUNK] = self._f(X[s : s + _CHUNK]) < 0
+            return out
+        for rows, f, ks in self._ranked(X):
             keep = np.take_along_axis(f, ks, 1) < 0 if self.null_site else np.ones(ks.shape, bool)
-            rows = np.broadcast_to(np.arange(ks.shape[0])[:, None], ks.shape)
-            out[s : s + _CHUNK][rows[keep], ks[keep]] = True
+            r = np.broadcast_to(np.arange(ks.shape[0])[:, None], ks.shape)
+            out[rows][r[keep], ks[keep]] = True
         return out
 
     def keys(self, X) -> np.ndarray:
@@ -166,12 +190,10 @@ class PowerDiagram:
         are replaced by m (so a key is the active set padded with m)."""
         X = self._points(X)
         out = np.empty((X.shape[0], self.order), dtype=np.int64)
-        for s in range(0, X.shape[0], _CHUNK):
-            f = self._f(X[s : s + _CHUNK])
-            ks = topk_indices(-torch.from_numpy(f), self.order).numpy()
+        for rows, f, ks in self._ranked(X):
             if self.null_site:
                 ks = np.where(np.take_along_axis(f, ks, 1) < 0, ks, self.n_sites)
-            out[s : s + _CHUNK] = np.sort(ks, 1)
+            out[rows] = np.sort(ks, 1)
         return out
 
     def _key_rows(self, X) -> np.ndarray:
@@ -194,63 +216,70 @@ class PowerDiagram:
         """signed_pairs only: bool [..., 2m] site mask -> (latent mask [..., m], positive-sign mask [..., m])."""
         if not self.signed_pairs:
             raise ConfigError("latent_mask is for signed-pair diagrams (topk_abs); here site i is latent i")
-        sm = np.asarray(site_mask, dtype=bool)
-        pairs = sm.reshape(*sm.shape[:-1], -1, 2)
-        return pairs.any(-1), pairs[..., 1]
+        return split_signed_mask(site_mask)
 
     # ------------------------------------------------------------------ exact 2-D cells
+    def cell_masks(
+        self, bounds=(-1.0, 1.0, -1.0, 1.0), area_tol: float | None = None, max_cells: int = 2_000_000
+    ) -> cells2d.Cells:
+        """The exact cells in the box as `cells2d.Cells` (site masks [R, m], polygons): the form `slice_2d`
+        uses, which never builds per-cell Python keys. See `cells_2d` for the arguments."""
+        if self.dim != 2:
+            raise ShapeError(f"cells_2d needs a 2-D diagram, this one has dim={self.dim} (use a slice)")
+        x0, x1, y0, y1 = check_bounds(bounds)
+        area_tol = check_nonneg_float(area_tol, "area_tol", allow_none=True)
+        max_cells = check_count(max_cells, "max_cells")
+        # box-centred coordinates: f_i(centre + y) = g_i . y + f_i(centre)
+        centre = np.array([(x0 + x1) / 2, (y0 + y1) / 2])
+        local = (x0 - centre[0], x1 - centre[0], y0 - centre[1], y1 - centre[1])
+        H = self._f(centre[None])[0]
+        if self.null_site and self.order == self.n_sites:
+            cells = cells2d.arrangement_cells(self._g, H, local, area_tol, max_cells)
+        else:
+            cells = cells2d.order_k_cells(self._g, H, self.order, local, self.null_site, area_tol, max_cells)
+        return cells2d.Cells(cells.masks, [p + centre for p in cells.polygons])
+
     def cells_2d(
         self, bounds=(-1.0, 1.0, -1.0, 1.0), area_tol: float | None = None, max_cells: int = 2_000_000
     ) -> list[Cell2D]:
         """The exact cells of a 2-D diagram inside the box (xmin, xmax, ymin, ymax), any order.
 
         Order k by refinement of order k-1 (see `cells2d`); with a null site and order = m (relu view) by
-        the line arrangement. Cells with area <= area_tol (default 1e-13 of the box) are dropped as
-        rounding slivers; the polygons tile the box up to that and float64 rounding.
+        the line arrangement. No cell is dropped for being small: only slivers thinner than
+        `polygons.WIDTH_REL` (1e-10) of the box, which are rounding; `area_tol` (absolute, optional) drops
+        cells of at most that area as well. `max_cells` bounds the cells summed over the orders computed:
+        past it (predicted before the work, checked after each order) a TooLargeError is raised.
         """
-        if self.dim != 2:
-            raise ShapeError(f"cells_2d needs a 2-D diagram, this one has dim={self.dim} (use a slice)")
-        if self.null_site and self.order == self.n_sites:
-            masks, polys = cells2d.arrangement_cells(self._g, self._h, bounds, area_tol, max_cells)
-            keys = [tuple(np.flatnonzero(mk).tolist()) for mk in masks]
-        else:
-            keys, polys = cells2d.order_k_cells(
-                self._g, self._h, self.order, bounds, self.null_site, area_tol, max_cells
-            )
-        return [Cell2D(k, p) for k, p in zip(keys, polys)]
+        cells = self.cell_masks(bounds, area_tol, max_cells)
+        return [Cell2D(tuple(np.flatnonzero(mk).tolist()), p) for mk, p in zip(cells.masks, cells.polygons)]
 
     # ------------------------------------------------------------------ LP non-emptiness
-    def is_nonempty(self, S, bounds=None, tol: float = LP_TOL):
-        """Is the cell S non-empty (with interior)? -> (bool, witness point or None). Any dimension.
+    def is_nonempty(self, S, bounds=None, tol: float = LP_TOL, return_margin: bool = False):
+        """Is the cell S non-empty (with interior)? -> RegionCheck(nonempty, witness or None). Any dimension.
 
-        S: site indices or a bool mask [m]: the k-set, or with a null site the active set (at most k).
-        Exact LP (see `lp.pattern_lp`): maximise the margin t with max_{i in S} pow_i + t <= min_{j not in S}
-        pow_j (and pow_i + t <= |x|^2 for the null site); non-empty iff t* > tol (normalised). Cells of
-        measure zero (only ties) count as empty. bounds: restrict to a box (see `lp.check_box`).
+        S: site indices (integers) or a bool mask [m]: the k-set, or with a null site the active set (at
+        most k). The LP of `lp` on the scores u_i = (|x|^2 - pow_i(x)) / 2: the largest ball in the cell,
+        row-normalised constraints, so its radius (the margin, returned with `return_margin`) is a distance.
+        False means no ball of radius above tol times the scale fits (cells of measure zero, only ties,
+        count as empty); a witness that does not land in S is a PrecisionError, never True.
+        bounds: restrict to a box (see `checks.check_box`).
         """
-        mask = np.zeros(self.n_sites, dtype=bool)
-        Sa = np.asarray(S)
-        if Sa.dtype == bool:
-            if Sa.shape != (self.n_sites,):
-                raise ShapeError(f"S as a mask must have shape [{self.n_sites}], got {Sa.shape}")
-            mask = Sa.copy()
-        else:
-            idx = Sa.astype(np.int64).reshape(-1)
-            if idx.size and (idx.min() < 0 or idx.max() >= self.n_sites):
-                raise ConfigError(f"site indices must be in [0, {self.n_sites}), got {idx.tolist()}")
-            if len(set(idx.tolist())) != idx.size:
-                raise ConfigError(f"S has repeated sites: {idx.tolist()}")
-            mask[idx] = True
-        # scores u_i = (|x|^2 - pow_i) / 2 = -f_i / 2 are affine: x @ (-g/2)^T - h/2
+        mask = check_index_set(S, self.n_sites, "S")
+        # scores u_i = -f_i / 2 are affine in y = x - ref
         res = pattern_lp(
-            -0.5 * self._g.T, -0.5 * self._h, mask, k=self.order, null=self.null_site, bounds=bounds, tol=tol
+            -0.5 * self._g.T, -0.5 * self._h, mask, k=self.order, null=self.null_site,
+            bounds=None if bounds is None else _shift_box(bounds, self._ref), tol=tol,
         )
+        witness = None
         if res.nonempty:
-            key = self.keys(res.witness[None])[0]
+            witness = res.witness + self._ref
+            key = self.keys(witness[None])[0]
             want = np.sort(np.concatenate([np.flatnonzero(mask), np.full(self.order - mask.sum(), self.n_sites)]))
             if not np.array_equal(key, want):
-                log.warning("is_nonempty: witness with margin %.3g lands in cell %s", res.margin, key)
-        return res.nonempty, res.witness
+                raise PrecisionError(f"is_nonempty: the LP witness (margin {res.margin:.3g}) lands in cell {key}")
+        if return_margin:
+            return RegionCheckWithMargin(res.nonempty, witness, res.margin)
+        return RegionCheck(res.nonempty, witness)
 
     # ------------------------------------------------------------------ lifting
     def lift(self, K: float | None = None) -> np.ndarray:
@@ -309,8 +338,18 @@ class PowerDiagram:
                 r += 1
         S = subsets.astype(np.float64)
         mu = S @ self.centers
-        alpha = np.einsum("ij,ij->i", mu, mu) - S @ self._h
+        c, w = self.centers, self.weights
+        h0 = self.offsets if self.offsets is not None else np.einsum("ij,ij->i", c, c) - w
+        alpha = np.einsum("ij,ij->i", mu, mu) - S @ np.asarray(h0, dtype=np.float64)
         return PowerDiagram(mu, alpha, order=1), subsets
+
+
+def _shift_box(bounds, ref: np.ndarray) -> np.ndarray:
+    """A box for x as a box for y = x - ref ([n, 2] rows of (lo, hi))."""
+    from splinterp.geometry.checks import check_box
+
+    lo, hi = check_box(bounds, len(ref))
+    return np.column_stack([lo - ref, hi - ref])
 
 
 def section_weights(heights, plane_height: float = 0.0) -> np.ndarray:
@@ -322,30 +361,31 @@ def section_weights(heights, plane_height: float = 0.0) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------- SAEs
 def diagram_from_affine(W, b, architecture: str, k: int | None = None, thresholds=None) -> PowerDiagram:
-    """The power diagram of affine scores u(x) = x @ W + b (W [n, m]) under an SAE selection rule."""
+    """The power diagram of affine scores u(x) = x @ W + b (W [n, m]) under an SAE selection rule.
+
+    Site i has centre W[:, i] and weight |W[:, i]|^2 + 2 b_i, and its linear form f_i = -2 u_i is passed
+    exactly (`offsets` = -2 b), so the diagram compares the SAE's own scores."""
     W = _f64(W, "W", 2)
     b = _f64(b, "b", 1)
     if b.shape[0] != W.shape[1]:
         raise ShapeError(f"b has {b.shape[0]} entries but W has {W.shape[1]} columns")
     c = W.T
-    alpha = np.einsum("ij,ij->i", c, c) + 2.0 * b
+    sq = np.einsum("ij,ij->i", c, c)
     m = c.shape[0]
     if architecture == "topk":
-        return PowerDiagram(c, alpha, order=k, null_site=True)
+        return PowerDiagram(c, sq + 2.0 * b, order=k, null_site=True, offsets=-2.0 * b)
     if architecture == "relu":
-        return PowerDiagram(c, alpha, order=m, null_site=True)
+        return PowerDiagram(c, sq + 2.0 * b, order=m, null_site=True, offsets=-2.0 * b)
     if architecture in ("jumprelu", "gated"):
         if thresholds is None:
             raise ConfigError(f"{architecture} needs thresholds")
-        theta = _f64(thresholds, "thresholds", 1)
-        return PowerDiagram(c, alpha - 2.0 * theta, order=m, null_site=True)
-    if architecture == "topk_abs":
-        cc = np.empty((2 * m, c.shape[1]))
-        cc[0::2], cc[1::2] = -c, c
-        sq = np.einsum("ij,ij->i", c, c)
-        aa = np.empty(2 * m)
-        aa[0::2], aa[1::2] = sq - 2.0 * b, sq + 2.0 * b
-        return PowerDiagram(cc, aa, order=k, signed_pairs=True)
+        bt = b - _f64(thresholds, "thresholds", 1)  # u_i > theta_i iff u_i - theta_i > 0
+        return PowerDiagram(c, sq + 2.0 * bt, order=m, null_site=True, offsets=-2.0 * bt)
+    if architecture == "topk_abs":  # signed sites: -u_i and +u_i (`signed_sites` layout)
+        return PowerDiagram(
+            interleave(-c, c), interleave(sq - 2.0 * b, sq + 2.0 * b), order=k, signed_pairs=True,
+            offsets=interleave(2.0 * b, -2.0 * b),
+        )
     raise ConfigError(f"unknown architecture {architecture!r}")
 
 

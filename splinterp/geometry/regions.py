@@ -7,16 +7,21 @@ is constant
     sae(x) = x @ (W[:, S] @ W_dec[S]) + (b[S] @ W_dec[S] + b_dec).
 
 For topk_abs a region is an active set *and* the signs of the selected scores (ranking by |u| splits each
-set by sign), so region keys carry the signs too.
+set by sign), so region keys carry the signs too. Scores that overflow the SAE's dtype are an error
+(`scores.checked_scores`), never NaN regions.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from splinterp.errors import ConfigError
+from splinterp.geometry.checks import check_count
+from splinterp.geometry.scores import checked_scores
+from splinterp.geometry.signed_sites import signed_site, site_latent, site_positive
 from splinterp.sae import SAE, TOPK_ARCHITECTURES
 from splinterp.validation import check_data, check_mask
 
@@ -24,18 +29,17 @@ DEFAULT_BATCH = 16384
 
 
 def _rows(sae: SAE, X, batch_size: int):
-    """Validated chunks of X on the SAE's device (X itself may live on the CPU)."""
+    """Validated chunks (start row, chunk) of X on the SAE's device (X itself may live on the CPU)."""
+    batch_size = check_count(batch_size, "batch_size")
     X = check_data(X, sae.cfg.d_in, name="X", dtype=sae.dtype)
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     for start in range(0, X.shape[0], batch_size):
-        yield X[start : start + batch_size].to(sae.device, non_blocking=True)
+        yield start, X[start : start + batch_size].to(sae.device, non_blocking=True)
 
 
 @torch.no_grad()
 def active_mask(sae: SAE, X, batch_size: int = DEFAULT_BATCH) -> torch.Tensor:
     """bool [N, d_sae]: which latents fire on each input (the mask `encode` uses)."""
-    out = [sae.select(sae._pre_acts(xb)) for xb in _rows(sae, X, batch_size)]
+    out = [sae.select(checked_scores(sae, xb, start)) for start, xb in _rows(sae, X, batch_size)]
     return torch.cat(out).cpu()
 
 
@@ -51,13 +55,14 @@ def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
     return by.contiguous().view(torch.int64)
 
 
-def _region_keys(sae: SAE, xb: torch.Tensor) -> torch.Tensor:
-    """int64 [B, w]: a canonical key per input, equal iff the inputs share a linear region."""
-    u = sae._pre_acts(xb)
+def _region_keys(sae: SAE, xb: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """int64 [B, w]: a canonical key per input, equal iff the inputs share a linear region: sorted active
+    indices (inactive slots = d_sae) for topk, sorted signed sites for topk_abs, packed bits otherwise."""
+    u = checked_scores(sae, xb, start)
     if sae.cfg.architecture in TOPK_ARCHITECTURES:
         idx, active = sae.select_topk(u)
         if sae.cfg.architecture == "topk_abs":
-            key = idx * 2 + (u.gather(-1, idx) > 0)
+            key = signed_site(idx, (u.gather(-1, idx) > 0).long())
         else:
             key = torch.where(active, idx, torch.full_like(idx, sae.cfg.d_sae))
         return torch.sort(key, dim=-1).values
@@ -120,21 +125,15 @@ def _unique_rows(keys: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 @torch.no_grad()
-def region_ids(sae: SAE, X, batch_size: int = DEFAULT_BATCH) -> torch.Tensor:
-    """int64 [N]: equal exactly when two inputs lie in the same linear region.
-
-    Ids are 0..R-1 in order of first appearance. Exact, chunked, and memory bounded by N hashes plus one
-    key per region: each input's region key (sorted active indices for TopK, packed bits otherwise) is
-    hashed, and every key is checked against the stored key of its hash, so a hash collision can never
-    merge two regions; if one ever occurs we fall back to an exact unique over all keys.
-    """
+def _region_table(sae: SAE, X, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [N] in order of first appearance, keys [R, w] of the regions in id order); see `region_ids`."""
     gen = torch.Generator().manual_seed(_HASH_SEED)
     mult = None
     table = _KeyTable()
     hashes = []
     ok = True
-    for xb in _rows(sae, X, batch_size):
-        keys = _region_keys(sae, xb)
+    for start, xb in _rows(sae, X, batch_size):
+        keys = _region_keys(sae, xb, start)
         if mult is None:
             mult = (torch.randint(-(2**62), 2**62, (keys.shape[1],), generator=gen) * 2 + 1).to(keys.device)
         h = _hash_rows(keys, mult)
@@ -145,19 +144,98 @@ def region_ids(sae: SAE, X, batch_size: int = DEFAULT_BATCH) -> torch.Tensor:
         hashes.append(h)
     ok = ok and (table.h is None or table.merge())
     if not ok:  # astronomically rare: exact but memory-hungry path
-        keys = torch.cat([_region_keys(sae, xb).cpu() for xb in _rows(sae, X, batch_size)])
-        _, ids = torch.unique(keys, dim=0, return_inverse=True)
+        keys = torch.cat([_region_keys(sae, xb, start).cpu() for start, xb in _rows(sae, X, batch_size)])
+        uniq, ids = torch.unique(keys, dim=0, return_inverse=True)
     else:
         _, ids = torch.unique(torch.cat(hashes), return_inverse=True)
-    return _relabel_by_first_appearance(ids.cpu())
-
-
-def _relabel_by_first_appearance(ids: torch.Tensor) -> torch.Tensor:
+        uniq = table.k
+    ids = ids.cpu()
     n = int(ids.max()) + 1 if ids.numel() else 0
+    rank = _first_appearance_rank(ids, n)
+    order = torch.empty(n, dtype=torch.int64)
+    order[rank] = torch.arange(n)
+    return rank[ids], uniq.cpu()[order]
+
+
+@torch.no_grad()
+def region_ids(sae: SAE, X, batch_size: int = DEFAULT_BATCH) -> torch.Tensor:
+    """int64 [N]: equal exactly when two inputs lie in the same linear region.
+
+    Ids are 0..R-1 in order of first appearance. Exact, chunked, and memory bounded by N hashes plus one
+    key per region: each input's region key (sorted active indices for TopK, packed bits otherwise) is
+    hashed, and every key is checked against the stored key of its hash, so a hash collision can never
+    merge two regions; if one ever occurs we fall back to an exact unique over all keys. `region_index`
+    gives the same ids together with each region's active set.
+    """
+    return _region_table(sae, X, batch_size)[0]
+
+
+@dataclass(frozen=True, eq=False)
+class RegionIndex:
+    """The regions met by a data set: `ids` [N] (as `region_ids`), and per region its active set.
+
+    masks: bool [R, d_sae] (row r = the active latents of region r); signs: bool [R, d_sae] for topk_abs
+    (True = positive score, read on the active latents), else None. `active_set(r)` gives the latents.
+    """
+
+    ids: torch.Tensor
+    masks: torch.Tensor
+    signs: torch.Tensor | None
+
+    def __len__(self) -> int:
+        return self.masks.shape[0]
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """int64 [R]: inputs per region."""
+        return torch.bincount(self.ids, minlength=len(self))
+
+    def _check(self, region: int) -> int:
+        if isinstance(region, bool) or not isinstance(region, int) or not 0 <= region < len(self):
+            raise ConfigError(f"region must be an integer id in [0, {len(self)}), got {region!r}")
+        return region
+
+    def active_set(self, region: int) -> torch.Tensor:
+        """int64 [|S|]: the active latents of region `region`, ascending."""
+        return torch.nonzero(self.masks[self._check(region)]).flatten()
+
+    def mask(self, region: int) -> torch.Tensor:
+        """bool [d_sae]: the activation pattern of region `region` (what `affine_map` takes)."""
+        return self.masks[self._check(region)]
+
+
+@torch.no_grad()
+def region_index(sae: SAE, X, batch_size: int = DEFAULT_BATCH) -> RegionIndex:
+    """`region_ids` of X plus the active set (and, for topk_abs, the signs) of every region met."""
+    ids, keys = _region_table(sae, X, batch_size)
+    d = sae.cfg.d_sae
+    R = keys.shape[0]
+    signs = None
+    arch = sae.cfg.architecture
+    if arch in TOPK_ARCHITECTURES:
+        masks = torch.zeros(R, d + 1, dtype=torch.bool)
+        if arch == "topk_abs":
+            lat = site_latent(keys)
+            masks.scatter_(1, lat, True)
+            signs = torch.zeros(R, d + 1, dtype=torch.bool)
+            signs.scatter_(1, lat, site_positive(keys))
+            signs = signs[:, :d]
+        else:
+            masks.scatter_(1, keys, True)  # inactive slots hold d_sae: the extra column
+        masks = masks[:, :d]
+    else:
+        bits = keys.contiguous().view(torch.uint8).view(R, -1)
+        weights = (2 ** torch.arange(8, dtype=torch.int32)).to(torch.uint8)
+        masks = ((bits[..., None] & weights) > 0).reshape(R, -1)[:, :d]
+    return RegionIndex(ids, masks, signs)
+
+
+def _first_appearance_rank(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """rank [n]: the position of each id among the ids ordered by first appearance."""
     first = _first_occurrence(ids, n)
     rank = torch.empty(n, dtype=torch.int64)
     rank[torch.argsort(first)] = torch.arange(n)
-    return rank[ids]
+    return rank
 
 
 # ------------------------------------------------------------------------------------------ statistics

@@ -8,22 +8,30 @@ so the restricted SAE is an SAE-like spline in 2-D with the same selection rule,
 2-D power diagram of the projected sites (`diagram_from_affine`): for topk the order-k diagram split by
 the ReLU null site, for relu/jumprelu/gated the line arrangement {u_i = theta_i}, for topk_abs the
 order-k diagram of 2 d_sae signed sites. `slice_2d` returns every region's exact polygon (in (a, b)
-coordinates), its active set and its affine map restricted to the plane.
+coordinates), its active set and its affine map restricted to the plane; `Slice2D.adjacency` its region
+graph. The number of regions of a ReLU-type slice in general position is exactly 1 + L + I (L latent lines
+crossing the box, I of their crossings inside it).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from splinterp.errors import DTypeError, ShapeError
-from splinterp.geometry import cells2d
+from splinterp.errors import ConfigError, DTypeError, ShapeError
+from splinterp.geometry.checks import check_bounds
+from splinterp.geometry.polygons import polygon_areas
 from splinterp.geometry.power import PowerDiagram, diagram_from_affine
 from splinterp.geometry.regions import affine_map
+from splinterp.geometry.scores import check_scores
+from splinterp.geometry.signed_sites import signed_site, split_signed_mask
 from splinterp.sae import SAE
 from splinterp.validation import as_tensor, check_finite
+
+_COLLINEAR_ULPS = 1e3  # a plane spanned by less than this many rounding steps of its points is noise
 
 
 def _vec(x, d: int, name: str) -> torch.Tensor:
@@ -55,28 +63,39 @@ class Plane:
 
     def bounds(self, margin: float = 0.25) -> tuple[float, float, float, float]:
         """A box around the three points, widened by `margin` times its larger side on every side."""
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin) or margin < 0:
+            raise ConfigError(f"margin must be a finite number >= 0, got {margin!r}")
         lo, hi = self.coords.min(0), self.coords.max(0)
         pad = margin * float((hi - lo).max())
         return (lo[0] - pad, hi[0] + pad, lo[1] - pad, hi[1] + pad)
 
 
 def plane_through(x0, x1, x2) -> Plane:
-    """The plane through three inputs: origin x0, u along x1 - x0, v the Gram-Schmidt rest of x2 - x0."""
+    """The plane through three inputs: origin x0, u along x1 - x0, v the Gram-Schmidt rest of x2 - x0.
+
+    Points given in float32 (or float16) carry that rounding: a direction shorter than about 1e3 rounding
+    steps of the points (in their own dtype) is noise, so coincident or collinear points are refused with
+    that tolerance, not with float64's."""
     x0 = as_tensor(x0, "x0")
     d = x0.shape[-1] if x0.ndim == 1 else -1
+    dtypes = [as_tensor(x, f"x{i}").dtype for i, x in enumerate((x0, x1, x2))]
+    eps = max(torch.finfo(t).eps if t.is_floating_point else 0.0 for t in dtypes)
     x0, x1, x2 = (_vec(x, d, f"x{i}") for i, x in enumerate((x0, x1, x2)))
+    noise = _COLLINEAR_ULPS * eps * max(float(x0.norm() + x1.norm() + x2.norm()), 1e-300)
     e1 = x1 - x0
     n1 = float(e1.norm())
-    scale = max(float(x0.abs().max()), float(x1.abs().max()), float(x2.abs().max()), 1e-300)
-    if n1 <= 1e-12 * scale:
-        raise ShapeError("plane_through: x0 and x1 coincide")
+    if n1 <= max(noise, 1e-12 * float(x0.norm())):
+        raise ShapeError(f"plane_through: x0 and x1 coincide (|x1 - x0| = {n1:.3g}, rounding noise {noise:.3g})")
     u = e1 / n1
     e2 = x2 - x0
     e2p = e2 - (e2 @ u) * u
     e2p = e2p - (e2p @ u) * u  # second pass: orthogonal to working precision
     n2 = float(e2p.norm())
-    if n2 <= 1e-10 * max(float(e2.norm()), n1):
-        raise ShapeError("plane_through: the three points are (nearly) collinear")
+    if n2 <= max(noise, 1e-10 * max(float(e2.norm()), n1)):
+        raise ShapeError(
+            f"plane_through: the three points are (nearly) collinear: x2 is {n2:.3g} off the line through x0, x1, "
+            f"within rounding noise {noise:.3g} of {dtypes[0]} points"
+        )
     v = e2p / n2
     coords = np.array([[0.0, 0.0], [n1, 0.0], [float(e2 @ u), n2]])
     return Plane(x0, u, v, coords)
@@ -106,15 +125,19 @@ class Slice2D:
 
     @property
     def areas(self) -> np.ndarray:
-        return np.array(
-            [
-                0.5 * float(np.dot(p[:, 0], np.roll(p[:, 1], -1)) - np.dot(np.roll(p[:, 0], -1), p[:, 1]))
-                for p in self.polygons
-            ]
-        )
+        """float64 [R]: the polygons' areas (shoelace, `polygons.polygon_areas`)."""
+        if not self.polygons:
+            return np.zeros(0)
+        n = np.array([len(p) for p in self.polygons])
+        verts = np.zeros((len(n), int(n.max()), 2))
+        for i, p in enumerate(self.polygons):
+            verts[i, : len(p)] = p
+            verts[i, len(p) :] = p[0]
+        return polygon_areas(verts, n)
 
     def area_error(self) -> float:
-        """|sum of polygon areas - box area| / box area (float64 rounding and dropped slivers only)."""
+        """|sum of polygon areas - box area| / box area (float64 rounding and dropped slivers only: a cell
+        dropped as thinner than rounding shows here, it is not hidden)."""
         x0, x1, y0, y1 = self.bounds
         box = (x1 - x0) * (y1 - y0)
         return abs(float(self.areas.sum()) - box) / box
@@ -151,7 +174,7 @@ class Slice2D:
             rows = np.empty((len(mk), d.order), dtype=np.int64)
             for r in range(len(mk)):
                 idx = np.flatnonzero(mk[r])
-                rows[r] = np.sort(idx * 2 + sg[r, idx])  # site 2i+1 = positive score
+                rows[r] = np.sort(signed_site(idx, sg[r, idx]))
             return rows
         rows = np.full((len(self.polygons), d.order), m, dtype=np.int64)
         for r, mk in enumerate(self.masks.numpy()):
@@ -182,42 +205,66 @@ class Slice2D:
         return self.origin + ab[:, :1] * self.u + ab[:, 1:] * self.v
 
 
+    def adjacency(self):
+        """The region adjacency graph: `adjacency.SliceAdjacency` (edges between regions that share a boundary
+        segment, each labelled with the latents that flip, enter or leave across it)."""
+        from splinterp.geometry.adjacency import slice_adjacency
+
+        return slice_adjacency(self)
+
+
 @torch.no_grad()
 def slice_2d(
-    sae: SAE, origin, u, v, bounds=(-1.0, 1.0, -1.0, 1.0), *, area_tol: float | None = None, max_cells: int = 250_000
+    sae: SAE,
+    origin,
+    u=None,
+    v=None,
+    bounds=None,
+    *,
+    area_tol: float | None = None,
+    max_cells: int = 250_000,
 ) -> Slice2D:
     """The exact regions of `sae` on the plane origin + a*u + b*v, (a, b) in the box
-    (amin, amax, bmin, bmax). u and v need not be orthonormal (use `plane_through` for a plane through
-    three inputs). Geometry is float64 whatever the SAE's dtype. Raises ConfigError past max_cells regions
-    (the masks alone take regions * d_sae bytes; relu-type slices are counted before any work is done)."""
+    (amin, amax, bmin, bmax).
+
+    `slice_2d(sae, plane)` takes a `Plane` (from `plane_through`), with bounds `plane.bounds()` unless
+    given; `slice_2d(sae, origin, u, v, bounds)` takes the vectors (u and v need not be orthonormal), with
+    bounds (-1, 1, -1, 1) unless given. Geometry is float64 whatever the SAE's dtype. No region is dropped for
+    being small (only slivers thinner than 1e-10 of the box, which are rounding; `area_tol` drops small cells
+    on request). Raises TooLargeError past max_cells cells summed over the orders computed (predicted before
+    the work: exactly 1 + L + I for relu-type SAEs); the masks take regions * d_sae bytes.
+    """
     d = sae.cfg.d_in
+    if isinstance(origin, Plane):
+        if u is not None or v is not None:
+            raise ConfigError("slice_2d(sae, plane) takes the plane alone; u and v come from it")
+        plane = origin
+        origin, u, v = plane.origin, plane.u, plane.v
+        bounds = plane.bounds() if bounds is None else bounds
+    elif u is None or v is None:
+        raise ConfigError("slice_2d needs a Plane, or origin, u and v")
+    bounds = check_bounds((-1.0, 1.0, -1.0, 1.0) if bounds is None else bounds)
     o, uu, vv = _vec(origin, d, "origin"), _vec(u, d, "u"), _vec(v, d, "v")
-    bounds = cells2d.check_bounds(bounds)
     W, b = sae.encoder_affine()
     W, b = W.detach().cpu().double(), b.detach().cpu().double()
     W2 = torch.stack([uu @ W, vv @ W])  # [2, d_sae]
     b2 = o @ W + b
+    check_scores(torch.cat([W2, b2[None]]), torch.float64, name="the plane's score map")
     th = sae.thresholds()
     arch = sae.cfg.architecture
     pd = diagram_from_affine(W2, b2, arch, sae.cfg.k, None if th is None else th.detach().cpu().double())
-    cells = pd.cells_2d(bounds, area_tol=area_tol, max_cells=max_cells)
-    d_sae = sae.cfg.d_sae
-    masks = np.zeros((len(cells), d_sae), dtype=bool)
+    cells = pd.cell_masks(bounds, area_tol=area_tol, max_cells=max_cells)
     signs = None
     if arch == "topk_abs":
-        signs = np.zeros((len(cells), d_sae), dtype=bool)
-        for r, c in enumerate(cells):
-            s = np.asarray(c.key, dtype=np.int64)
-            masks[r, s // 2] = True
-            signs[r, s // 2] = (s % 2) == 1
+        masks, pos = split_signed_mask(cells.masks)
+        signs = torch.from_numpy(pos & masks)
+        masks_t = torch.from_numpy(masks)
     else:
-        for r, c in enumerate(cells):
-            masks[r, list(c.key)] = True
-    masks_t = torch.from_numpy(masks)
+        masks_t = torch.from_numpy(cells.masks)
     return Slice2D(
-        polygons=[c.vertices for c in cells],
+        polygons=cells.polygons,
         masks=masks_t,
-        signs=None if signs is None else torch.from_numpy(signs),
+        signs=signs,
         bounds=bounds,
         diagram=pd,
         sae=sae,
