@@ -9,8 +9,8 @@ import torch
 from conftest import random_sae
 
 import splinterp as sp
-from splinterp.errors import ConfigError, ShapeError
-from splinterp.geometry import region_is_nonempty, slice_2d
+from splinterp.errors import ConfigError, PrecisionError, ShapeError
+from splinterp.geometry import PowerDiagram, region_is_nonempty, slice_2d
 from splinterp.geometry.lp import check_box, pattern_lp
 
 ARCHS = sp.ARCHITECTURES
@@ -192,3 +192,65 @@ def test_bad_input_is_named():
     assert check_box((0, 1, 2, 3), 2)[1].tolist() == [1.0, 3.0]
     # a plain k-set of the wrong size is simply impossible
     assert pattern_lp(np.eye(2), np.zeros(2), np.array([True, True]), k=1, null=False).nonempty is False
+
+
+# ------------------------------------------------------------------------- exact at the edges (issue A)
+def test_a_tiny_full_dimensional_cell_is_nonempty_with_its_inradius():
+    # the ring of radius 2e-5: the origin's cell is a hexagon of inradius 1e-5 (area 3.5e-10 of a box of 4)
+    r = 2e-5
+    ang = np.linspace(0, 2 * np.pi, 6, endpoint=False)
+    c = np.vstack([[0.0, 0.0], r * np.column_stack([np.cos(ang), np.sin(ang)]), [[0.9, 0.9], [-0.9, -0.9]]])
+    pd = PowerDiagram(c, np.zeros(len(c)))
+    ok, w, margin = pd.is_nonempty([0], return_margin=True)
+    assert ok and np.abs(w).max() < r
+    assert margin == pytest.approx(r / 2, rel=1e-6)  # the Chebyshev radius of a regular hexagon: its inradius
+    assert pd.is_nonempty([0], bounds=(-1, 1, -1, 1)).nonempty
+
+
+def _cube_sae(d=20, half=1.5e-4):
+    """TopK k=1: latent 0 (constant score half) wins exactly on the cube |x_j| < half; latents 2j+1, 2j+2
+    score +-x_j; a dead latent with a huge negative bias sets the score scale."""
+    m = 2 * d + 2
+    W = torch.zeros(d, m, dtype=torch.float64)
+    b = torch.zeros(m, dtype=torch.float64)
+    b[0] = half
+    for j in range(d):
+        W[j, 1 + 2 * j], W[j, 2 + 2 * j] = 1.0, -1.0
+    b[-1] = -1e3
+    sae = sp.make_sae(d, m, "topk", k=1, dtype="float64")
+    with torch.no_grad():
+        sae.W_enc.copy_(W)
+        sae.b_enc.copy_(b)
+    return sae
+
+
+def test_a_small_cube_region_is_nonempty_with_margin_its_half_side():
+    sae = _cube_sae()
+    X = (torch.rand(1000, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 2 - 1) * 1.49e-4
+    mask = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+    mask[0] = True
+    assert (sae.select(sae.pre_acts(X)) == mask).all()  # every sample in the cube encodes to {0}
+    ok, w, margin = region_is_nonempty(sae, mask, return_margin=True)
+    assert ok and torch.equal(sae.select(sae.pre_acts(w[None]))[0], mask)
+    assert margin == pytest.approx(1.5e-4, rel=1e-6)  # distance from the centre to the faces x_j = +-1.5e-4
+
+
+def test_a_witness_that_does_not_reproduce_is_never_reported_true():
+    # float32 scores of size 1e4: the two latents differ by 1e-4 * x_2 < one float32 step, so the SAE ranks them
+    # as a tie (lower index wins) everywhere in the box; {1} exists exactly (x_2 > 0) but not in float32
+    sae = sp.make_sae(2, 2, "topk", k=1)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.tensor([[1.0, 1.0], [0.0, 1e-4]]))
+        sae.b_enc.fill_(1e4)
+    with pytest.raises(PrecisionError, match="float32"):
+        region_is_nonempty(sae, torch.tensor([False, True]), bounds=(-1.0, 1.0))
+    assert region_is_nonempty(sae.double(), torch.tensor([False, True]), bounds=(-1.0, 1.0)).nonempty
+
+
+def test_result_fields_are_named():
+    sae = random_sae("relu", d_in=3, d_sae=5, dtype="float64")
+    mask = sae.select(sae.pre_acts(torch.zeros(1, 3, dtype=torch.float64)))[0]
+    res = region_is_nonempty(sae, mask, return_margin=True)
+    assert res.nonempty and res.witness.shape == (3,) and res.margin > 0
+    ok, w = region_is_nonempty(sae, mask)  # the two-field form unpacks as before
+    assert ok and torch.equal(w, res.witness)

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import splinterp as sp
-from splinterp.errors import ConfigError, DTypeError, NonFiniteError, ShapeError
+from splinterp.errors import ConfigError, DTypeError, NonFiniteError, ShapeError, TooLargeError
 from splinterp.geometry import PowerDiagram, power_diagram, region_ids, section_weights
 from splinterp.geometry import cells2d as c2
 
@@ -356,3 +356,87 @@ def test_arrangement_cell_count_is_predicted_exactly():
     assert len(polys) == c2.arrangement_cell_bound(G[crossing], H[crossing], bounds)
     with pytest.raises(ConfigError, match="up to"):
         c2.arrangement_cells(G, H, bounds, max_cells=len(polys) - 1)
+
+
+# ------------------------------------------------------------------------- exact at the edges (issue A)
+def _ring(radius):
+    """A site at the origin, six on a ring of the given radius around it, four far out; all weights 0."""
+    ang = np.linspace(0, 2 * np.pi, 6, endpoint=False)
+    far = [[0.9, 0.9], [0.9, -0.9], [-0.9, 0.9], [-0.9, -0.9]]
+    c = np.vstack([[0.0, 0.0], radius * np.column_stack([np.cos(ang), np.sin(ang)]), far])
+    return PowerDiagram(c, np.zeros(len(c)))
+
+
+def test_a_tiny_real_cell_is_not_dropped():
+    # the origin's Voronoi cell is a regular hexagon with inradius r/2: area (sqrt(3)/2) r^2 = 3.1e-13, about
+    # 1e-13 of the box, yet 3e-7 of the box side wide (about 1e9 float64 steps)
+    r = 6e-7
+    pd = _ring(r)
+    cells = pd.cells_2d((-1, 1, -1, 1))
+    assert len(cells) == 11
+    by_key = {c.key: c for c in cells}
+    assert tuple(pd.keys(np.zeros((1, 2)))[0]) in by_key
+    assert by_key[(0,)].area == pytest.approx(np.sqrt(3) / 2 * r**2, rel=1e-6)
+    assert sum(c.area for c in cells) == pytest.approx(4.0, rel=1e-12)
+
+
+def test_precision_does_not_depend_on_where_the_sites_are():
+    rng = np.random.default_rng(0)
+    c, w = rng.uniform(-1, 1, (30, 2)), rng.uniform(0, 0.05, 30)
+    here = {cl.key: cl.area for cl in PowerDiagram(c, w, order=2).cells_2d((-1, 1, -1, 1))}
+    t = 1e6
+    there = {cl.key: cl.area for cl in PowerDiagram(c + t, w, order=2).cells_2d((t - 1, t + 1, t - 1, t + 1))}
+    assert set(here) == set(there)
+    assert max(abs(here[k] - there[k]) for k in here) < 1e-9 * 4  # was 2.7e-4 of the box before recentring
+    P = rng.uniform(-1, 1, (2000, 2))
+    assert np.array_equal(PowerDiagram(c, w, order=2).keys(P), PowerDiagram(c + t, w, order=2).keys(P + t))
+
+
+def test_high_order_uses_the_complement_and_matches_brute_force():
+    # order 499 of 500 sites: the 499 nearest are all but the farthest, i.e. the order-1 diagram of -f
+    rng = np.random.default_rng(1)
+    c, w = rng.uniform(-1, 1, (500, 2)), rng.uniform(0, 0.05, 500)
+    cells = PowerDiagram(c, w, order=499).cells_2d((-1, 1, -1, 1))
+    P = rng.uniform(-1, 1, (3000, 2))
+    pw = ((P[:, None, :] - c[None]) ** 2).sum(-1) - w  # brute-force power distances
+    farthest = pw.argmax(1)
+    keys = {c.key for c in cells}
+    assert {tuple(sorted(set(range(500)) - {int(f)})) for f in farthest} <= keys
+    assert sum(cl.area for cl in cells) == pytest.approx(4.0, rel=1e-9)
+
+
+@pytest.mark.parametrize("m, k", [(2000, 300), (4096, 64)])
+def test_too_many_cells_are_refused_up_front(m, k):
+    rng = np.random.default_rng(2)
+    pd = PowerDiagram(rng.uniform(-1, 1, (m, 2)), rng.uniform(0, 0.05, m), order=k)
+    with pytest.raises(TooLargeError, match=r"max_cells=2,000,000") as err:
+        pd.cells_2d((-1, 1, -1, 1))
+    predicted = int(str(err.value).split("about ")[1].split(" cells")[0].replace(",", ""))
+    assert predicted > 2_000_000
+
+
+def test_a_2d_topk_sae_too_large_to_draw_is_refused_not_killed():
+    sae = random_sae("topk", d_in=2, d_sae=2000, k=100, dtype="float64")
+    with pytest.raises(TooLargeError, match="max_cells"):
+        power_diagram(sae).cells_2d((-3, 3, -3, 3))
+
+
+def test_bad_arguments_are_named_never_coerced():
+    pd = PowerDiagram(np.random.default_rng(0).normal(size=(5, 2)), np.zeros(5), order=3)
+    for S in ([0.7, 1.9, 2.2], [0, 1, float("nan")], np.array([0.0, 1.0, 2.0])):
+        with pytest.raises(DTypeError, match="integer indices"):
+            pd.is_nonempty(S)
+    with pytest.raises(DTypeError, match="string"):
+        pd.is_nonempty("ab")
+    with pytest.raises(DTypeError, match="bounds"):
+        pd.cells_2d(bounds="abcd")
+    with pytest.raises(ConfigError, match="area_tol"):
+        pd.cells_2d(area_tol=float("nan"))
+    with pytest.raises(ConfigError, match="max_cells"):
+        pd.cells_2d(max_cells=2.5)
+    for bad in [(np.nan, 1, 0, 1), (0, 1, 0, np.inf)]:
+        with pytest.raises(NonFiniteError, match="bounds"):
+            pd.cells_2d(bad)
+    with pytest.raises(NonFiniteError, match="bounds"):
+        pd.is_nonempty([0, 1, 2], bounds=(np.nan, 1))
+    assert pd.is_nonempty(np.array([0, 1, 2], dtype=np.int32)).nonempty in (True, False)

@@ -7,8 +7,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import splinterp as sp
-from splinterp.errors import ConfigError, DTypeError, NonFiniteError, ShapeError
-from splinterp.geometry import active_mask, affine_map, affine_maps, piece_rank, region_ids, region_stats
+from splinterp.errors import ConfigError, DTypeError, NonFiniteError, ScoreOverflowError, ShapeError
+from splinterp.geometry import (
+    active_mask,
+    affine_map,
+    affine_maps,
+    boundary_distance,
+    local_complexity,
+    piece_rank,
+    region_ids,
+    region_index,
+    region_stats,
+    segment_regions,
+    slice_2d,
+)
 
 ARCHS = sp.ARCHITECTURES
 
@@ -140,3 +152,53 @@ def test_collision_across_chunks_is_detected(monkeypatch):
     sae = random_sae("topk", k=2)
     X = torch.randn(300, 6)
     assert torch.equal(region_ids(sae, X, batch_size=1), brute_force_ids(sae, X))
+
+
+def test_batch_size_must_be_an_integer():
+    sae = random_sae("relu", d_in=3, d_sae=6)
+    for bad in (2.5, True, "3"):
+        with pytest.raises(ConfigError, match="batch_size"):
+            active_mask(sae, torch.randn(4, 3), batch_size=bad)
+
+
+def test_scores_that_overflow_are_an_error_not_nan_regions():
+    """Finite inputs whose scores overflow the SAE's dtype: every geometry entry point that reads regions from
+    scores says so (a float64 brute force would give other regions than the inf/NaN scores)."""
+    relu = sp.make_sae(4, 8, "relu")
+    X = torch.full((3, 4), 3e38)
+    X[0] = 1.0
+    for fn in (active_mask, region_ids, region_stats, region_index):
+        with pytest.raises(ScoreOverflowError, match="row 1.*overflow"):
+            fn(relu, X)
+    half = sp.make_sae(4, 8, "topk", k=2, dtype="float16")
+    with pytest.raises(ScoreOverflowError, match="float16"):
+        active_mask(half, torch.full((2, 4), 6e4, dtype=torch.float16))
+    big = sp.make_sae(3, 5, "topk", k=2, dtype="float64")
+    with torch.no_grad():
+        big.W_enc.fill_(1.0)  # scores 3e308 from inputs 1e308
+    with pytest.raises(ScoreOverflowError):
+        slice_2d(big, torch.full((3,), 1e308, dtype=torch.float64), torch.eye(3)[0], torch.eye(3)[1])
+    for fn in (boundary_distance, lambda s, X: local_complexity(s, X, 1.0)):
+        with pytest.raises(ScoreOverflowError):
+            fn(big, torch.full((1, 3), 1e308, dtype=torch.float64))
+    with pytest.raises(ScoreOverflowError):
+        segment_regions(big, torch.zeros(3, dtype=torch.float64), torch.full((3,), 1e308, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_region_index_gives_each_region_its_active_set(arch):
+    sae = random_sae(arch, d_in=4, d_sae=70, k=4, dtype="float64")  # 70 latents: two 64-bit words per key
+    X = torch.randn(800, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    ri = region_index(sae, X, batch_size=100)
+    assert torch.equal(ri.ids, brute_force_ids(sae, X))
+    u = sae.pre_acts(X)
+    mask = sae.select(u)
+    for r in range(len(ri)):
+        rows = torch.nonzero(ri.ids == r).flatten()
+        assert (mask[rows] == ri.mask(r)).all()
+        assert torch.equal(ri.active_set(r), torch.nonzero(mask[rows[0]]).flatten())
+        if arch == "topk_abs":
+            assert ((u[rows] > 0) & mask[rows] == ri.signs[r]).all()
+    assert int(ri.counts.sum()) == 800
+    with pytest.raises(ConfigError, match="region"):
+        ri.active_set(len(ri))

@@ -125,3 +125,89 @@ def test_too_many_regions_is_refused_before_the_work():
     e = torch.eye(5, dtype=torch.float64)
     with pytest.raises(ConfigError, match="max_cells"):
         slice_2d(sae, torch.zeros(5), e[0], e[1], (-3, 3, -3, 3), max_cells=100)
+
+
+# ------------------------------------------------------------------------- exact at the edges (issue A)
+def brute_force_arrangement_count(W2, b2, bounds):
+    """1 + L + I by plain float64 loops: L lines a x + b y + c = 0 crossing the box, I pairwise crossings
+    strictly inside it (the exact count of a line arrangement in general position clipped to a box)."""
+    x0, x1, y0, y1 = bounds
+    corners = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])
+    a, b, c = W2[0], W2[1], b2
+    vals = corners @ np.vstack([a, b]) + c
+    cross = np.flatnonzero((vals.min(0) < 0) & (vals.max(0) > 0))
+    inside = 0
+    for ii, i in enumerate(cross):
+        j = cross[ii + 1 :]
+        det = a[i] * b[j] - b[i] * a[j]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            px = (b[i] * c[j] - c[i] * b[j]) / det
+            py = (c[i] * a[j] - a[i] * c[j]) / det
+        inside += int(((px > x0) & (px < x1) & (py > y0) & (py < y1)).sum())
+    return 1 + len(cross) + inside
+
+
+def _relu_slice_count(d_in, d_sae, seed, margin=0.3):
+    sae = random_sae("relu", d_in=d_in, d_sae=d_sae, dtype="float64", seed=seed)
+    plane, _ = _plane(d_in, seed)
+    sl = slice_2d(sae, plane.origin, plane.u, plane.v, plane.bounds(margin), max_cells=10_000_000)
+    W, b = sae.encoder_affine()
+    W2 = torch.stack([plane.u @ W, plane.v @ W]).detach().numpy()
+    b2 = (plane.origin @ W + b).detach().numpy()
+    return sl, brute_force_arrangement_count(W2, b2, sl.bounds)
+
+
+@pytest.mark.parametrize("d_in, d_sae, seed", [(5, 16, 0), (12, 64, 1), (40, 256, 2), (64, 512, 3)])
+def test_relu_slices_have_exactly_one_plus_lines_plus_crossings_regions(d_in, d_sae, seed):
+    sl, want = _relu_slice_count(d_in, d_sae, seed)
+    assert len(sl) == want
+    assert sl.area_error() < 1e-12
+
+
+@pytest.mark.slow
+def test_relu_784_to_1024_slice_has_exactly_one_plus_lines_plus_crossings_regions():
+    sl, want = _relu_slice_count(784, 1024, 0, margin=0.25)
+    assert want > 5000 and len(sl) == want
+
+
+def test_a_tiny_region_is_kept_in_a_slice_and_area_error_sees_drops():
+    # the ring reproducer as a 2-D TopK SAE with k = 1: u_i = c_i . x - |c_i|^2 / 2 ranks like the Voronoi sites
+    r = 6e-7
+    ang = np.linspace(0, 2 * np.pi, 6, endpoint=False)
+    c = np.vstack([[0.0, 0.0], r * np.column_stack([np.cos(ang), np.sin(ang)]), [[0.9, 0.9], [0.9, -0.9],
+                                                                                 [-0.9, 0.9], [-0.9, -0.9]]])
+    sae = sp.make_sae(2, 11, "topk_abs", k=1, dtype="float64")
+    with torch.no_grad():  # scores shifted by +10 keep them positive, so |u| ranks as u
+        sae.W_enc.copy_(torch.as_tensor(c.T))
+        sae.b_enc.copy_(torch.as_tensor(10.0 - (c**2).sum(1) / 2))
+    e = torch.eye(2, dtype=torch.float64)
+    sl = slice_2d(sae, torch.zeros(2, dtype=torch.float64), e[0], e[1], (-1, 1, -1, 1))
+    assert len(sl) == 11 and sl.area_error() < 1e-14
+    assert sl.regions_at(np.zeros((1, 2)))[0] >= 0
+    dropped = slice_2d(sae, torch.zeros(2, dtype=torch.float64), e[0], e[1], (-1, 1, -1, 1), area_tol=1e-12)
+    assert len(dropped) == 10 and dropped.area_error() == pytest.approx(np.sqrt(3) / 2 * r**2 / 4, rel=1e-3)
+
+
+def test_slice_takes_a_plane():
+    sae = random_sae("topk", d_in=7, d_sae=25, k=4, dtype="float64")
+    plane, _ = _plane(7, 4)
+    a = slice_2d(sae, plane)
+    b = slice_2d(sae, plane.origin, plane.u, plane.v, plane.bounds())
+    assert a.bounds == b.bounds and torch.equal(a.masks, b.masks)
+    assert all(np.array_equal(p, q) for p, q in zip(a.polygons, b.polygons))
+    with pytest.raises(ConfigError, match="plane alone"):
+        slice_2d(sae, plane, plane.u, plane.v)
+    with pytest.raises(ConfigError, match="margin"):
+        plane.bounds(float("nan"))
+
+
+def test_plane_through_refuses_collinear_float32_points():
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(50, generator=g)
+    x1 = x0 + torch.randn(50, generator=g)
+    x2 = x0 + 3 * (x1 - x0)  # on the line, up to float32 rounding (about 1e-6 off it)
+    with pytest.raises(ShapeError, match="collinear"):
+        plane_through(x0, x1, x2)
+    with pytest.raises(ShapeError, match="coincide"):
+        plane_through(x0, x0 + 1e-7 * x0, x1)
+    plane_through(x0, x1, x2 + 1e-2 * torch.randn(50, generator=g))  # a real plane is fine

@@ -25,10 +25,12 @@ box-centred coordinates (`PowerDiagram` recentres), so precision does not depend
   active iff f_i < 0), by splitting each polygon by each line that crosses it. In general position there
   are exactly 1 + L + I cells (L lines crossing the box, I crossing points inside it).
 
-Refusal: both predict their size first (`arrangement_cell_bound` is exact for arrangements; for order k an
-estimate from the order-1 cells: about (2t - 1) times as many cells at order t, on the share of the box
-where t sites beat the null site) and raise `TooLargeError` naming `max_cells` when the cells summed over
-the orders computed would exceed it; the count is checked again after every order. Slivers thinner than
+Refusal: both predict their size and raise `TooLargeError` naming `max_cells` and the prediction when the
+cells summed over the orders computed would exceed it. `arrangement_cell_bound` is exact, before any work;
+for order k the estimate is made after order 1 (order t has about (2t - 1) times the order-1 cells in a
+Voronoi-like diagram, on the share of the box where t sites beat the null site) and renewed after every
+order from the last two orders' growth, and the exact running count is checked too, so the work stays
+within about max_cells cells. Slivers thinner than
 `polygons.WIDTH_REL` of the box are rounding, not cells (see `polygons`); an explicit `area_tol` drops cells
 by area as well.
 """
@@ -151,7 +153,7 @@ def _refine(G, H, k, bounds, null, area_tol, max_cells, prio) -> Cells:
     tptr, tsite, tbeta = _tile_lists(verts, G, H, tol, k)
     share = _null_share(G[:m], H[:m], bounds, k) if null else np.ones(k + 1)
     done_keys, done_verts, done_n = [], [], []  # final cells, still split by tiles
-    total = 0
+    total = last = 0
     for level in range(1, k + 1):
         pv, pn, pc, psite = _refine_level(verts, n, T, tile, tptr, tsite, tbeta, G, H, tol, prio, wtol, area_tol)
         ptile = tile[pc]
@@ -174,10 +176,15 @@ def _refine(G, H, k, bounds, null, area_tol, max_cells, prio) -> Cells:
         tile, T = uk[:, 0], uk[:, 1:]
         produced += len(uk)
         total += produced
-        if level == 1 and k > 1:
-            predicted = total + int(sum((2 * t - 1) * produced * share[t] for t in range(2, k + 1)))
-            if predicted > max_cells:
-                raise _too_large(f"order {k} with {m} sites", predicted, max_cells)
+        # the orders still to come, extrapolated linearly from the last two (order 2 has about 3x the cells of
+        # order 1 in a Voronoi-like diagram), on the share of the box where they still exist
+        growth = 2 * produced if level == 1 else produced - last
+        last = produced
+        ahead = [max(produced + (t - level) * growth, 0) * share[t] / max(share[level], 1e-12)
+                 for t in range(level + 1, k + 1)]
+        predicted = total + int(sum(ahead))
+        if predicted > max_cells:
+            raise _too_large(f"order {k} with {m} sites (estimated after order {level})", predicted, max_cells)
         if total > max_cells:
             raise _too_large(f"order {k} with {m} sites (counted up to order {level})", total, max_cells)
         if level == k or len(T) == 0:

@@ -50,8 +50,8 @@ __all__ = ["LP_TOL", "PatternLP", "RegionCheck", "RegionCheckWithMargin", "check
            "region_is_nonempty"]
 
 LP_TOL = 1e-8
-# HiGHS resolves about 1e-9 (tighter tolerances made its dual simplex stall on 128-D TopK patterns), so a radius
-# counts only above 10x that; the time limit turns a stalled solve into an error, never a hang
+# HiGHS resolves about 1e-9 (tighter tolerances made it stall on 128-D TopK patterns), so a radius counts only
+# above 10x that; the time limit turns a stalled solve into an error, never a hang
 _HIGHS = {"primal_feasibility_tolerance": 1e-9, "dual_feasibility_tolerance": 1e-9, "time_limit": 120.0}
 _PAIRS_DIRECT = 1024  # up to this many bisectors the LP takes them all at once
 _INITIAL_PER_SITE = 3  # cutting planes start with this many nearest competitors per selected site
@@ -144,8 +144,12 @@ def _initial_pairs(rows: _Rows, x0: np.ndarray) -> None:
 
 
 def _solve(c, A, ub, bnds):
-    res = linprog(c, A_ub=A if A.shape[0] else None, b_ub=ub if A.shape[0] else None, bounds=bnds, method="highs",
-                  options=_HIGHS)
+    """HiGHS's interior-point method (with crossover): the dual simplex stalled on degenerate Chebyshev LPs of
+    trained SAEs (784-D MNIST TopK, pixels of zero variance); the simplex is the fallback."""
+    kw = dict(A_ub=A if A.shape[0] else None, b_ub=ub if A.shape[0] else None, bounds=bnds)
+    res = linprog(c, method="highs-ipm", options=_HIGHS, **kw)
+    if res.status != 0:
+        res = linprog(c, method="highs-ds", options=_HIGHS, **kw)
     if res.status != 0:
         raise RuntimeError(f"HiGHS failed on the pattern LP (status {res.status}): {res.message}")
     return res.x

@@ -246,7 +246,7 @@ class PowerDiagram:
 
         Order k by refinement of order k-1 (see `cells2d`); with a null site and order = m (relu view) by
         the line arrangement. No cell is dropped for being small: only slivers thinner than
-        `polygons.WIDTH_REL` (1e-10) of the box, which are rounding; `area_tol` (absolute, optional) drops
+        `polygons.WIDTH_REL` (1e-11) of the box, which are rounding; `area_tol` (absolute, optional) drops
         cells of at most that area as well. `max_cells` bounds the cells summed over the orders computed:
         past it (predicted before the work, checked after each order) a TooLargeError is raised.
         """

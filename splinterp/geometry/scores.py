@@ -33,6 +33,13 @@ def check_scores(u: torch.Tensor, dtype, row_offset: int = 0, name: str = "X") -
     )
 
 
+def check_score_gaps(S: np.ndarray, row_offset: int = 0, name: str = "X") -> np.ndarray:
+    """float64 site scores S [B, M] whose differences (what distances and rankings use) are finite too:
+    2 S finite implies every S_p - S_q is."""
+    check_scores(torch.from_numpy(2.0 * S), "float64 (score differences)", row_offset, name)
+    return S
+
+
 def checked_scores(sae: SAE, x: torch.Tensor, row_offset: int = 0, name: str = "X") -> torch.Tensor:
     """`sae.pre_acts(x)` [..., d_sae], refusing non-finite scores (see the module docstring)."""
     return check_scores(sae.pre_acts(x), sae.dtype, row_offset, name)

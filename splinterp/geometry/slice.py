@@ -230,14 +230,15 @@ def slice_2d(
     `slice_2d(sae, plane)` takes a `Plane` (from `plane_through`), with bounds `plane.bounds()` unless
     given; `slice_2d(sae, origin, u, v, bounds)` takes the vectors (u and v need not be orthonormal), with
     bounds (-1, 1, -1, 1) unless given. Geometry is float64 whatever the SAE's dtype. No region is dropped for
-    being small (only slivers thinner than 1e-10 of the box, which are rounding; `area_tol` drops small cells
+    being small (only slivers thinner than 1e-11 of the box, which are rounding; `area_tol` drops small cells
     on request). Raises TooLargeError past max_cells cells summed over the orders computed (predicted before
     the work: exactly 1 + L + I for relu-type SAEs); the masks take regions * d_sae bytes.
     """
     d = sae.cfg.d_in
     if isinstance(origin, Plane):
         if u is not None or v is not None:
-            raise ConfigError("slice_2d(sae, plane) takes the plane alone; u and v come from it")
+            raise ConfigError("slice_2d(sae, plane) takes the plane alone (u and v come from it); give the box by "
+                              "keyword: slice_2d(sae, plane, bounds=(amin, amax, bmin, bmax))")
         plane = origin
         origin, u, v = plane.origin, plane.u, plane.v
         bounds = plane.bounds() if bounds is None else bounds
@@ -249,7 +250,9 @@ def slice_2d(
     W, b = W.detach().cpu().double(), b.detach().cpu().double()
     W2 = torch.stack([uu @ W, vv @ W])  # [2, d_sae]
     b2 = o @ W + b
-    check_scores(torch.cat([W2, b2[None]]), torch.float64, name="the plane's score map")
+    x0_, x1_, y0_, y1_ = bounds  # the power form doubles the scores: they must stay finite at the box's corners
+    corners = torch.tensor([[x0_, y0_], [x1_, y0_], [x1_, y1_], [x0_, y1_]], dtype=torch.float64)
+    check_scores(2.0 * torch.cat([corners @ W2 + b2, W2]), torch.float64, name="the plane's corner")
     th = sae.thresholds()
     arch = sae.cfg.architecture
     pd = diagram_from_affine(W2, b2, arch, sae.cfg.k, None if th is None else th.detach().cpu().double())

@@ -14,6 +14,7 @@ import numpy as np
 from matplotlib.collections import PolyCollection
 from scipy.spatial import cKDTree
 
+from splinterp.geometry.polygons import polygon_area  # noqa: F401 (re-exported: the one shoelace area)
 from splinterp.viz.colors import MAX_DISTINCT, ColorMap
 from splinterp.viz.raster import check_bounds
 
@@ -25,13 +26,6 @@ def cell_key(cell):
 def cell_vertices(cell) -> np.ndarray:
     v = cell.vertices if hasattr(cell, "vertices") else cell[1]
     return np.asarray(v, dtype=np.float64)
-
-
-def polygon_area(vertices) -> float:
-    """Signed shoelace area of a polygon [V, 2] (positive if counter-clockwise)."""
-    v = np.asarray(vertices, dtype=np.float64)
-    x, y = v[:, 0], v[:, 1]
-    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y))
 
 
 def polygon_centroid(vertices) -> np.ndarray:
