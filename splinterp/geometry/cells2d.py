@@ -285,21 +285,32 @@ def _vertex_range(verts, rows, G, H, sites, shift=None) -> tuple[np.ndarray, np.
 
 def _refine_level(verts, n, T, tile, tptr, tsite, tbeta, G, H, tol, prio, wtol, area_tol):
     """All pieces of the next order -> (pv, pn, parent cell, site). Cells are sorted by tile (they are merged
-    by (tile, key)); each tile's cells are screened against its list in dense blocks of bounded memory."""
+    by (tile, key)); consecutive tiles are screened together against the union of their lists (a superset
+    of each cell's candidates) in dense blocks of at most about _CHUNK_ELEMS entries."""
     C = len(verts)
-    bounds_ = np.flatnonzero(np.diff(tile)) + 1
-    starts = np.concatenate([[0], bounds_])
-    stops = np.concatenate([bounds_, [C]])
+    cuts = np.flatnonzero(np.diff(tile)) + 1
+    starts = np.concatenate([[0], cuts])
+    stops = np.concatenate([cuts, [C]])
     parts = []
+    a0, sites = 0, np.zeros(0, dtype=np.int64)
     for a, b in zip(starts, stops):
         t = tile[a]
-        sites = tsite[tptr[t] : tptr[t + 1]]
-        step = max(1, _CHUNK_ELEMS // max(4 * len(sites), 1))
-        for s in range(a, b, step):
-            parts.append(_refine_chunk(verts, n, T, s, min(s + step, b), sites, G, H, tol, prio, wtol, area_tol))
+        merged = np.union1d(sites, tsite[tptr[t] : tptr[t + 1]])
+        if a > a0 and (b - a0) * len(merged) > _CHUNK_ELEMS // 4:  # flush the tiles gathered so far
+            parts += _refine_block(verts, n, T, a0, a, sites, G, H, tol, prio, wtol, area_tol)
+            a0, merged = a, tsite[tptr[t] : tptr[t + 1]]
+        sites = merged
+    parts += _refine_block(verts, n, T, a0, C, sites, G, H, tol, prio, wtol, area_tol)
     Vm = max(p[0].shape[1] for p in parts)
     return (np.concatenate([widen(p[0], Vm) for p in parts]), *(np.concatenate([p[i] for p in parts])
                                                                  for i in (1, 2, 3)))
+
+
+def _refine_block(verts, n, T, a, b, sites, G, H, tol, prio, wtol, area_tol):
+    """Cells a..b-1 against `sites`, in dense chunks of bounded memory."""
+    step = max(1, _CHUNK_ELEMS // max(4 * len(sites), 1))
+    return [_refine_chunk(verts, n, T, s, min(s + step, b), sites, G, H, tol, prio, wtol, area_tol)
+            for s in range(a, b, step)]
 
 
 def _refine_chunk(verts, n, T, c0, c1, sites, G, H, tol, prio, wtol, area_tol):
