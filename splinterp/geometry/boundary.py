@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from splinterp.geometry.halfspaces import nearest_hyperplane, point_patterns, site_form
-from splinterp.geometry.regions import DEFAULT_BATCH, _rows
+from splinterp.geometry.regions import DEFAULT_BATCH, input_chunks
 from splinterp.geometry.scores import check_score_gaps, encoder_f64
 from splinterp.sae import SAE
 
@@ -43,7 +43,7 @@ def boundary_distance(sae: SAE, X, batch_size: int = DEFAULT_BATCH) -> BoundaryD
     enc = encoder_f64(sae)
     form = site_form(enc.W, enc.b, enc.architecture, enc.k, enc.theta)
     dist, lat, par = [], [], []
-    for start, xb in _rows(sae, X, batch_size):
+    for start, xb in input_chunks(sae, X, batch_size):
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported just below, by row
             S = xb.detach().cpu().double().numpy() @ form.A + form.c
         check_score_gaps(S, start)

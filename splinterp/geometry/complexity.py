@@ -27,7 +27,7 @@ import torch
 from splinterp.errors import ShapeError
 from splinterp.geometry.checks import check_nonneg_float
 from splinterp.geometry.halfspaces import hyperplanes_within, point_patterns, site_form
-from splinterp.geometry.regions import DEFAULT_BATCH, _rows
+from splinterp.geometry.regions import DEFAULT_BATCH, input_chunks
 from splinterp.geometry.scores import check_score_gaps, encoder_f64
 from splinterp.sae import SAE
 
@@ -54,7 +54,7 @@ def local_complexity(sae: SAE, X, radius, batch_size: int = DEFAULT_BATCH,
     enc = encoder_f64(sae)
     form = site_form(enc.W, enc.b, enc.architecture, enc.k, enc.theta)
     counts, lists = [], []
-    for start, xb in _rows(sae, X, batch_size):
+    for start, xb in input_chunks(sae, X, batch_size):
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported just below, by row
             S = xb.detach().cpu().double().numpy() @ form.A + form.c
         check_score_gaps(S, start)

@@ -61,6 +61,20 @@ def polygon_areas(verts: np.ndarray, n: np.ndarray) -> np.ndarray:
     return 0.5 * term.sum(1)
 
 
+def polygon_centroid(vertices) -> np.ndarray:
+    """Area centroid [2] of a simple polygon [V, 2] from the same shoelace terms (relative to vertex 0, so it
+    keeps its digits far from the origin); the vertex mean if the polygon has no area."""
+    v = np.asarray(vertices, dtype=np.float64)
+    rel = v - v[0]
+    x, y = rel[:, 0], rel[:, 1]
+    xn, yn = np.roll(x, -1), np.roll(y, -1)
+    cross = x * yn - xn * y
+    a = cross.sum() / 2
+    if abs(a) < 1e-300:
+        return v.mean(0)
+    return v[0] + np.array([((x + xn) * cross).sum(), ((y + yn) * cross).sum()]) / (6 * a)
+
+
 def polygon_area(vertices) -> float:
     """Signed shoelace area of one polygon [V, 2] (the batched `polygon_areas` on a batch of one)."""
     v = np.asarray(vertices, dtype=np.float64)

@@ -30,6 +30,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import combinations
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -39,7 +40,7 @@ from splinterp.geometry import cells2d
 from splinterp.geometry.checks import check_bounds, check_count, check_index_set, check_nonneg_float
 from splinterp.geometry.lp import LP_TOL, RegionCheck, RegionCheckWithMargin, pattern_lp
 from splinterp.geometry.polygons import polygon_area
-from splinterp.geometry.signed_sites import interleave, split_signed_mask
+from splinterp.geometry.signed_sites import SignedMasks, interleave, split_signed_mask
 from splinterp.sae import SAE, topk_indices
 from splinterp.validation import as_tensor, check_finite
 
@@ -54,6 +55,13 @@ def _f64(x, name: str, ndim: int) -> np.ndarray:
         raise ShapeError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
     check_finite(t, name)
     return np.ascontiguousarray(t.detach().cpu().numpy(), dtype=np.float64)
+
+
+class FirstOrderForm(NamedTuple):
+    """`PowerDiagram.as_first_order`: a first-order diagram whose site c is the subset subsets[c] (bool [C, m])."""
+
+    diagram: PowerDiagram
+    subsets: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -212,8 +220,8 @@ class PowerDiagram:
         rank[np.argsort(first, kind="stable")] = np.arange(len(first))
         return rank[inv]
 
-    def latent_mask(self, site_mask) -> tuple[np.ndarray, np.ndarray]:
-        """signed_pairs only: bool [..., 2m] site mask -> (latent mask [..., m], positive-sign mask [..., m])."""
+    def latent_mask(self, site_mask) -> SignedMasks:
+        """signed_pairs only: bool [..., 2m] site mask -> SignedMasks(latents [..., m], positive [..., m])."""
         if not self.signed_pairs:
             raise ConfigError("latent_mask is for signed-pair diagrams (topk_abs); here site i is latent i")
         return split_signed_mask(site_mask)
@@ -317,8 +325,9 @@ class PowerDiagram:
         return cls(c, w, order=order, null_site=null_site, signed_pairs=signed_pairs)
 
     # ------------------------------------------------------------------ Aurenhammer
-    def as_first_order(self, max_sites: int = 200_000) -> tuple[PowerDiagram, np.ndarray]:
-        """The order-k diagram as a first-order power diagram over subsets -> (diagram, subsets bool [C, m]).
+    def as_first_order(self, max_sites: int = 200_000) -> FirstOrderForm:
+        """The order-k diagram as a first-order power diagram over subsets -> FirstOrderForm(diagram, subsets
+        bool [C, m]).
 
         Site S: mu_S = sum_{i in S} c_i, alpha_S = |mu_S|^2 - sum_{i in S}(|c_i|^2 - alpha_i), so that
         pow_S(x) = |x|^2 + sum_{i in S} f_i(x). Without a null site the subsets are the k-subsets; with it
@@ -341,7 +350,7 @@ class PowerDiagram:
         c, w = self.centers, self.weights
         h0 = self.offsets if self.offsets is not None else np.einsum("ij,ij->i", c, c) - w
         alpha = np.einsum("ij,ij->i", mu, mu) - S @ np.asarray(h0, dtype=np.float64)
-        return PowerDiagram(mu, alpha, order=1), subsets
+        return FirstOrderForm(PowerDiagram(mu, alpha, order=1), subsets)
 
 
 def _shift_box(bounds, ref: np.ndarray) -> np.ndarray:

@@ -28,7 +28,7 @@ from splinterp.validation import check_data, check_mask
 DEFAULT_BATCH = 16384
 
 
-def _rows(sae: SAE, X, batch_size: int):
+def input_chunks(sae: SAE, X, batch_size: int):
     """Validated chunks (start row, chunk) of X on the SAE's device (X itself may live on the CPU)."""
     batch_size = check_count(batch_size, "batch_size")
     X = check_data(X, sae.cfg.d_in, name="X", dtype=sae.dtype)
@@ -39,7 +39,7 @@ def _rows(sae: SAE, X, batch_size: int):
 @torch.no_grad()
 def active_mask(sae: SAE, X, batch_size: int = DEFAULT_BATCH) -> torch.Tensor:
     """bool [N, d_sae]: which latents fire on each input (the mask `encode` uses)."""
-    out = [sae.select(checked_scores(sae, xb, start)) for start, xb in _rows(sae, X, batch_size)]
+    out = [sae.select(checked_scores(sae, xb, start)) for start, xb in input_chunks(sae, X, batch_size)]
     return torch.cat(out).cpu()
 
 
@@ -132,7 +132,7 @@ def _region_table(sae: SAE, X, batch_size: int) -> tuple[torch.Tensor, torch.Ten
     table = _KeyTable()
     hashes = []
     ok = True
-    for start, xb in _rows(sae, X, batch_size):
+    for start, xb in input_chunks(sae, X, batch_size):
         keys = _region_keys(sae, xb, start)
         if mult is None:
             mult = (torch.randint(-(2**62), 2**62, (keys.shape[1],), generator=gen) * 2 + 1).to(keys.device)
@@ -144,7 +144,7 @@ def _region_table(sae: SAE, X, batch_size: int) -> tuple[torch.Tensor, torch.Ten
         hashes.append(h)
     ok = ok and (table.h is None or table.merge())
     if not ok:  # astronomically rare: exact but memory-hungry path
-        keys = torch.cat([_region_keys(sae, xb, start).cpu() for start, xb in _rows(sae, X, batch_size)])
+        keys = torch.cat([_region_keys(sae, xb, start).cpu() for start, xb in input_chunks(sae, X, batch_size)])
         uniq, ids = torch.unique(keys, dim=0, return_inverse=True)
     else:
         _, ids = torch.unique(torch.cat(hashes), return_inverse=True)

@@ -9,6 +9,8 @@ functions, so the convention "2i + 1 = positive sign" lives here only. Works on 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 
@@ -35,8 +37,15 @@ def interleave(negative: np.ndarray, positive: np.ndarray) -> np.ndarray:
     return out
 
 
-def split_signed_mask(site_mask):
-    """bool [..., 2m] signed-site mask -> (latent mask [..., m], positive-sign mask [..., m])."""
+class SignedMasks(NamedTuple):
+    """latents: bool [..., m] active latents; positive: bool [..., m] whose active site is the positive one."""
+
+    latents: np.ndarray
+    positive: np.ndarray
+
+
+def split_signed_mask(site_mask) -> SignedMasks:
+    """bool [..., 2m] signed-site mask -> SignedMasks(latent mask [..., m], positive-sign mask [..., m])."""
     sm = np.asarray(site_mask, dtype=bool)
     pairs = sm.reshape(*sm.shape[:-1], -1, 2)
-    return pairs.any(-1), pairs[..., 1]
+    return SignedMasks(pairs.any(-1), pairs[..., 1])

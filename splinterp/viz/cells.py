@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.collections import PolyCollection
 from scipy.spatial import cKDTree
 
-from splinterp.geometry.polygons import polygon_area  # noqa: F401 (re-exported: the one shoelace area)
+from splinterp.geometry.polygons import polygon_area, polygon_centroid  # noqa: F401 (the one shoelace)
 from splinterp.viz.colors import MAX_DISTINCT, ColorMap
 from splinterp.viz.raster import check_bounds
 
@@ -26,18 +26,6 @@ def cell_key(cell):
 def cell_vertices(cell) -> np.ndarray:
     v = cell.vertices if hasattr(cell, "vertices") else cell[1]
     return np.asarray(v, dtype=np.float64)
-
-
-def polygon_centroid(vertices) -> np.ndarray:
-    """Area centroid of a simple polygon [V, 2] (vertex mean if degenerate)."""
-    v = np.asarray(vertices, dtype=np.float64)
-    x, y = v[:, 0], v[:, 1]
-    xn, yn = np.roll(x, -1), np.roll(y, -1)
-    cr = x * yn - xn * y
-    a = cr.sum() / 2
-    if abs(a) < 1e-300:
-        return v.mean(0)
-    return np.array([((x + xn) * cr).sum(), ((y + yn) * cr).sum()]) / (6 * a)
 
 
 def cell_adjacency(cells: Sequence, tol: float = 1e-9) -> list[tuple[int, int]]:
