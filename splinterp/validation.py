@@ -194,3 +194,21 @@ def check_dataclass_types(obj, name: str | None = None) -> None:
             raise ConfigError(f"{name}.{f.name} must be {shown}, got {value!r} ({type(value).__name__})")
         if isinstance(value, (float, np.floating)) and not math.isfinite(value):
             raise ConfigError(f"{name}.{f.name} must be finite, got {value!r}")
+
+
+def check_device(device, name: str = "device") -> str:
+    """A torch device string that exists on this machine (cpu, cuda, cuda:N, mps), normalised."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise DeviceError(f"{name} {device!r} is not a torch device ({e}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"{name} {device!r}: CUDA is not available on this machine; use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"{name} {device!r}: this machine has only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise DeviceError(f"{name} {device!r}: MPS is not available on this machine")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise DeviceError(f"{name} {device!r}: splinterp runs on cpu, cuda or mps devices")
+    return str(dev)

@@ -3,6 +3,7 @@ output-folder rules, failing jobs), geometry (every data format), train, and cle
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -31,16 +32,16 @@ def temp_job():
         registry._JOBS.pop(n, None)
 
 
-def _write_ok(out_dir, quick, seed, device):
-    (out_dir / "t_ok.txt").write_text(f"{quick} {seed} {device}")
+def _write_ok(out_dir, run):
+    (out_dir / "t_ok.txt").write_text(f"{run.quick} {run.seed} {run.device}")
     return {"value": np.float32(1.5), "arr": np.arange(3), "t": torch.tensor(2.0), "nan": float("nan")}
 
 
-def _boom(out_dir, quick, seed, device):
+def _boom(out_dir, run):
     raise RuntimeError("boom")
 
 
-def _forgets_output(out_dir, quick, seed, device):
+def _forgets_output(out_dir, run):
     return {}
 
 
@@ -84,7 +85,7 @@ def test_reproduce_quick_writes_what_the_registry_declares(tmp_path, capsys):
 
 def test_reproduce_merges_into_its_own_folder_and_refuses_others(tmp_path, temp_job, capsys):
     temp_job("t_ok", _write_ok, ["t_ok.txt"])
-    temp_job("t_ok2", lambda o, q, s, d: {"x": 1}, [])
+    temp_job("t_ok2", lambda o, run: {"x": 1}, [])
     out = tmp_path / "o"
     assert main(["figure", "t_ok", "--out", str(out), "--seed", "3", "--no-progress"]) == 0
     assert (out / "t_ok.txt").read_text() == "False 3 cpu"
@@ -135,28 +136,66 @@ def test_bad_reproduce_args(tmp_path, capsys):
         main(["reproduce", "--seed", "abc"])
     with pytest.raises(SystemExit):
         main(["reproduce", "--plotlyjs", "sometimes"])
-    for bad in ("0", "-2", "two"):
-        with pytest.raises(SystemExit):
-            main(["reproduce", "--threads", bad])
-    assert "positive integer" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["reproduce", "--threads", "two"])
+    assert "must be an integer, got 'two'" in capsys.readouterr().err
+    for bad in ("0", "-2"):
+        assert main(["reproduce", "--threads", bad, "--out", str(tmp_path / "e")]) == 2
+        assert "--threads must be a positive integer" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()  # refused before any job ran
 
 
 def test_threads_flag_reaches_every_job_and_is_restored(tmp_path, temp_job):
-    from splinterp.experiments.e3_llm import job_threads
+    """--threads sets torch's intra-op threads inside every job; a job's quick_threads applies in quick mode
+    when --threads is not given; the caller's count is restored after each."""
+    seen = []
 
-    seen = {}
-
-    def record(out_dir, quick, seed, device):
-        seen.update(torch=torch.get_num_threads(), job_quick=job_threads(True), job_full=job_threads(False))
+    def record(out_dir, run):
+        seen.append(torch.get_num_threads())
         return {}
 
     temp_job("t_threads", record)
+    registry._JOBS["t_threads"] = dataclasses.replace(registry._JOBS["t_threads"], quick_threads=1)
     before = torch.get_num_threads()
-    args = ["figure", "t_threads", "--threads", "3", "--quick", "--out", str(tmp_path / "o"), "--no-progress"]
-    assert main(args) == 0
-    assert seen == {"torch": 3, "job_quick": 3, "job_full": 3}
-    assert torch.get_num_threads() == before and job_threads(True) == 1 and job_threads(False) is None
-    assert json.loads((tmp_path / "o" / RESULTS).read_text())["jobs"]["t_threads"]["threads"] == 3
+    out = str(tmp_path / "o")
+    assert main(["figure", "t_threads", "--threads", "3", "--quick", "--out", out, "--no-progress"]) == 0
+    assert main(["figure", "t_threads", "--quick", "--out", out, "--no-progress"]) == 0
+    assert main(["figure", "t_threads", "--out", out, "--no-progress"]) == 0
+    assert seen == [3, 1, before]
+    assert torch.get_num_threads() == before
+    assert json.loads((tmp_path / "o" / RESULTS).read_text())["jobs"]["t_threads"]["threads"] is None
+
+
+def test_torch_threads_refuses_bad_counts():
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ConfigError, match="positive integer"):
+            with registry.torch_threads(bad):
+                pass
+
+
+def test_run_job_leaves_the_callers_random_state_alone(tmp_path, temp_job):
+    """Jobs run with python, numpy and torch seeded by the run's seed (so third-party code they call is
+    reproducible) and the caller's generators are restored afterwards."""
+    import random
+
+    draws = []
+
+    def draw(out_dir, run):
+        draws.append((random.random(), float(np.random.rand()), float(torch.rand(()))))
+        return {}
+
+    temp_job("t_draw", draw)
+    torch.manual_seed(123)
+    np.random.seed(123)
+    random.seed(123)
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(())))
+    torch.manual_seed(123)
+    np.random.seed(123)
+    random.seed(123)
+    registry.run_job("t_draw", tmp_path, seed=5)
+    registry.run_job("t_draw", tmp_path, seed=5)
+    assert draws[0] == draws[1]  # the seed decides what the job sees
+    assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == expected
 
 
 # ------------------------------------------------------------------------------------------- registry
@@ -241,7 +280,7 @@ def test_geometry_bad_args(tmp_path, saved_sae, capsys):
         ([str(folder), "--data", str(tmp_path / "missing.npy")], "does not exist"),
         ([str(folder), "--data", str(tmp_path / "wide.npy")], "d_in=6"),
         ([str(folder), "--data", str(tmp_path / "cube.npy")], "matrix"),
-        ([str(folder), "--data", str(tmp_path / "x.csv")], "unknown format"),
+        ([str(folder), "--data", str(tmp_path / "x.csv")], "unknown data format"),
         ([str(folder), "--data", str(tmp_path / "two.pt")], "--key"),
         ([str(tmp_path), "--data", str(tmp_path / "wide.npy")], "cfg.json"),
     ]
@@ -279,7 +318,7 @@ def test_train_streams_a_cache_like_it_loads_it(tmp_path, capsys):
             "--batch-size", "32", "--no-shuffle", "--no-progress"]
     assert main(base + ["--out", str(tmp_path / "loaded")]) == 0
     assert main(base + ["--out", str(tmp_path / "streamed"), "--memory-limit-mb", "0.05"]) == 0
-    assert "streamed" in capsys.readouterr().out
+    assert "train rows, streamed)" in capsys.readouterr().out
     a, b = splinterp.load(tmp_path / "loaded"), splinterp.load(tmp_path / "streamed")
     for name, p in a.named_parameters():
         torch.testing.assert_close(dict(b.named_parameters())[name], p, rtol=1e-4, atol=1e-5, msg=name)
@@ -310,10 +349,143 @@ def test_train_bad_args(tmp_path, capsys):
         main(["train", "--data", "mnist", "--out", str(tmp_path / "t")])  # --d-sae required
 
 
-def test_threads_for_all_jobs_refuses_bad_counts():
-    from splinterp.experiments.e3_llm import threads_for_all_jobs
+# ------------------------------------------------------------------------------------ the surface (issue 11)
+def test_version_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"splinterp {splinterp.__version__}"
 
-    for bad in (0, -1, 1.5, True):
-        with pytest.raises(ConfigError, match="positive integer"):
-            with threads_for_all_jobs(bad):
-                pass
+
+def test_a_skipped_job_is_reported_with_its_reason_and_writes_nothing(tmp_path, temp_job, capsys):
+    def needs_data(out_dir, run):
+        raise registry.JobSkipped("the Foo dataset is not installed")
+
+    temp_job("t_skip", needs_data, ["t_skip.png"])
+    temp_job("t_ok", _write_ok, ["t_ok.txt"])
+    out = tmp_path / "o"
+    assert main(["reproduce", "--only", "t_skip", "t_ok", "--out", str(out), "--no-progress"]) == 0
+    job = json.loads((out / RESULTS).read_text())["jobs"]["t_skip"]
+    assert job["status"] == "skipped" and job["reason"] == "the Foo dataset is not installed"
+    assert not (out / "t_skip.png").exists()
+    assert "**Skipped:** the Foo dataset is not installed" in (out / SUMMARY).read_text()
+    assert "skipped (the Foo dataset is not installed)" in capsys.readouterr().out
+
+
+def test_e2_fashion_without_the_dataset_is_skipped_not_faked(tmp_path, monkeypatch):
+    from splinterp import data
+    from splinterp.errors import DatasetNotFoundError
+
+    def missing(*a, **k):
+        raise DatasetNotFoundError("no Fashion-MNIST files under /nowhere")
+
+    monkeypatch.setattr(data, "load_fashion_mnist", missing)
+    assert main(["figure", "e2_fashion", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    job = json.loads((tmp_path / RESULTS).read_text())["jobs"]["e2_fashion"]
+    assert job["status"] == "skipped" and "dataset-fashion-mnist" in job["reason"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [RESULTS, SUMMARY]  # no placeholder figure
+
+
+def test_figure_progress_bar_names_the_command(tmp_path, temp_job, capsys):
+    temp_job("t_ok", _write_ok, ["t_ok.txt"])
+    assert main(["figure", "t_ok", "--out", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    assert "splinterp figure" in err and "splinterp reproduce" not in err
+
+
+def test_help_lists_the_allowed_values_of_choices(capsys):
+    with pytest.raises(SystemExit):
+        main(["reproduce", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "One of: directory, inline, cdn" in out
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--method {sgd,pam_sgd}" in out and "One of: sgd, pam_sgd" in out
+
+
+def _npy(tmp_path, X, name="x.npy"):
+    np.save(tmp_path / name, X)
+    return str(tmp_path / name)
+
+
+def test_train_nan_is_named_by_its_row_in_the_file(tmp_path, capsys):
+    X = np.random.default_rng(0).normal(size=(40, 4)).astype(np.float32)
+    X[3, 2] = np.nan
+    args = ["train", "--data", _npy(tmp_path, X), "--out", str(tmp_path / "s"), "--d-sae", "8", "--k", "2"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "row 3, column 2" in err and not (tmp_path / "s").exists()
+
+
+def test_float64_data_needs_an_explicit_cast(tmp_path, capsys):
+    X = np.random.default_rng(0).normal(size=(60, 4))  # numpy's default float64
+    base = ["train", "--data", _npy(tmp_path, X), "--d-sae", "8", "--k", "2", "--epochs", "1", "--no-progress"]
+    assert main(base + ["--out", str(tmp_path / "a")]) == 2
+    assert "--cast" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    assert main(base + ["--out", str(tmp_path / "b"), "--cast"]) == 0
+    sae = splinterp.load(tmp_path / "b")
+    assert main(["geometry", str(tmp_path / "b"), "--data", str(tmp_path / "x.npy")]) == 2
+    assert "--cast" in capsys.readouterr().err
+    assert main(["geometry", str(tmp_path / "b"), "--data", str(tmp_path / "x.npy"), "--cast", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    from splinterp.geometry import region_stats
+
+    assert rep["n_regions"] == region_stats(sae, torch.from_numpy(X).float())["n_regions"]
+
+
+def test_layer_with_a_file_is_refused_not_ignored(tmp_path, saved_sae, capsys):
+    _, folder = saved_sae
+    path = _npy(tmp_path, np.zeros((10, 6), np.float32))
+    assert main(["geometry", str(folder), "--data", path, "--layer", "2"]) == 2
+    assert "--layer" in capsys.readouterr().err
+    assert main(["train", "--data", path, "--out", str(tmp_path / "s"), "--d-sae", "8", "--k", "2",
+                 "--layer", "2"]) == 2
+    assert "--layer" in capsys.readouterr().err and not (tmp_path / "s").exists()
+
+
+def test_train_replaces_its_own_folder_and_checks_outputs_before_training(tmp_path, capsys, monkeypatch):
+    path = _npy(tmp_path, np.random.default_rng(0).normal(size=(60, 4)).astype(np.float32))
+    base = ["train", "--data", path, "--d-sae", "8", "--k", "2", "--epochs", "1", "--no-progress"]
+    out = tmp_path / "sae"
+    assert main(base + ["--out", str(out)]) == 0
+    first = (out / "sae_weights.safetensors").read_bytes()
+    assert main(base + ["--out", str(out), "--seed", "1"]) == 0  # its own folder: replaced
+    assert (out / "sae_weights.safetensors").read_bytes() != first
+    assert json.loads((out / "train_args.json").read_text())["seed"] == 1
+
+    import splinterp.train as train_mod
+
+    def must_not_train(*a, **k):
+        raise AssertionError("training started although an output check should have failed first")
+
+    monkeypatch.setattr(train_mod, "train_sgd", must_not_train)
+    (tmp_path / "a_file").write_text("x")
+    stray = tmp_path / "theirs"
+    stray.mkdir()
+    (stray / "notes.txt").write_text("keep")
+    for bad_out, msg in [(tmp_path / "a_file", "not a folder"), (tmp_path / "a_file" / "sub", "not a writable"),
+                         (stray, "not empty")]:
+        assert main(base + ["--out", str(bad_out)]) == 2, bad_out
+        assert msg in capsys.readouterr().err
+    (out / "notes.txt").write_text("mine")  # a file train did not write: replacing would delete it
+    assert main(base + ["--out", str(out)]) == 2
+    assert "notes.txt" in capsys.readouterr().err
+    assert main(base + ["--out", str(tmp_path / "new"), "--checkpoint-dir", str(tmp_path / "a_file")]) == 2
+    assert "--checkpoint-dir" in capsys.readouterr().err
+    assert (stray / "notes.txt").read_text() == "keep"
+
+
+def test_geometry_report_fields_fit_the_data_and_count_power_cells(tmp_path, saved_sae, capsys):
+    """Images have no tokens: no per-token fields. The order-m cell counts equal a float64 brute force: the
+    distinct sets of the m largest encoder scores."""
+    sae, folder = saved_sae
+    X = torch.randn(400, 6)
+    assert main(["geometry", str(folder), "--data", _npy(tmp_path, X.numpy()), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert "mse_per_token" not in rep and "n_tokens" not in rep
+    W, b = (t.detach().double() for t in sae.encoder_affine())
+    u = X.double() @ W + b
+    for m in (1, 2, 4):
+        sets = {tuple(sorted(row)) for row in torch.argsort(u, dim=1, descending=True)[:, :m].tolist()}
+        assert rep[f"order{m}_cells"] == len(sets), m

@@ -18,7 +18,7 @@ from splinterp.errors import ConfigError, DatasetNotFoundError
 from splinterp.experiments import capacity as cap
 from splinterp.experiments import e1_toy as e1
 from splinterp.experiments import e2_mnist as e2
-from splinterp.experiments.registry import get, load_all
+from splinterp.experiments.registry import JobSkipped, RunSettings, get, load_all
 
 
 @pytest.fixture(scope="module")
@@ -166,15 +166,14 @@ def test_e2_config_errors(bad):
         e2.E2Config(**bad)
 
 
-def test_e2_fashion_skips_with_a_note_when_absent(tmp_path, monkeypatch):
+def test_e2_fashion_is_skipped_when_absent_and_writes_nothing(tmp_path, monkeypatch):
     def absent(*a, **kw):
         raise DatasetNotFoundError("no Fashion-MNIST here")
 
     monkeypatch.setattr(spdata, "load_fashion_mnist", absent)
-    out = e2.e2_fashion_job(tmp_path, quick=True, seed=0, device="cpu")
-    assert out["skipped"] is True
-    for name in get("e2_fashion").outputs:
-        assert (tmp_path / name).stat().st_size > 0
+    with pytest.raises(JobSkipped, match="no Fashion-MNIST here"):
+        e2.e2_fashion_job(tmp_path, RunSettings(quick=True))
+    assert list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------------------------------------ capacity

@@ -40,6 +40,7 @@ from splinterp.errors import (
     EmptyDataError,
     ShapeError,
 )
+from splinterp.moments import Moments
 from splinterp.validation import check_data
 
 log = logging.getLogger(__name__)
@@ -424,23 +425,32 @@ class Standardizer:
             batches = [check_data(source, name="activations")]
         else:
             batches = source
-        n, mean, m2 = 0, None, None
+        moments = None
         for b in batches:
-            b = check_data(b, None if mean is None else mean.shape[0], name="activation batch").double()
-            nb = b.shape[0]
-            mb = b.mean(0)
-            m2b = ((b - mb) ** 2).sum(0)
-            if mean is None:
-                n, mean, m2 = nb, mb, m2b
-                continue
-            tot = n + nb
-            delta = mb - mean
-            mean = mean + delta * (nb / tot)
-            m2 = m2 + m2b + delta**2 * (n * nb / tot)
-            n = tot
-        if mean is None or n == 0:
+            b = check_data(b, None if moments is None else moments.mean.shape[0], name="activation batch")
+            part = Moments.of(b)
+            moments = part if moments is None else moments.merge(part)
+        if moments is None or moments.n == 0:
             raise EmptyDataError("no data to fit the Standardizer on")
-        return cls(mean=mean, std=torch.sqrt(m2 / n), eps=eps, n=n, layer=layer)
+        return cls.from_moments(moments, eps=eps, layer=layer)
+
+    @classmethod
+    def from_moments(cls, moments: Moments, *, eps: float = 1e-8, layer: int | None = None) -> Standardizer:
+        return cls(mean=moments.mean, std=torch.sqrt(moments.var), eps=eps, n=moments.n, layer=layer)
+
+    @property
+    def moments(self) -> Moments:
+        """The (count, mean, squared deviations) it was fitted from: what `merge` combines."""
+        return Moments.from_std(self.n, self.mean, self.std)
+
+    @classmethod
+    def merge(cls, parts: Iterable[Standardizer | None]) -> Standardizer:
+        """The standardiser fitted on the union of the parts' rows (e.g. one part per data-parallel rank)."""
+        parts = [p for p in parts if p is not None]
+        moments = Moments.combine(p.moments for p in parts)
+        if moments is None:
+            raise EmptyDataError("no training rows to fit the standardiser on")
+        return cls.from_moments(moments, eps=parts[0].eps, layer=parts[0].layer)
 
     def _check(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.shape[-1] != self.mean.shape[0]:

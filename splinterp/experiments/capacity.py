@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from splinterp.atomic import write_json, write_with
 from splinterp.errors import ConfigError
-from splinterp.experiments.registry import register, to_jsonable
+from splinterp.experiments.registry import RunSettings, register, to_jsonable
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +236,8 @@ def run_capacity(cfg: CapacityConfig | None = None, out_dir: str | Path | None =
 
 @register(JOB, "Capacity on MNIST: test mse of k-means AE, TopK SAE, local-PCA AE vs parameters and regions",
           outputs=[f"{JOB}.json", f"{JOB}.png"], quick_seconds=25)
-def capacity_job(out_dir: Path, quick: bool, seed: int, device: str) -> dict:
+def capacity_job(out_dir: Path, run: RunSettings) -> dict:
+    quick, seed, device = run.quick, run.seed, run.device
     cfg = CapacityConfig.quick(seed=seed, device=device) if quick else CapacityConfig(seed=seed, device=device)
     res = run_capacity(cfg, out_dir)
     m = res["matched"]

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from splinterp.atomic import write_json, write_with
 from splinterp.errors import ConfigError
-from splinterp.experiments.registry import register, to_jsonable
+from splinterp.experiments.registry import RunSettings, register, to_jsonable
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +252,8 @@ def run_e1(cfg: E1Config | None = None, out_dir: str | Path | None = None) -> di
 
 @register(JOB, "E1: k-means AE | TopK SAE (k=1, 3) | local-PCA AE on the 2-D toy, matched region count",
           outputs=[f"{JOB}.json", f"{JOB}_k1.png", f"{JOB}_k3.png"], quick_seconds=20)
-def e1_toy_job(out_dir: Path, quick: bool, seed: int, device: str) -> dict:
+def e1_toy_job(out_dir: Path, run: RunSettings) -> dict:
+    quick, seed, device = run.quick, run.seed, run.device
     cfg = E1Config.quick(seed=seed, device=device) if quick else E1Config(seed=seed, device=device)
     res = run_e1(cfg, out_dir)
     summary: dict[str, Any] = {"paper_baseline_kmeans_mse": res["paper_baseline"]["kmeans"]["train_mse"],

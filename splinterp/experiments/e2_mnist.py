@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from splinterp.atomic import write_json, write_with
 from splinterp.errors import ConfigError, DatasetNotFoundError
-from splinterp.experiments.registry import register, to_jsonable
+from splinterp.experiments.registry import JobSkipped, RunSettings, register, to_jsonable
 
 log = logging.getLogger(__name__)
 
@@ -503,14 +503,16 @@ _MAIN = ("base", "fractions")
 
 @register("e2_mnist", "E2 on MNIST: SGD vs PAM-SGD curves (topk, topk_abs, relu) and training-set size",
           outputs=output_names(E2Config(), _MAIN), quick_seconds=30)
-def e2_mnist_job(out_dir: Path, quick: bool, seed: int, device: str) -> dict:
+def e2_mnist_job(out_dir: Path, run: RunSettings) -> dict:
+    quick, seed, device = run.quick, run.seed, run.device
     cfg = E2Config.quick(seed=seed, device=device) if quick else E2Config(seed=seed, device=device)
     return run_e2(cfg, out_dir, _MAIN)["summary"]
 
 
 @register("e2_mnist_ablations", "E2 on MNIST: PAM-SGD updates per batch, weight decay, mu/nu (TopK)",
           outputs=output_names(E2Config(), ("ablations",)), quick_seconds=25)
-def e2_mnist_ablations_job(out_dir: Path, quick: bool, seed: int, device: str) -> dict:
+def e2_mnist_ablations_job(out_dir: Path, run: RunSettings) -> dict:
+    quick, seed, device = run.quick, run.seed, run.device
     cfg = E2Config.quick(seed=seed, device=device) if quick else E2Config(seed=seed, device=device)
     res = run_e2(cfg, out_dir, ("ablations",))
     return {f"{kind}_{arch}_{m}": {str(r["value"]): r["test_mse"] for r in recs}
@@ -529,19 +531,11 @@ def fashion_config(quick: bool, seed: int, device: str) -> E2Config:
 
 @register("e2_fashion", "E2 on Fashion-MNIST 60k: SGD vs PAM-SGD curves and training-set size (TopK)",
           outputs=output_names(E2Config(dataset="fashion_mnist"), _MAIN), quick_seconds=20)
-def e2_fashion_job(out_dir: Path, quick: bool, seed: int, device: str) -> dict:
+def e2_fashion_job(out_dir: Path, run: RunSettings) -> dict:
+    quick, seed, device = run.quick, run.seed, run.device
     cfg = fashion_config(quick, seed, device)
     try:
         return run_e2(cfg, out_dir, _MAIN)["summary"]
-    except DatasetNotFoundError as e:
-        log.warning("e2_fashion skipped: Fashion-MNIST is not installed (%s)", e)
-        note = {"skipped": True, "reason": str(e)}
-        out = Path(out_dir)
-        write_json(out / f"{cfg.tag}.json", note)
-        from matplotlib.figure import Figure
-
-        for fname in output_names(cfg, _MAIN)[1:]:
-            fig = Figure(figsize=(6, 2))
-            fig.text(0.5, 0.5, f"Fashion-MNIST not installed: {e}", ha="center", va="center", wrap=True)
-            _save(fig, out / fname)
-        return note
+    except DatasetNotFoundError as e:  # raised while loading, before anything is written
+        raise JobSkipped(f"Fashion-MNIST is not installed ({e}); `apt-get install dataset-fashion-mnist` adds "
+                         "it") from e

@@ -31,15 +31,8 @@ import numpy as np
 
 from splinterp.atomic import write_json, write_text
 from splinterp.errors import ConfigError
-from splinterp.experiments.e3_llm import (
-    LayerSAEConfig,
-    LLMContext,
-    LLMDataConfig,
-    job_threads,
-    sae_train_flops,
-    torch_threads,
-)
-from splinterp.experiments.registry import register, to_jsonable
+from splinterp.experiments.registry import RunSettings, llm_config, register, to_jsonable
+from splinterp.llm import LayerSAEConfig, LLMContext, LLMDataConfig, sae_train_flops
 
 log = logging.getLogger(__name__)
 
@@ -191,10 +184,9 @@ def run_group_sae(cfg: GroupSAEConfig, out_dir: str | os.PathLike) -> dict[str, 
 @register("group_sae", "Group-SAE on MiniLM activations: angular layer distances, complete-linkage groups, AMAD "
           "per G, FVU of grouped vs per-layer TopK SAEs and the training time / FLOPs saved",
           outputs=["group_sae.json", "group_sae_groups.json", "group_sae_table.md", "group_sae.png"],
-          quick_seconds=20)
-def group_sae_job(out_dir: Path, quick: bool, seed: int, device: str) -> dict:
-    with torch_threads(job_threads(quick)):
-        res = run_group_sae(GroupSAEConfig.preset(quick, seed, device), out_dir)
+          quick_seconds=20, quick_threads=1, tags=("llm",))
+def group_sae_job(out_dir: Path, run: RunSettings) -> dict:
+    res = run_group_sae(llm_config(GroupSAEConfig.preset, run), out_dir)
     return {"chosen_G": res["chosen_G"], "amad": res["amad"],
             "mean_fvu": {r["label"]: r["mean_fvu"] for r in res["rows"]},
             "time_saved": {r["label"]: r["time_saved"] for r in res["rows"]}}

@@ -22,8 +22,8 @@ from typing import Any
 
 from splinterp.atomic import write_json, write_text
 from splinterp.errors import ConfigError
-from splinterp.experiments.e3_llm import LayerSAEConfig, LLMContext, LLMDataConfig, job_threads, torch_threads
-from splinterp.experiments.registry import register, to_jsonable
+from splinterp.experiments.registry import RunSettings, llm_config, register, to_jsonable
+from splinterp.llm import LayerSAEConfig, LLMContext, LLMDataConfig
 
 log = logging.getLogger(__name__)
 
@@ -151,9 +151,9 @@ def run_transfer(cfg: TransferConfig, out_dir: str | os.PathLike) -> dict[str, A
 
 @register("transfer", "Layer-wise SAE transfer on MiniLM activations: steps to a target FVU when layer l starts "
           "from the SAE of layer l-1 (forward) or l+1 (backward), vs from scratch",
-          outputs=["transfer.json", "transfer_table.md", "transfer_curves.png"], quick_seconds=20)
-def transfer_job(out_dir: Path, quick: bool, seed: int, device: str) -> dict:
-    with torch_threads(job_threads(quick)):
-        res = run_transfer(TransferConfig.preset(quick, seed, device), out_dir)
+          outputs=["transfer.json", "transfer_table.md", "transfer_curves.png"], quick_seconds=20, quick_threads=1,
+          tags=("llm",))
+def transfer_job(out_dir: Path, run: RunSettings) -> dict:
+    res = run_transfer(llm_config(TransferConfig.preset, run), out_dir)
     return {"rows": [{k: v for k, v in r.items() if k.endswith("steps") or k in ("layer", "target_fvu")}
                      for r in res["rows"]]}

@@ -19,6 +19,7 @@ from splinterp.geometry.regions import (
     region_ids,
     region_stats,
 )
+from splinterp.geometry.report import geometry_report, order_cell_stats
 from splinterp.geometry.slice import Plane, Slice2D, plane_through, slice_2d
 
 __all__ = [
@@ -27,6 +28,8 @@ __all__ = [
     "PowerDiagram",
     "Slice2D",
     "diagram_from_affine",
+    "geometry_report",
+    "order_cell_stats",
     "plane_through",
     "power_diagram",
     "region_is_nonempty",
