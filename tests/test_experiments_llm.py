@@ -114,7 +114,7 @@ def test_e3_tiny(out):
     res = run_e3(cfg, out)
     assert set(res["runs"]) == {"topk/sgd", "topk/pam_sgd", "relu/sgd", "relu/pam_sgd"}
     assert len(res["runs"]["topk/sgd"]["test_mse_curve"]) == 2
-    assert res["runs"]["topk/pam_sgd"]["test_l0"] <= 4
+    assert 0 < res["runs"]["topk/pam_sgd"]["test_l0"] <= 4 and res["runs"]["topk/sgd"]["pct_nonzero"] > 0
     assert set(res["relu_pct_nonzero"]) == {"0.0001", "0.001"}
     assert set(res["relu_pct_nonzero"]["0.001"]) == {"sgd", "pam_sgd"}
     assert res["relu_pct_nonzero"]["0.0001"]["sgd"] == res["runs"]["relu/sgd"]["pct_nonzero"]
