@@ -51,25 +51,37 @@ class CapacityConfig:
     mnist_root: str | None = None
     """Folder with full MNIST; None = the 5,000 offline digits (4,000 train / 1,000 test)."""
     n_train: int | None = None
+    """Training rows (None: the whole training split)."""
     n_test: int | None = None
+    """Test rows (None: the whole test split)."""
     kmeans_clusters: tuple[int, ...] = (64, 256, 512)
+    """Sizes (centroids = regions) of the k-means AEs."""
     kmeans_n_init: int = 3
+    """k-means++ restarts of every k-means fit; the best objective is kept."""
     kmeans_max_iter: int = 100
+    """Lloyd iterations per k-means restart."""
     local_pca_regions: tuple[int, ...] = (2, 8, 32)
+    """Region counts of the k-means + local-PCA AEs."""
     local_pca_rank: int | None = None
     """Rank of every local-PCA piece; None = the SAE's k (the rank of its pieces)."""
     sae_sizes: tuple[int, ...] = (64, 128, 256, 512)
     """d_sae of the TopK SAEs."""
     k: int = 15
+    """Active latents of every TopK SAE (and the default rank of the local-PCA pieces)."""
     sae_methods: tuple[str, ...] = ("sgd", "pam_sgd")
     """How the SAEs are trained: "sgd" (Adam on every parameter) and/or "pam_sgd"."""
     epochs: int = 20
+    """Training epochs of every SAE."""
     lr: float = 3e-3
+    """Adam learning rate of the SAEs' encoder (and decoder, for SGD)."""
     batch_size: int = 128
+    """Mini-batch rows of SAE training."""
     matched_sae_size: int = 256
     """The SAE of the matched-capacity table (must be in sae_sizes)."""
     seed: int = 0
+    """Seed of every random choice (initialisation, batch order, subsets, restarts)."""
     device: str = "cpu"
+    """Torch device the models train on."""
 
     def __post_init__(self) -> None:
         for name in ("kmeans_clusters", "local_pca_regions", "sae_sizes"):

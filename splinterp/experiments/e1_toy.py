@@ -61,16 +61,21 @@ class E1Config:
     steps_per_record: int = 500
     """Steps per History record (one 'epoch' of the trainer = this many full-batch steps)."""
     lr: float = 1e-2
+    """Adam learning rate of the SAE restarts."""
     n_restarts: int = 4
     """Seeded SAE restarts; the one with the lowest training mse is kept."""
     kmeans_n_init: int = 10
+    """k-means++ restarts of every k-means fit (and of the local-PCA initialisation)."""
     paper_n_clusters: int = 3
     """k-means / local-PCA size of the authors' figure, reported as an extra baseline."""
     bounds: tuple[float, float, float, float] = (-2.0, 2.0, -2.0, 2.0)
+    """(xmin, xmax, ymin, ymax) of the figure panels, in data coordinates."""
     resolution: int = 300
     """Pixels along each side of the figure rasters (and of the grid on which regions in view are counted)."""
     seed: int = 0
+    """Seed of every random choice (initialisation, batch order, subsets, restarts)."""
     device: str = "cpu"
+    """Torch device the models train on."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form notes stored with the results."""
 

@@ -49,11 +49,14 @@ class E3Config:
     """Settings of E3. Defaults are the full run on this machine; `E3Config.quick()` is the small preset."""
 
     data: LLMDataConfig = field(default_factory=LLMDataConfig)
+    """Which model, texts, layers and split the activations come from (see `splinterp.llm.LLMDataConfig`)."""
     layer: int | None = None
     """Block whose resid_post is used; None = the middle block (3 of MiniLM's 6; the paper used the middle
     of Gemma-2-2B too)."""
     architectures: tuple[str, ...] = ("topk", "relu")
+    """SAE architectures compared (TopK and ReLU in the paper)."""
     d_sae: int = 512
+    """Latents of every SAE."""
     k: int = 40
     """TopK: 40 / 512 = 7.8% active, the paper's 320 / 4096."""
     relu_l1: float = 1e-4
@@ -62,8 +65,11 @@ class E3Config:
     """Extra ReLU L1 coefficients at which the code sparsity of SGD and PAM-SGD is compared (the main
     runs' relu_l1 is always included): which method gives sparser codes depends on the penalty."""
     epochs: int = 8
+    """Epochs of the main SGD vs PAM-SGD runs on the whole training split."""
     batch_size: int = 256
+    """Mini-batch rows (both methods)."""
     lr: float = 1e-3
+    """Adam learning rate of the encoder (both methods) and the decoder (SGD)."""
     order: str = "encoder_first"
     """PAM-SGD order: "encoder_first" (Algorithm C.1) or "decoder_first" (the authors' LLM script)."""
     pam_alpha: float = 1e-6
@@ -71,14 +77,19 @@ class E3Config:
     fractions: tuple[float, ...] = (0.02, 0.1, 0.3, 1.0)
     """Training-set-size ablation: seeded random subsets of the training split."""
     fraction_epochs: int = 5
+    """Epochs of every run of the training-set-size sweep."""
     fraction_architectures: tuple[str, ...] = ("topk", "relu")
+    """Architectures of the training-set-size sweep."""
     fraction_pam_alphas: tuple[float, ...] = (100.0,)
     """Extra PAM-SGD runs of the training-set-size sweep with this decoder ridge (sum scale), stored as method
     "pam_sgd_alpha=<alpha>": with few rows the exact decoder solve with a tiny ridge interpolates the training
     set and generalises badly (as in E2)."""
     seed: int = 0
+    """Seed of every random choice (text order, initialisation, batch order, subsets)."""
     device: str = "cpu"
+    """Torch device the model and the SAEs run on."""
     progress: bool = False
+    """Progress bars while training."""
 
     def __post_init__(self) -> None:
         if not self.architectures or any(a not in ("topk", "topk_abs", "relu") for a in self.architectures):

@@ -42,19 +42,29 @@ class GroupSAEConfig:
     """Settings of the Group-SAE job. Defaults are the full run; `quick()` is the small preset."""
 
     data: LLMDataConfig = field(default_factory=LLMDataConfig)
+    """Which model, texts, layers and split the activations come from (see `splinterp.llm.LLMDataConfig`)."""
     sae: LayerSAEConfig = field(default_factory=LayerSAEConfig)
+    """How each per-layer or per-group SAE is trained (shared with the other LLM jobs, so the store trains it
+    once)."""
     center: bool = True
     """Centre each layer's activations (exact training-split mean) before measuring angles."""
     drop_last: bool = True
+    """Leave the last layer out of the clustering (it is far from the others; group-sae does the same)."""
     amad_threshold: float = 0.2
     """G is the smallest number of groups with AMAD <= this."""
     n_groups: tuple[int, ...] | None = None
     """Which G to train grouped SAEs for; None = every G from 1 to (clustered layers - 1)."""
     sampling: str = "uniform"
+    """How a group SAE sees its layers: 'uniform' (each batch row from a random layer of the group) or 'concat'
+    (every layer's rows, so len(group) times the data)."""
     distance_max_tokens: int | None = None
+    """Tokens used to measure the angular layer distances (None: the whole training split)."""
     seed: int = 0
+    """Seed of every random choice (text order, initialisation, batch order, subsets)."""
     device: str = "cpu"
+    """Torch device the model and the SAEs run on."""
     progress: bool = False
+    """Progress bars while training."""
 
     def __post_init__(self) -> None:
         if self.sampling not in ("uniform", "concat"):

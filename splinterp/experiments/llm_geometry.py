@@ -47,7 +47,10 @@ class GeometryConfig:
     """Settings of the geometry job. Defaults are the full run; `quick()` is the small preset."""
 
     data: LLMDataConfig = field(default_factory=LLMDataConfig)
+    """Which model, texts, layers and split the activations come from (see `splinterp.llm.LLMDataConfig`)."""
     sae: LayerSAEConfig = field(default_factory=LayerSAEConfig)
+    """How each per-layer or per-group SAE is trained (shared with the other LLM jobs, so the store trains it
+    once)."""
     layers: tuple[int, ...] | None = None
     """Layers whose per-layer SAE is measured; None = every layer of the cache."""
     arch_layer: int | None = None
@@ -57,9 +60,13 @@ class GeometryConfig:
     arch_training: SweepPointConfig = field(default_factory=SweepPointConfig)
     """How the per-architecture SAEs are trained: the shrinkage job's settings, so that its SAEs are reused."""
     orders: tuple[int, ...] = (1, 2, 4)
+    """Power-diagram orders whose cells are counted (order m: the set of the m largest encoder scores)."""
     seed: int = 0
+    """Seed of every random choice (text order, initialisation, batch order, subsets)."""
     device: str = "cpu"
+    """Torch device the model and the SAEs run on."""
     progress: bool = False
+    """Progress bars while training."""
 
     @classmethod
     def quick(cls, **changes: Any) -> GeometryConfig:

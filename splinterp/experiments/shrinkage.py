@@ -60,6 +60,7 @@ class ShrinkageConfig:
     """Settings of the shrinkage job. Defaults are the full run; `quick()` is the small preset."""
 
     data: LLMDataConfig = field(default_factory=LLMDataConfig)
+    """Which model, texts, layers and split the activations come from (see `splinterp.llm.LLMDataConfig`)."""
     layer: int | None = None
     """Block the SAEs are trained on and spliced after; None = the middle block of the cache."""
     target_l0: float = 32.0
@@ -72,9 +73,13 @@ class ShrinkageConfig:
     """"embedding" (sentence-embedding loss recovered), "ce" (causal LMs) or "auto": CE when the model has
     an LM head, the embedding version otherwise (the offline MiniLM)."""
     embedding_distance: str = "mse"
+    """Distance between sentence embeddings of the embedding loss recovered: 'mse' or 'cos'."""
     seed: int = 0
+    """Seed of every random choice (text order, initialisation, batch order, subsets)."""
     device: str = "cpu"
+    """Torch device the model and the SAEs run on."""
     progress: bool = False
+    """Progress bars while training."""
 
     def __post_init__(self) -> None:
         unknown = set(self.sweeps) - set(ARCHS) - {"topk_abs"}

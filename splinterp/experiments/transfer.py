@@ -33,17 +33,24 @@ class TransferConfig:
     """Settings of the transfer job. Defaults are the full run; `quick()` is the small preset."""
 
     data: LLMDataConfig = field(default_factory=LLMDataConfig)
+    """Which model, texts, layers and split the activations come from (see `splinterp.llm.LLMDataConfig`)."""
     sae: LayerSAEConfig = field(default_factory=LayerSAEConfig)
+    """How each per-layer or per-group SAE is trained (shared with the other LLM jobs, so the store trains it
+    once)."""
     targets: tuple[int, ...] | None = None
     """Layers to transfer into; None = the layers with both neighbours in the cache (see max_targets)."""
     max_targets: int | None = None
     """With targets=None, keep at most this many of them, the most central ones."""
     directions: tuple[str, ...] = ("forward", "backward")
+    """Transfer directions measured: 'forward' (layer l starts from the SAE of l-1) and/or 'backward' (from l+1)."""
     target_slack: float = 0.05
     """Target FVU = scratch final FVU * (1 + target_slack)."""
     seed: int = 0
+    """Seed of every random choice (text order, initialisation, batch order, subsets)."""
     device: str = "cpu"
+    """Torch device the model and the SAEs run on."""
     progress: bool = False
+    """Progress bars while training."""
 
     def __post_init__(self) -> None:
         if any(d not in ("forward", "backward") for d in self.directions) or not self.directions:

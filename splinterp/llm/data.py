@@ -38,18 +38,22 @@ class LLMDataConfig:
     """Passages of the offline text (shuffled with the seed) to harvest; the next `n_eval_texts` are
     held out for the model-level evals (loss recovered)."""
     n_eval_texts: int = 32
+    """Passages after the harvested ones, held out for the model-level evals (loss recovered)."""
     layers: list[int] | None = None
     """Blocks to harvest (resid_post); None = every block."""
     max_length: int = 128
+    """Tokens per passage (longer passages are truncated)."""
     drop_special_tokens: bool = False
     """Leave out [CLS]/[SEP]/<bos> positions. Kept by default: the model-level evals splice the SAE into
     every real token, special ones included, so the SAE must have seen them."""
     test_frac: float = 0.1
+    """Share of the harvested tokens (or texts, see split_unit) held out as the test split."""
     split_unit: Literal["text", "token"] = "text"
     """"text": all tokens of a text fall on the same side of the train/test split."""
     max_test_tokens: int | None = 4096
     """Cap on the standardised test tokens kept in memory per layer (evaluation subsample)."""
     harvest_batch_size: int = 32
+    """Passages per forward pass of the model while harvesting."""
 
     def __post_init__(self) -> None:
         for name in ("n_texts", "n_eval_texts", "max_length", "harvest_batch_size"):

@@ -131,11 +131,17 @@ class LayerSAEConfig:
     means the SAE store trains each per-layer SAE once per output folder."""
 
     architecture: str = "topk"
+    """SAE architecture (topk, topk_abs, relu, jumprelu or gated)."""
     d_sae: int = 512
+    """Latents."""
     k: int | None = 32
+    """Active latents (TopK architectures only)."""
     epochs: int = 5
+    """Epochs over the layer's (or group's) training tokens."""
     batch_size: int = 256
+    """Mini-batch rows."""
     lr: float = 2e-3
+    """Adam learning rate."""
     eval_every: int = 25
     """Record the test FVU every this many optimiser steps (the curves behind steps-to-target)."""
 
@@ -190,9 +196,13 @@ class SweepPointConfig:
     a knob value). The shrinkage and geometry jobs share it, so the store trains each point once per folder."""
 
     d_sae: int = 512
+    """Latents."""
     epochs: int = 5
+    """Epochs over the layer's training tokens."""
     batch_size: int = 256
+    """Mini-batch rows."""
     lr: float = 2e-3
+    """Adam learning rate."""
     sparse_start_l0: float | None = 32.0
     """Start relu / gated / jumprelu SAEs at this L0 (`sparse_start`); None: start from zero biases (about half
     the latents active, which a short run cannot bring down: biases move ~lr per step)."""
