@@ -494,3 +494,29 @@ def test_geometry_report_fields_fit_the_data_and_count_power_cells(tmp_path, sav
     for m in (1, 2, 4):
         sets = {tuple(sorted(row)) for row in torch.argsort(u, dim=1, descending=True)[:, :m].tolist()}
         assert rep[f"order{m}_cells"] == len(sets), m
+
+
+# ----------------------------------------------------------------------------------------------- readme
+def test_readme_blocks_are_filled_from_result_files_and_checked(tmp_path, temp_job, capsys):
+    def tables(folder):
+        r = json.loads((folder / "t_tab.json").read_text())
+        return {"main": f"| x | mse |\n|---|---|\n| {r['x']} | {r['mse']:.3f} |\n"}
+
+    registry.register("t_tab", "job with a table", ["t_tab.json"], quick_seconds=1, tables=tables)(
+        lambda out_dir, run: (out_dir / "t_tab.json").write_text(json.dumps({"x": 1, "mse": 0.12345})) and {})
+    try:
+        results = tmp_path / "results"
+        assert main(["figure", "t_tab", "--out", str(results), "--no-progress"]) == 0
+        readme = tmp_path / "README.md"
+        readme.write_text("intro\n<!-- results t_tab/main -->\n| stale | 9 |\n<!-- /results -->\nend\n")
+        assert main(["readme", "--results", str(results), "--readme", str(readme), "--check"]) == 1
+        assert "t_tab/main" in capsys.readouterr().err
+        assert main(["readme", "--results", str(results), "--readme", str(readme)]) == 0
+        assert readme.read_text() == ("intro\n<!-- results t_tab/main -->\n| x | mse |\n|---|---|\n| 1 | 0.123 |\n"
+                                      "<!-- /results -->\nend\n")
+        assert main(["readme", "--results", str(results), "--readme", str(readme), "--check"]) == 0
+        readme.write_text("<!-- results t_tab/nope -->\nx\n<!-- /results -->\n")
+        assert main(["readme", "--results", str(results), "--readme", str(readme)]) == 2
+        assert "renders ['main']" in capsys.readouterr().err
+    finally:
+        registry._JOBS.pop("t_tab", None)

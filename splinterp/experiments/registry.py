@@ -33,6 +33,10 @@ A job is a function in a module ``splinterp/experiments/<name>.py``, registered 
   on 2 CPU cores**, so aim for ``quick_seconds`` (declared, default 20 s) and never more than ~40 s. The
   full run (``quick=False``) of all jobs together must stay under 30 minutes on 2 cores. The runner
   records each job's wall time and the summary flags jobs that ran over their declared budget.
+- **Tables**: ``tables=fn`` with ``fn(folder) -> {name: markdown}`` renders the job's tables from its result
+  files in ``folder`` (a pure function of those files). The README shows them inside
+  ``<!-- results JOB/NAME -->`` blocks that ``splinterp readme`` fills, and a test checks the README
+  against the committed results, so no number there is ever copied by hand.
 - **Threads**: ``quick_threads`` (default None = torch's default) is the intra-op thread count of the job
   in quick mode (tiny SAEs gain nothing from threads and lose a lot on a busy machine); the command's
   ``--threads`` overrides it for every job. The runner sets it around the job and restores it after.
@@ -135,6 +139,9 @@ class Job:
     """Intra-op threads in quick mode (None: torch's default)."""
     tags: tuple[str, ...] = field(default=())
     """Free labels, e.g. "llm" for jobs that read LLM activations (they take the model / layer overrides)."""
+    tables: Callable[[Path], dict[str, str]] | None = None
+    """Markdown tables rendered from the job's result files in a folder ({table name: markdown}); what
+    `splinterp readme` copies into the README, so a number there always comes from a results file."""
 
     def __call__(self, out_dir: Path, run: RunSettings) -> dict:
         return self.fn(out_dir, run)
@@ -155,7 +162,8 @@ def _check_output_name(job: str, out: str) -> str:
 
 
 def register(name: str, description: str, outputs: Iterable[str] = (), quick_seconds: float = 20.0,
-             quick_threads: int | None = None, tags: Iterable[str] = ()) -> Callable[[JobFn], JobFn]:
+             quick_threads: int | None = None, tags: Iterable[str] = (),
+             tables: Callable[[Path], dict[str, str]] | None = None) -> Callable[[JobFn], JobFn]:
     """Decorator: register `fn(out_dir, run) -> dict` as job `name`.
 
     Names are unique; an output file may belong to one job only. Re-registering the same function (a
@@ -183,7 +191,7 @@ def register(name: str, description: str, outputs: Iterable[str] = (), quick_sec
                 if clash:
                     raise ConfigError(f"job {name!r}: outputs {sorted(clash)} already belong to job {other.name!r}")
         _JOBS[name] = Job(name, description, outs, fn, fn.__module__, float(quick_seconds), quick_threads,
-                          tuple(tags))
+                          tuple(tags), tables)
         return fn
 
     return deco
