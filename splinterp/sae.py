@@ -75,6 +75,11 @@ class SAEConfig:
     W_enc held [d_in, d_sae] row-major, as SAELens; "linear" computes nn.functional.linear(x - b_dec, W_enc.T,
     b_enc) with W_enc.T held row-major (nn.Linear's weight), as sparsify and dictionary_learning. A loaded SAE
     keeps its library's order, so its active sets equal the library's bit for bit in every dtype."""
+    w_enc_layout: Literal["row_major", "column_major"] | None = None
+    """How W_enc [d_in, d_sae] is held in memory; None = as score_order's library holds it (row-major for
+    "matmul", column-major for "linear": W_enc.T is then nn.Linear's row-major weight). float16 matmuls on CPU
+    round differently for a transposed operand, and dictionary_learning's modules hold their encoders the other
+    way round, so an SAE read from there records the layout its loader builds."""
     topk_ties: Literal["lowest_index", "torch", "torch_relu"] = "lowest_index"
     """Which of several exactly tied k-th scores TopK takes (topk/topk_abs): "lowest_index" (the same on every
     device), "torch" (those torch.topk picks from the scores, as SAELens), "torch_relu" (those torch.topk picks
@@ -98,6 +103,8 @@ class SAEConfig:
             raise ConfigError(f"k={self.k} given but architecture {self.architecture!r} does not use k")
         if self.score_order not in SCORE_ORDERS:
             raise ConfigError(f"score_order must be one of {SCORE_ORDERS}, got {self.score_order!r}")
+        if self.w_enc_layout not in (None, "row_major", "column_major"):
+            raise ConfigError(f"w_enc_layout must be 'row_major', 'column_major' or None, got {self.w_enc_layout!r}")
         if self.topk_ties not in kernels.TIES:
             raise ConfigError(f"topk_ties must be one of {kernels.TIES}, got {self.topk_ties!r}")
         if self.reshape_activations not in RESHAPES:
@@ -113,6 +120,13 @@ class SAEConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    @property
+    def w_enc_row_major(self) -> bool:
+        """Whether W_enc is held row-major ([d_in, d_sae] contiguous): `w_enc_layout`, or its score order's."""
+        if self.w_enc_layout is not None:
+            return self.w_enc_layout == "row_major"
+        return self.score_order == "matmul"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -160,11 +174,11 @@ class SAE(nn.Module):
         def param(t: torch.Tensor) -> nn.Parameter:
             return nn.Parameter(t.to(device=dev, dtype=dt).contiguous())
 
-        # W_enc [d_in, d_sae] is held in the layout of the library whose score order the SAE follows: row-major
-        # for "matmul" (SAELens's parameter), column-major for "linear" (nn.Linear's weight is W_enc.T). Why:
-        # float16 matmuls on CPU round differently for a transposed operand. Always its own storage, never W_dec's.
+        # W_enc [d_in, d_sae] is held in the layout of the library whose scores the SAE reproduces (see
+        # SAEConfig.w_enc_layout: float16 matmuls on CPU round differently for a transposed operand). Always its
+        # own storage, never W_dec's.
         w_enc = w_dec.to(device=dev, dtype=dt, copy=True).T
-        self.W_enc = nn.Parameter(w_enc if cfg.score_order == "linear" else w_enc.contiguous())
+        self.W_enc = nn.Parameter(w_enc.contiguous() if cfg.w_enc_row_major else w_enc)
         if not cfg.tied:
             self.W_dec = param(w_dec)
         self.b_dec = param(torch.zeros(d_in))

@@ -110,6 +110,15 @@ def check_target(folder: Path) -> None:
             )
 
 
+def layout_of(W_enc: torch.Tensor | None) -> str | None:
+    """'row_major' / 'column_major' for a W_enc [d_in, d_sae] view as an object holds it (None: neither)."""
+    if W_enc is None or W_enc.ndim != 2:
+        return None
+    if W_enc.is_contiguous():
+        return "row_major"
+    return "column_major" if W_enc.T.is_contiguous() else None
+
+
 def natural_key(name: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 

@@ -20,7 +20,8 @@ computes, from its `encode` (x_in = x - b_dec unless said otherwise):
   magnitude relu(exp(r_mag) * x_enc + mag_bias).
 
 Classes built on nn.Linear compute their scores as nn.Linear does (`score_order="linear"`), the others as
-x @ W + b ("matmul"), so active sets equal the library's bit for bit. Its loader always builds float32
+x @ W + b ("matmul"), with W_enc laid out as the class's constructor lays it out (`w_enc_layout`; an object's
+own layout when converting an object), so active sets equal the library's bit for bit. Its loader always builds float32
 models; so does ours (pass `dtype=` to load for another). The trainer config's model, layer and submodule
 are kept as metadata.
 """
@@ -34,7 +35,7 @@ from typing import Any
 import torch
 
 from splinterp.errors import ConfigError, CorruptFileError
-from splinterp.io.common import check_floating, get, make_config, read_json
+from splinterp.io.common import check_floating, get, layout_of, make_config, read_json
 from splinterp.sae import SAEConfig
 
 WEIGHTS_FILE = "ae.pt"
@@ -42,6 +43,12 @@ CONFIG_FILE = "config.json"
 CLASSES = ("AutoEncoder", "AutoEncoderNew", "AutoEncoderTopK", "BatchTopKSAE", "MatryoshkaBatchTopKSAE",
            "JumpReluAutoEncoder", "GatedAutoEncoder")
 _INT_BUFFERS = ("k", "group_sizes")
+_LOADER_LAYOUT = {"AutoEncoder": "row_major", "AutoEncoderNew": "row_major", "AutoEncoderTopK": "row_major",
+                  "BatchTopKSAE": "row_major", "GatedAutoEncoder": "row_major", "JumpReluAutoEncoder": "column_major",
+                  "MatryoshkaBatchTopKSAE": "column_major"}
+"""How each class's constructor lays out its encoder (as W_enc [d_in, d_sae]); its loader copies the state dict
+into that module, so a loaded dictionary keeps it: its nn.Linear encoders are built from a transpose (W_enc
+row-major, the opposite of a fresh nn.Linear), its W_enc parameters as one (column-major)."""
 _TRAINER_META = {"lm_name": "model_name", "layer": "layer", "submodule_name": "submodule_name",
                  "trainer_class": "trainer_class", "norm_factor": "norm_factor"}
 
@@ -82,8 +89,10 @@ def _need(sd: dict[str, torch.Tensor], names: tuple[str, ...], dict_class: str, 
 
 def read_dictionary(dict_class: str, sd: dict[str, torch.Tensor], source: Any, *, k: int | None = None,
                     apply_b_dec_to_input: bool | None = None, normalize_decoder: bool = False,
-                    metadata: dict[str, Any] | None = None) -> tuple[SAEConfig, dict[str, torch.Tensor]]:
-    """(config, tensors) of a dictionary_learning state dict of class `dict_class`."""
+                    metadata: dict[str, Any] | None = None, layout: str | None = None
+                    ) -> tuple[SAEConfig, dict[str, torch.Tensor]]:
+    """(config, tensors) of a dictionary_learning state dict of class `dict_class`; `layout` of W_enc (default:
+    the one its constructor builds)."""
     if dict_class not in CLASSES:
         raise ConfigError(f"{source}: dictionary_learning class {dict_class!r} is not supported (supported: "
                           f"{', '.join(CLASSES)})")
@@ -150,6 +159,7 @@ def read_dictionary(dict_class: str, sd: dict[str, torch.Tensor], source: Any, *
         raise CorruptFileError(f"{source}: the encoder weight has shape {tuple(W.shape)}, not a matrix")
     cfg = make_config(source, d_in=int(W.shape[0]), d_sae=int(W.shape[1]), architecture=arch, k=k_arch,
                       apply_b_dec_to_input=apply, dtype=dtype, metadata=meta, score_order=order,
+                      w_enc_layout=layout or _LOADER_LAYOUT[dict_class],
                       topk_ties="torch_relu" if arch == "topk" else "lowest_index")
     return cfg, {n: v.detach().to(dt) for n, v in t.items()}
 
@@ -181,4 +191,8 @@ def from_dictionary_object(obj: Any) -> tuple[SAEConfig, dict[str, torch.Tensor]
     except Exception as e:  # a duck-typed object we cannot read
         raise ConfigError(f"cannot read the weights of {dict_class}: {e}") from None
     apply = getattr(obj, "apply_b_dec_to_input", None) if dict_class == "JumpReluAutoEncoder" else None
-    return read_dictionary(dict_class, sd, f"{dict_class} object", apply_b_dec_to_input=apply)
+    w = sd.get("W_enc")
+    if w is None and sd.get("encoder.weight") is not None:
+        w = sd["encoder.weight"].T
+    return read_dictionary(dict_class, sd, f"{dict_class} object", apply_b_dec_to_input=apply,
+                           layout=layout_of(w))

@@ -63,6 +63,7 @@ from splinterp.io.common import (
     check_target,
     dtype_name,
     get,
+    layout_of,
     make_config,
     param_names,
     read_json,
@@ -396,7 +397,8 @@ def from_saelens_object(obj: Any) -> tuple[SAEConfig, dict[str, torch.Tensor]]:
         d["metadata"] = meta.to_dict() if hasattr(meta, "to_dict") else dict(vars(meta))
     d["metadata"] = {k: v for k, v in (d.get("metadata") or {}).items() if _plain_json(v)}
     d["dtype"] = dtype_name(next(iter(state.values())).dtype if state else d.get("dtype"), type(obj).__name__)
-    return read_saelens(d, state, f"{type(obj).__name__} object", stacklevel=5)
+    cfg, tensors = read_saelens(d, state, f"{type(obj).__name__} object", stacklevel=5)
+    return cfg.replace(w_enc_layout=layout_of(state.get("W_enc"))), tensors
 
 
 def _plain_json(v: Any) -> bool:

@@ -26,7 +26,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from splinterp.atomic import atomic_dir
 from splinterp.errors import ConfigError, CorruptFileError
-from splinterp.io.common import CFG_FILE, check_target, get, make_config, read_safetensors
+from splinterp.io.common import CFG_FILE, check_target, get, layout_of, make_config, read_safetensors
 from splinterp.sae import DTYPES, SAE, SAEConfig
 
 WEIGHTS_FILE = "sae.safetensors"
@@ -96,7 +96,9 @@ def from_sparsify_object(obj: Any) -> tuple[SAEConfig, dict[str, torch.Tensor]]:
         state = dict(obj.state_dict())
     except Exception as e:  # a duck-typed object we cannot read
         raise ConfigError(f"cannot read the config and weights of {type(obj).__name__}: {e}") from None
-    return read_sparsify(d, state, f"{type(obj).__name__} object", stacklevel=5)
+    cfg, tensors = read_sparsify(d, state, f"{type(obj).__name__} object", stacklevel=5)
+    enc = state.get("encoder.weight")
+    return cfg.replace(w_enc_layout=layout_of(None if enc is None else enc.T)), tensors
 
 
 def save_sparsify(sae: SAE, tensors: dict[str, torch.Tensor], folder: Path, stacklevel: int = 3) -> Path:
