@@ -14,6 +14,7 @@ from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import splinterp as sp  # noqa: E402
 from splinterp.data.cache import ActivationCache  # noqa: E402
 from splinterp.data.harvest import (  # noqa: E402
     _ShardWriter,
@@ -22,6 +23,7 @@ from splinterp.data.harvest import (  # noqa: E402
     harvest,
     load_model,
     normalise_layers,
+    sae_metadata,
     select_tokens,
     write_cache,
 )
@@ -476,13 +478,22 @@ def test_group_metadata_records_hook_model_and_dataset(minilm, tmp_path):
     cache = harvest((model, tok), TEXTS[:2], layers=[2, 3], out=tmp_path / "c", dataset="pydoc", progress=False)
     one = group_metadata([2], "uniform", cache)
     assert one["hook_name"] == "blocks.2.hook_normalized_resid_post" and one["hf_hook_name"] == "encoder.layer.2"
-    assert one["model_name"] == "sentence-transformers/all-MiniLM-L6-v2" or one["model_name"]
+    assert one["model_name"] == cache.model_name and one["model_name"]
     assert one["dataset_path"] == "pydoc"
     two = group_metadata([2, 3], "uniform", cache)
     assert two["hook_names"] == ["blocks.2.hook_normalized_resid_post", "blocks.3.hook_normalized_resid_post"]
     assert two["hf_hook_names"] == ["encoder.layer.2", "encoder.layer.3"] and two["hook_name"] is None
     untitled = harvest((model, tok), TEXTS[:2], layers=[2], out=tmp_path / "u", progress=False)
     assert group_metadata([2], "uniform", untitled)["dataset_path"] == "user"  # the text source when unnamed
+    assert sae_metadata(cache, 3) == {"model_name": one["model_name"], "dataset_path": "pydoc", "context_size": 128,
+                                      "hook_name": "blocks.3.hook_normalized_resid_post",
+                                      "hf_hook_name": "encoder.layer.3"}
+    with pytest.raises(ConfigError, match="not in this cache"):
+        sae_metadata(cache, 5)
+    sae = sp.make_sae(384, 8, "topk", 2, metadata=sae_metadata(cache, 3))
+    sp.save(sae, tmp_path / "sae")
+    saved = json.loads((tmp_path / "sae" / "cfg.json").read_text())["metadata"]
+    assert saved["hook_name"] == "blocks.3.hook_normalized_resid_post" and saved["dataset_path"] == "pydoc"
 
 
 @pytest.mark.parametrize(

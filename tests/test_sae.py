@@ -268,3 +268,25 @@ def test_from_weights_reads_either_orientation_and_refuses_a_square_guess():
         sp.SAE.from_weights(W, b, Wd, bd, architecture="jumprelu")
     g = sp.SAE.from_weights(W, None, Wd, bd, architecture="jumprelu", threshold=torch.tensor(0.3))
     assert torch.equal(g.threshold, torch.full((20,), 0.3))  # one global threshold (BatchTopK at inference)
+
+
+@pytest.mark.parametrize("ties", ["lowest_index", "torch", "torch_relu"])
+@pytest.mark.parametrize("order", ["matmul", "linear"])
+@pytest.mark.parametrize("arch", ["topk", "topk_abs"])
+def test_sparse_topk_path_uses_the_same_scores_and_rule_as_the_dense_one(arch, order, ties):
+    """float32 on CPU takes the fused selection (numba, when installed) only for lowest_index; with score_order
+    "linear" the bias is already inside the matmul there. Sparse and dense codes must be the same bits."""
+    if arch == "topk_abs" and ties == "torch_relu":
+        pytest.skip("relu-then-topk is a topk rule")
+    sae = random_sae(arch, d_in=32, d_sae=300, k=7, apply_b_dec_to_input=True, score_order=order, topk_ties=ties)
+    x = torch.randn(600, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        u = sae.pre_acts(x)
+        z = sae.encode(x)
+        assert torch.equal(z, sae.encode(x, dense=True))
+        vals, idx = sae.encode_sparse(x)
+        assert torch.equal(torch.zeros_like(z).scatter_(-1, idx, vals), z)
+        assert torch.equal(sae.encode_sparse(x, dense=True)[1], idx)
+        s = u.abs() if arch == "topk_abs" else u
+        kth = s.sort(-1, descending=True).values[:, 6:7]
+        assert torch.equal((z != 0), (s >= kth) & ((u > 0) if arch == "topk" else (u != 0)))  # the top 7, no ties

@@ -325,6 +325,20 @@ def cache_key(cache: ActivationCache, hook_name: str) -> int:
     raise ConfigError(f"{hook_name!r} is not in this cache (it holds {names})")
 
 
+def sae_metadata(cache: ActivationCache, key: int) -> dict[str, Any]:
+    """What an SAE trained on `cache.load(key)` should record, under SAELens's metadata keys: `model_name`,
+    `hook_name` (TransformerLens's name: what HookedSAETransformer splices on), `hf_hook_name` (the Hugging Face
+    module), `dataset_path` (the harvest's `dataset`, else its text source) and `context_size` (max tokens per
+    text). Caches written by `write_cache` know only what their caller gave."""
+    m = cache.manifest
+    if key not in cache.layers:
+        raise ConfigError(f"key {key!r} is not in this cache (it holds {cache.layers})")
+    meta = {"model_name": m.get("model_name"), "hook_name": (m.get("hook_names") or {}).get(str(key)),
+            "hf_hook_name": (m.get("hf_hook_names") or {}).get(str(key)),
+            "dataset_path": m.get("dataset") or m.get("text_source"), "context_size": m.get("max_length")}
+    return {k: v for k, v in meta.items() if v is not None}
+
+
 def _hidden_of(output: Any) -> torch.Tensor:
     """The hidden state in a module's output (a tensor, or the first item of a tuple / ModelOutput)."""
     if isinstance(output, torch.Tensor):
