@@ -57,3 +57,7 @@ class DatasetNotFoundError(SplinterpError, FileNotFoundError):
 
 class NotFittedError(SplinterpError, RuntimeError):
     """A reference autoencoder was used before `fit`."""
+
+
+class UnsupportedObjectError(SplinterpError, TypeError):
+    """An object is not one we can use as an SAE (not ours, nor a SAELens / sparsify / dictionary_learning SAE)."""

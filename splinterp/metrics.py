@@ -306,11 +306,14 @@ def evaluate(model: Any, X, batch_size: int = 4096, device: str | torch.device |
              return_density: bool = False) -> dict[str, Any]:
     """Every metric of this module for `model` on X, streamed over batches.
 
-    `model` needs `encode(x) -> z` and `decode(z) -> x_hat` (our SAE, the reference autoencoders).
+    `model` needs `encode(x) -> z` and `decode(z) -> x_hat` (our SAE, the reference autoencoders); an SAE
+    object of SAELens, sparsify or dictionary_learning is converted with `splinterp.as_sae` first.
     X: a tensor / array [N, d_in], or an iterable of such batches. Batches are moved to `device`
     (default: the model's device, else X's); the model itself is not moved.
     """
-    acc = accumulate(model, X, batch_size, device)
+    from splinterp.io import as_sae_if_foreign
+
+    acc = accumulate(as_sae_if_foreign(model), X, batch_size, device)
     out: dict[str, Any] = acc.compute()
     if return_density:
         out["feature_density"] = acc.feature_density()

@@ -1,15 +1,27 @@
-"""Harvest residual-stream activations of a Hugging Face transformer into an on-disk cache.
+"""Harvest activations of a Hugging Face transformer into an on-disk cache, at hook points named as
+TransformerLens / SAELens name them.
 
-Capture is by plain PyTorch forward hooks on the transformer blocks (no TransformerLens), so any HF
-model with a list of blocks works: BERT (`encoder.layer`), GPT-2 (`h`), GPT-NeoX (`layers`),
-Llama/Gemma/Mistral (`model.layers`), ... `find_blocks` locates the list generically.
+Capture is by plain PyTorch forward hooks on the model's modules (no TransformerLens), so any HF model with a
+list of blocks works: BERT (`encoder.layer`), GPT-2 (`h`), GPT-NeoX (`layers`), Llama/Gemma/Mistral
+(`model.layers`), ... `find_blocks` locates the list generically.
 
-Site convention (0-based block index l, L blocks):
-- ``resid_post`` of block l = the output hidden state of block l = HF ``hidden_states[l + 1]``,
-  except for the last block of pre-LN models (GPT-2, NeoX, Llama, Gemma), where HF applies the
-  final norm to ``hidden_states[L]``; we keep the raw block output (the residual stream proper).
-  For post-LN BERT-style models (MiniLM) the two agree for every l.
-- ``resid_pre`` of block l = the input hidden state of block l = ``hidden_states[l]``.
+What to capture (`layers=`): block indices (with `site=`), or TransformerLens hook names
+``blocks.L.hook_resid_pre``, ``hook_resid_post``, ``hook_mlp_out``, ``hook_attn_out`` (and, for BERT-style
+encoders, ``hook_normalized_resid_post``), several in one forward pass. Each is mapped to the Hugging Face module
+whose output (or input) TransformerLens's hook sees, per model family (`HOOK_MODULES`: GPT-2, GPT-NeoX/Pythia,
+Llama/Mistral/Qwen2, Gemma, Gemma-2/3, BERT/RoBERTa such as MiniLM). The manifest records, for every cached
+tensor, the TransformerLens name next to the Hugging Face module path (`hook_points`), and SAEs trained on it
+record both in their metadata (`hook_name`, `hf_hook_name`), as SAELens does.
+
+Layer convention (0-based block index l, L blocks):
+- the output of block l = HF ``hidden_states[l + 1]``, except for the last block of pre-LN models (GPT-2, NeoX,
+  Llama, Gemma), where HF applies the final norm to ``hidden_states[L]``; we keep the raw block output (the
+  residual stream proper, as TransformerLens's ``blocks.{L-1}.hook_resid_post``).
+- the input of block l = ``hidden_states[l]`` = ``blocks.l.hook_resid_pre``.
+- ``site="resid_post"`` (the integer-layer API) is the block output. For pre-LN models that is
+  ``blocks.l.hook_resid_post``; for post-LN BERT-style encoders TransformerLens's ``hook_resid_post`` is the sum
+  *before* the block's last LayerNorm and the block output is ``blocks.l.hook_normalized_resid_post``, which is
+  what the manifest then records (``blocks.l.hook_resid_post`` can be asked for by name too).
 So the paper's "Gemma layer 12" (``hidden_states[12]``) is ``resid_post`` of block 11.
 
 Padding: texts are tokenised one by one and padded here on the tokenizer's `padding_side`, with
@@ -21,7 +33,10 @@ text from the mask, which is right for both paddings (the paper's E3 script took
 Cache layout (design choice): one safetensors shard per chunk of `shard_tokens` tokens, holding all
 requested layers (`layer_<l>` [n, d_model]) plus `token_ids`, `text_ids`, `positions` [n]. Every
 layer thus holds the same tokens in the same order (what layer-distance metrics such as AMAD need),
-and reading one layer of a shard loads only that tensor. `manifest.json` (shards with sha256) is
+and reading one layer of a shard loads only that tensor. A cached tensor's key `l` is its block index, unless
+two requested hook points share a block (say ``blocks.3.hook_mlp_out`` and ``blocks.3.hook_resid_post``):
+then the keys are 0, 1, ... in the order the points run. `hook_points` in the manifest maps every key to its
+hook (`cache_key(cache, "blocks.3.hook_mlp_out")` looks one up). `manifest.json` (shards with sha256) is
 written last; the whole folder is built under a temporary name and renamed into place, so an
 interrupted harvest leaves no cache at `out`. Sources: `texts.json` (the texts) and `vocab.json`
 (token id -> token string for the ids present) support hover text in plots.
@@ -31,11 +46,13 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import logging
 import os
+import re
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +63,31 @@ from tqdm.auto import tqdm
 
 from splinterp import __version__
 from splinterp.atomic import atomic_dir, write_bytes, write_json
-from splinterp.data.cache import CACHE_FORMAT, CACHE_FORMAT_VERSION, MANIFEST, STORE_DTYPES, ActivationCache
-from splinterp.errors import ConfigError, EmptyDataError, NonFiniteError, OverwriteError, ShapeError
+from splinterp.data.cache import (
+    CACHE_FORMAT,
+    CACHE_FORMAT_VERSION,
+    MANIFEST,
+    STORE_DTYPES,
+    ActivationCache,
+    validate_manifest,
+)
+from splinterp.errors import (
+    ConfigError,
+    DeviceError,
+    EmptyDataError,
+    NonFiniteError,
+    OverwriteError,
+    ShapeError,
+)
 from splinterp.validation import all_finite, check_data, check_positive_int
 
 log = logging.getLogger(__name__)
 
-SITES = ("resid_post", "resid_pre")
+SITES = ("resid_post", "resid_pre", "mlp_out", "attn_out")
+"""What `site=` captures at each integer layer: the block output, the block input, or the MLP / attention output
+(the additive contribution to the residual stream, as TransformerLens's hook_mlp_out / hook_attn_out)."""
+POINTS = ("resid_pre", "attn_out", "mlp_out", "resid_post", "normalized_resid_post")
+"""TransformerLens hook points (`blocks.L.hook_<point>`) that `harvest` captures, in the order a block runs them."""
 TOKEN_SELECTIONS = ("all", "last")
 MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 _BLOCK_LIST_NAMES = ("layers", "layer", "h", "blocks", "block")
@@ -155,9 +190,14 @@ def normalise_layers(layers: int | Sequence[int] | str, n_layers: int) -> list[i
         return list(range(n_layers))
     if isinstance(layers, int) and not isinstance(layers, bool):
         layers = [layers]
+    if not isinstance(layers, (list, tuple)):
+        raise ConfigError(f"layers must be an int, a list of ints, 'all' or TransformerLens hook names, got "
+                          f"{layers!r} ({type(layers).__name__})")
     out = set()
     for layer in layers:
-        if isinstance(layer, bool) or not isinstance(layer, int) or not -n_layers <= layer < n_layers:
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise ConfigError(f"layers: {layer!r} ({type(layer).__name__}) is not a block index (an int)")
+        if not -n_layers <= layer < n_layers:
             raise ConfigError(f"layer {layer!r} out of range for a model with {n_layers} blocks")
         out.add(layer % n_layers)
     if not out:
@@ -165,47 +205,178 @@ def normalise_layers(layers: int | Sequence[int] | str, n_layers: int) -> list[i
     return sorted(out)
 
 
+# ------------------------------------------------------------------------------------- hook points
+HOOK_MODULES: dict[str, dict[str, tuple[str, str]]] = {
+    "gpt2": {"attn_out": ("attn", "output"), "mlp_out": ("mlp", "output")},
+    "gpt_neox": {"attn_out": ("attention", "output"), "mlp_out": ("mlp", "output")},
+    "llama": {"attn_out": ("self_attn", "output"), "mlp_out": ("mlp", "output")},
+    "gemma": {"attn_out": ("self_attn", "output"), "mlp_out": ("mlp", "output")},
+    # Gemma-2/3 normalise each sublayer's output before adding it: TransformerLens hooks after that norm
+    "gemma2": {"attn_out": ("post_attention_layernorm", "output"), "mlp_out": ("post_feedforward_layernorm", "output")},
+    # post-LN encoders: TransformerLens's resid_post is the sum before the block's last LayerNorm
+    "bert": {"attn_out": ("attention.output.dense", "output"), "mlp_out": ("output.dense", "output"),
+             "resid_post": ("output.LayerNorm", "input"), "normalized_resid_post": ("", "output")},
+}
+"""Per model family: the module (relative to the block) whose output or input TransformerLens's hook point
+sees. resid_pre is the block's input and (pre-LN families) resid_post the block's output everywhere."""
+_FAMILIES = {"gpt2": "gpt2", "gpt_neox": "gpt_neox", "llama": "llama", "mistral": "llama", "qwen2": "llama",
+             "gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma2", "gemma3_text": "gemma2", "bert": "bert",
+             "roberta": "bert", "xlm-roberta": "bert", "distilbert": None}
+_TL_NAME = re.compile(r"blocks\.(-?\d+)\.hook_([a-z_]+)")
+
+
+def model_family(model: nn.Module) -> str | None:
+    """The family key of HOOK_MODULES for an HF model (its config.model_type), None when not mapped."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return _FAMILIES.get(model_type) if isinstance(model_type, str) else None
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    """One tensor to capture: TransformerLens's `blocks.{block}.hook_{point}` = the output (or input) of the
+    Hugging Face module `module` (a dotted path from the model's root)."""
+
+    block: int
+    point: str
+    module: str
+    io: str
+
+    @property
+    def hook_name(self) -> str:
+        return f"blocks.{self.block}.hook_{self.point}"
+
+    def record(self) -> dict[str, Any]:
+        return {"hook_name": self.hook_name, "hf_hook_name": self.module, "hf_io": self.io, "block": self.block,
+                "point": self.point}
+
+
+def hook_point(model: nn.Module, block_name: str, n_blocks: int, block: int, point: str) -> HookPoint:
+    """The HookPoint of `blocks.{block}.hook_{point}` in `model` (ConfigError when the family does not map it)."""
+    if point not in POINTS:
+        raise ConfigError(f"layers: blocks.{block}.hook_{point} is not a hook point harvest captures (hook_"
+                          f"{', hook_'.join(POINTS)})")
+    if not -n_blocks <= block < n_blocks:
+        raise ConfigError(f"layers: block {block} out of range for a model with {n_blocks} blocks")
+    block %= n_blocks
+    base = f"{block_name}.{block}"
+    fam = model_family(model)
+    table = HOOK_MODULES.get(fam or "", {})
+    if point == "resid_pre":
+        return HookPoint(block, point, base, "input")
+    if point in table:
+        sub, io = table[point]
+        path = f"{base}.{sub}" if sub else base
+    elif point == "resid_post" and fam != "bert":
+        path, io = base, "output"  # pre-LN blocks: the block's output is the residual stream
+    else:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        raise ConfigError(
+            f"layers: hook_{point} is not mapped for model type {model_type!r} (mapped: {sorted(HOOK_MODULES)}); "
+            f"hook_resid_pre and hook_resid_post of pre-LN models work for any model"
+        )
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        raise ConfigError(f"layers: {HookPoint(block, point, path, io).hook_name} should be module {path!r}, "
+                          f"which this {type(model).__name__} does not have") from None
+    return HookPoint(block, point, path, io)
+
+
+def resolve_hook_points(model: nn.Module, block_name: str, n_blocks: int, layers: Any, site: str) -> list[HookPoint]:
+    """The hook points `layers` asks for: block indices (captured at `site`), 'all', TransformerLens hook names
+    (`blocks.L.hook_resid_post`, ...), or a list mixing them; unique, in the order the forward pass runs them."""
+    if site not in SITES:
+        raise ConfigError(f"site must be one of {SITES}, got {site!r}")
+    items = layers if isinstance(layers, (list, tuple)) else [layers]
+    if isinstance(layers, str) and layers == "all":
+        items = list(range(n_blocks))
+    if not items:
+        raise ConfigError("layers is empty")
+    # site="resid_post" is the block output: for post-LN encoders that is TransformerLens's normalized_resid_post
+    site_point = "normalized_resid_post" if site == "resid_post" and model_family(model) == "bert" else site
+    points: dict[str, HookPoint] = {}
+    for item in items:
+        if isinstance(item, str):
+            m = _TL_NAME.fullmatch(item)
+            if not m:
+                raise ConfigError(f"layers: {item!r} is not a TransformerLens hook name like "
+                                  f"'blocks.3.hook_resid_post' (nor 'all')")
+            hp = hook_point(model, block_name, n_blocks, int(m.group(1)), m.group(2))
+        else:
+            (block,) = normalise_layers([item], n_blocks)
+            hp = hook_point(model, block_name, n_blocks, block, site_point)
+        points.setdefault(hp.hook_name, hp)
+    return sorted(points.values(), key=lambda h: (h.block, POINTS.index(h.point)))
+
+
+def cache_keys(points: Sequence[HookPoint]) -> list[int]:
+    """The cache key of each hook point: its block index, or 0, 1, ... when two points share a block."""
+    blocks = [h.block for h in points]
+    return blocks if len(set(blocks)) == len(blocks) else list(range(len(points)))
+
+
+def cache_key(cache: ActivationCache, hook_name: str) -> int:
+    """The cache key (`cache.load(key)`) of a TransformerLens hook name in a harvested cache."""
+    points = cache.manifest.get("hook_points") or {}
+    for key, rec in points.items():
+        if isinstance(rec, dict) and rec.get("hook_name") == hook_name:
+            return int(key)
+    names = sorted(rec.get("hook_name") for rec in points.values() if isinstance(rec, dict))
+    raise ConfigError(f"{hook_name!r} is not in this cache (it holds {names})")
+
+
+def sae_metadata(cache: ActivationCache, key: int) -> dict[str, Any]:
+    """What an SAE trained on `cache.load(key)` should record, under SAELens's metadata keys: `model_name`,
+    `hook_name` (TransformerLens's name: what HookedSAETransformer splices on), `hf_hook_name` (the Hugging Face
+    module), `dataset_path` (the harvest's `dataset`, else its text source) and `context_size` (max tokens per
+    text). Caches written by `write_cache` know only what their caller gave."""
+    m = cache.manifest
+    if key not in cache.layers:
+        raise ConfigError(f"key {key!r} is not in this cache (it holds {cache.layers})")
+    meta = {"model_name": m.get("model_name"), "hook_name": (m.get("hook_names") or {}).get(str(key)),
+            "hf_hook_name": (m.get("hf_hook_names") or {}).get(str(key)),
+            "dataset_path": m.get("dataset") or m.get("text_source"), "context_size": m.get("max_length")}
+    return {k: v for k, v in meta.items() if v is not None}
+
+
 def _hidden_of(output: Any) -> torch.Tensor:
-    """The hidden state in a block's output (a tensor, or the first item of a tuple / ModelOutput)."""
+    """The hidden state in a module's output (a tensor, or the first item of a tuple / ModelOutput)."""
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
-    raise ShapeError(f"cannot find the hidden state in a block output of type {type(output).__name__}")
+    raise ShapeError(f"cannot find the hidden state in a module output of type {type(output).__name__}")
 
 
 class _StopForward(Exception):
-    """Raised by the last needed hook: blocks after the deepest requested layer are not run."""
+    """Raised by the hook that completes the capture: the rest of the model is not run."""
 
 
-class BlockCapture:
-    """Context manager: record the `site` hidden state [B, T, d] of the given blocks on each forward."""
+class HookCapture:
+    """Context manager: record each hook point's tensor [B, T, d] on every forward (keys as given)."""
 
-    def __init__(self, blocks: nn.ModuleList, layers: Sequence[int], site: str = "resid_post",
-                 stop_early: bool = False):
-        if site not in SITES:
-            raise ConfigError(f"site must be one of {SITES}, got {site!r}")
-        self.blocks, self.layers, self.site, self.stop_early = blocks, list(layers), site, stop_early
+    def __init__(self, model: nn.Module, points: Sequence[HookPoint], keys: Sequence[int], stop_early: bool = False):
+        self.model, self.points, self.keys, self.stop_early = model, list(points), list(keys), stop_early
         self.acts: dict[int, torch.Tensor] = {}
         self._handles: list[Any] = []
 
-    def _record(self, layer: int, hidden: torch.Tensor) -> None:
-        self.acts[layer] = hidden.detach()
-        if self.stop_early and layer == max(self.layers):
+    def _record(self, key: int, hidden: torch.Tensor) -> None:
+        self.acts[key] = hidden.detach()
+        if self.stop_early and len(self.acts) == len(self.keys):
             raise _StopForward
 
-    def __enter__(self) -> BlockCapture:
-        for layer in self.layers:
-            block = self.blocks[layer]
-            if self.site == "resid_post":
-                h = block.register_forward_hook(lambda m, a, o, layer=layer: self._record(layer, _hidden_of(o)))
+    def __enter__(self) -> HookCapture:
+        for key, hp in zip(self.keys, self.points):
+            mod = self.model.get_submodule(hp.module)
+            if hp.io == "output":
+                h = mod.register_forward_hook(lambda m, a, o, key=key: self._record(key, _hidden_of(o)))
             else:
-                def pre(m, args, kwargs, layer=layer):
-                    hs = args[0] if args else kwargs.get("hidden_states")
+                def pre(m, args, kwargs, key=key):
+                    hs = args[0] if args else kwargs.get("hidden_states", kwargs.get("input"))
                     if not isinstance(hs, torch.Tensor):
-                        raise ShapeError("cannot find the hidden state in the block's inputs")
-                    self._record(layer, hs)
-                h = block.register_forward_pre_hook(pre, with_kwargs=True)
+                        raise ShapeError("cannot find the hidden state in the module's inputs")
+                    self._record(key, hs)
+                h = mod.register_forward_pre_hook(pre, with_kwargs=True)
             self._handles.append(h)
         return self
 
@@ -287,7 +458,12 @@ class HarvestConfig:
     """What `harvest` did, recorded in the manifest so a cache says how it was made."""
 
     layers: list[int]
+    """The cache keys: block indices, or 0, 1, ... when two hook points share a block (see `hook_names`)."""
     site: str = "resid_post"
+    hook_names: list[str] = field(default_factory=list)
+    """The TransformerLens hook name of each key, in the order of `layers`."""
+    dataset: str | None = None
+    """What the texts are (a data set name), as the caller said; SAEs trained on the cache record it."""
     token_selection: str = "all"
     drop_special_tokens: bool = False
     max_length: int = 128
@@ -300,7 +476,7 @@ class HarvestConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        if self.site not in SITES:
+        if self.site not in (*SITES, "hook_points"):  # "hook_points": layers named hook by hook
             raise ConfigError(f"site must be one of {SITES}, got {self.site!r}")
         if self.token_selection not in TOKEN_SELECTIONS:
             raise ConfigError(f"token_selection must be one of {TOKEN_SELECTIONS}, got {self.token_selection!r}")
@@ -352,11 +528,55 @@ class _ShardWriter:
             self._flush(self.n_buf)
 
 
+CACHE_SIDE_FILES = ("texts.json", "vocab.json")
+
+
 def _check_out(out: str | os.PathLike, overwrite: bool) -> Path:
+    """`out` if a cache may be written there: new, empty, or (overwrite=True) a cache of ours and nothing else.
+
+    The cache replaces the folder whole, so a folder that is not a cache, or a cache with other files in it,
+    is refused even with overwrite=True: a user's files are never deleted.
+    """
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise OverwriteError(f"out={str(out)!r} exists and is not a folder; refusing to replace it with a cache")
+    if not out.is_dir() or not any(out.iterdir()):
+        return out
+    if not overwrite:
         raise OverwriteError(f"{out} exists and is not empty; pass overwrite=True to replace it")
+    try:
+        manifest = validate_manifest(json.loads((out / MANIFEST).read_text("utf-8")), str(out / MANIFEST))
+    except (OSError, ValueError, RecursionError):  # missing, unreadable, not JSON, not a cache manifest
+        raise OverwriteError(
+            f"out={str(out)!r} is not an activation cache (no valid {MANIFEST}): overwrite=True replaces only a "
+            f"cache of splinterp's or an empty folder, never other files. Choose a new folder."
+        ) from None
+    own = {MANIFEST, *CACHE_SIDE_FILES} | {sh["file"] for sh in manifest["shards"]}
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in own)
+    if foreign:
+        raise OverwriteError(
+            f"out={str(out)!r} is a cache but also holds other files ({', '.join(foreign[:5])}); overwrite=True would "
+            f"delete them with it. Move them, or choose a new folder."
+        )
     return out
+
+
+def _check_device(device: str | torch.device) -> torch.device:
+    """A torch device that exists here (DeviceError naming `device=` otherwise), before any model is loaded."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise DeviceError(f"device={device!r} is not a torch device ({e}); use 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device={device!r}: CUDA is not available on this machine; use device='cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise DeviceError(f"device={device!r}: MPS is not available on this machine")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise DeviceError(f"device={device!r}: harvest runs on cpu, cuda or mps")
+    return dev
 
 
 def _manifest_head() -> dict[str, Any]:
@@ -465,7 +685,7 @@ def resolve_texts(texts, seed: int) -> tuple[list[str], str]:
 def harvest(
     model: Any = None,
     texts: Sequence[str] | None = None,
-    layers: int | Sequence[int] | str = "all",
+    layers: int | Sequence[int | str] | str = "all",
     out: str | os.PathLike = "activations",
     *,
     site: str = "resid_post",
@@ -480,27 +700,39 @@ def harvest(
     overwrite: bool = False,
     save_texts: bool = True,
     sort_by_length: bool = True,
+    dataset: str | None = None,
     device: str | torch.device = "cpu",
     seed: int = 0,
     progress: bool = True,
 ):
-    """Run `model` over `texts` and cache the `site` activations of `layers` at `out`.
+    """Run `model` over `texts` and cache the activations `layers` names at `out`, all in one forward pass.
 
     model: None (offline all-MiniLM-L6-v2), an HF id or folder, or a loaded (model, tokenizer) pair
     (moved to `device`). texts: list of strings, or None = `offline_texts()` (CPython docs).
+    layers: block indices (captured at `site`: resid_post, resid_pre, mlp_out, attn_out), "all", or
+    TransformerLens hook names ("blocks.3.hook_resid_post", "blocks.3.hook_mlp_out", ...), or a list mixing them
+    (see the module docstring for the mapping and the layer convention; `cache_key` finds a name's key).
     token_selection: "all" real tokens (padding dropped; also special tokens such as [CLS]/[SEP]/<bos>
     if `drop_special_tokens`) or "last" real token of each text. dtype: storage dtype of the cache
     (the model runs in its own dtype). sort_by_length: batch texts of similar token length together
     (less padding, faster); tokens are then stored in that order, and `text_ids` still index `texts`.
+    dataset: a name for the texts, recorded (SAEs trained on the cache keep it as `dataset_path`).
+    overwrite: replace `out` if it is a cache of ours (never a folder holding anything else).
     Returns the opened `ActivationCache`.
     """
+    dev = _check_device(device)
     out = _check_out(out, overwrite)
+    if dataset is not None and not isinstance(dataset, str):
+        raise ConfigError(f"dataset must be a string (a name for the texts), got {dataset!r}")
     torch.manual_seed(seed)
-    dev = torch.device(device)
     mod, tok, name = load_model(model, dev)
     block_name, block_list = find_blocks(mod, blocks)
-    layer_ids = normalise_layers(layers, len(block_list))
-    cfg = HarvestConfig(layers=layer_ids, site=site, token_selection=token_selection,
+    points = resolve_hook_points(mod, block_name, len(block_list), layers, site)
+    keys = cache_keys(points)
+    by_name = not all(isinstance(v, int) for v in (layers if isinstance(layers, (list, tuple)) else [layers])) \
+        and layers != "all"
+    cfg = HarvestConfig(layers=keys, site="hook_points" if by_name else site,
+                        hook_names=[h.hook_name for h in points], dataset=dataset, token_selection=token_selection,
                         drop_special_tokens=drop_special_tokens, max_length=max_length, batch_size=batch_size,
                         dtype=dtype, shard_tokens=shard_tokens, sort_by_length=sort_by_length,
                         padding_side=padding_side or getattr(tok, "padding_side", "right"), seed=seed,
@@ -512,11 +744,11 @@ def harvest(
     d_model = None
     vocab_ids: set[int] = set()
     with atomic_dir(out) as tmp:
-        writer = _ShardWriter(tmp, layer_ids, shard_tokens)
+        writer = _ShardWriter(tmp, keys, shard_tokens)
         order = _length_order(tok, texts, max_length) if sort_by_length else list(range(len(texts)))
         batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
         bar = tqdm(batches, desc=f"harvest {Path(str(name)).name}", unit="batch", disable=not progress)
-        with torch.no_grad(), BlockCapture(block_list, layer_ids, site, stop_early=True) as cap:
+        with torch.no_grad(), HookCapture(mod, points, keys, stop_early=True) as cap:
             for batch_idx in bar:
                 chunk = [texts[i] for i in batch_idx]
                 text_index = torch.tensor(batch_idx, dtype=torch.long)
@@ -531,14 +763,17 @@ def harvest(
                 if not bool(keep.any()):
                     continue
                 rows: dict[str, torch.Tensor] = {}
-                for layer in layer_ids:
-                    h = cap.acts[layer][keep.to(cap.acts[layer].device)].float().cpu()
+                for key, hp in zip(keys, points):
+                    h = cap.acts[key][keep.to(cap.acts[key].device)].float().cpu()
                     if not all_finite(h):
                         bad = int((~torch.isfinite(h)).any(-1).nonzero()[0, 0])
                         text_i = int(text_index[keep.nonzero()[bad, 0]])
-                        raise NonFiniteError(f"non-finite activation at layer {layer}, text {text_i}")
+                        raise NonFiniteError(f"non-finite activation at {hp.hook_name}, text {text_i}")
+                    if d_model is not None and h.shape[-1] != d_model:
+                        raise ShapeError(f"{hp.hook_name} has width {h.shape[-1]}, the other hook points "
+                                         f"{d_model}: harvest them into separate caches")
                     d_model = h.shape[-1]
-                    rows[f"layer_{layer}"] = h.to(store_dtype)
+                    rows[f"layer_{key}"] = h.to(store_dtype)
                 ids = batch["input_ids"][keep]
                 vocab_ids.update(ids.tolist())
                 rows["token_ids"] = ids
@@ -561,13 +796,19 @@ def harvest(
             **_manifest_head(),
             "model_name": str(name),
             "model_class": type(mod).__name__,
+            "model_family": model_family(mod),
             "block_list": block_name,
             "n_blocks": len(block_list),
-            "layers": layer_ids,
-            "site": site,
-            "site_convention": "resid_post[l] = output of block l = HF hidden_states[l+1] (raw block output, "
-                               "before any final norm); resid_pre[l] = input of block l = hidden_states[l]",
-            "hook_names": {str(layer): f"{block_name}.{layer}.{site}" for layer in layer_ids},
+            "layers": keys,
+            "site": cfg.site,
+            "site_convention": "blocks.l.hook_resid_post = output of block l = HF hidden_states[l+1] (raw block "
+                               "output, before any final norm; for post-LN BERT-style encoders TransformerLens calls "
+                               "the block output hook_normalized_resid_post); blocks.l.hook_resid_pre = input of "
+                               "block l = hidden_states[l]",
+            "hook_names": {str(k): h.hook_name for k, h in zip(keys, points)},
+            "hf_hook_names": {str(k): h.module for k, h in zip(keys, points)},
+            "hook_points": {str(k): h.record() for k, h in zip(keys, points)},
+            "dataset": dataset,
             "dtype": dtype,
             "d_model": d_model,
             "n_tokens": writer.n_written,
@@ -582,6 +823,6 @@ def harvest(
             "shards": writer.shards,
         }
         write_json(tmp / MANIFEST, manifest)  # last: its presence marks a complete cache
-    log.info("harvested %d tokens x %d layers (d_model=%s) from %d texts in %.1fs into %s",
-             writer.n_written, len(layer_ids), d_model, len(texts), elapsed, out)
+    log.info("harvested %d tokens x %d hook points (d_model=%s) from %d texts in %.1fs into %s",
+             writer.n_written, len(keys), d_model, len(texts), elapsed, out)
     return ActivationCache.open(out)

@@ -35,7 +35,7 @@ def _rows(sae: SAE, X, batch_size: int):
 @torch.no_grad()
 def active_mask(sae: SAE, X, batch_size: int = DEFAULT_BATCH) -> torch.Tensor:
     """bool [N, d_sae]: which latents fire on each input (the mask `encode` uses)."""
-    out = [sae.select(sae._pre_acts(xb)) for xb in _rows(sae, X, batch_size)]
+    out = [sae.active(xb) for xb in _rows(sae, X, batch_size)]
     return torch.cat(out).cpu()
 
 
@@ -61,7 +61,7 @@ def _region_keys(sae: SAE, xb: torch.Tensor) -> torch.Tensor:
         else:
             key = torch.where(active, idx, torch.full_like(idx, sae.cfg.d_sae))
         return torch.sort(key, dim=-1).values
-    return _pack_bits(sae.select(u))
+    return _pack_bits(sae.select(u, xb))
 
 
 _HASH_SEED = 0x5EED5
