@@ -41,14 +41,14 @@ import torch
 from torch import nn
 
 from splinterp import kernels
-from splinterp.errors import ConfigError, ShapeError
-from splinterp.validation import check_batch, check_dataclass_types
+from splinterp.errors import ConfigError, CorruptFileError, NonFiniteError, ShapeError, SplinterpError
+from splinterp.sae_state import DTYPES, check_tensors, dtype_name, expected_shapes, state_from_weights
+from splinterp.validation import check_batch, check_dataclass_types, check_finite
 
 ARCHITECTURES = ("relu", "topk", "topk_abs", "jumprelu", "gated")
 SCORE_ORDERS = ("matmul", "linear")
 RESHAPES = ("none", "hook_z")
 TOPK_ARCHITECTURES = ("topk", "topk_abs")
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -225,13 +225,56 @@ class SAE(nn.Module):
         scalar threshold is one global threshold (BatchTopK at inference). score_order defaults to "linear"
         for nn.Linear weights, else "matmul"; dtype and device default to W_enc's.
         """
-        from splinterp.io.common import sae_from_weights
-
-        return sae_from_weights(
+        fields, tensors = state_from_weights(
             W_enc, b_enc, W_dec, b_dec, architecture=architecture, k=k, threshold=threshold, b_gate=b_gate,
             b_mag=b_mag, r_mag=r_mag, orientation=orientation, apply_b_dec_to_input=apply_b_dec_to_input,
             score_order=score_order, dtype=dtype, device=device, metadata=metadata,
         )
+        try:
+            cfg = SAEConfig(**fields)
+        except ConfigError as e:
+            raise ConfigError(f"from_weights: {e}") from None
+        return cls.from_tensors(cfg, tensors, "from_weights")
+
+    @classmethod
+    def from_tensors(cls, cfg: SAEConfig, tensors: dict[str, torch.Tensor], source: Any = "tensors",
+                     exact_dtype: bool = False, *, device: str | torch.device | None = None,
+                     dtype: str | torch.dtype | None = None) -> SAE:
+        """Our SAE holding `tensors` (SAELens names), checked against `cfg`; optionally on another device / dtype.
+
+        Each weight is copied into a parameter of the SAE's own layout (`SAEConfig.score_order`) and dtype.
+        """
+        check_tensors(cfg, tensors, source, exact_dtype)
+        if cfg.tied and not torch.equal(tensors["W_dec"], tensors["W_enc"].T):
+            raise CorruptFileError(f"{source}: the config says tied but W_dec != W_enc.T")
+        changes: dict[str, Any] = {}
+        if device is not None:
+            changes["device"] = str(device)
+        if dtype is not None:
+            changes["dtype"] = dtype_name(dtype, "dtype=")
+        try:
+            cfg = cfg.replace(**changes)
+        except ConfigError as e:
+            raise ConfigError(f"load({', '.join(f'{k}={v!r}' for k, v in changes.items())}): {e}") from None
+        try:
+            sae = cls(cfg)
+        except SplinterpError:
+            raise
+        except (RuntimeError, ValueError, TypeError, OverflowError) as e:  # e.g. a threshold that overflows the dtype
+            raise ConfigError(f"{source}: cannot build an SAE from its config: {e}") from None
+        with torch.no_grad():
+            for name in expected_shapes(cfg):
+                if name == "W_dec" and cfg.tied:
+                    continue
+                p = getattr(sae, name)
+                p.copy_(tensors[name].to(device=p.device, dtype=p.dtype))
+        if dtype is not None:
+            for name in expected_shapes(cfg):  # a cast to a narrower dtype must not overflow
+                try:
+                    check_finite(getattr(sae, name).detach(), name=name)
+                except NonFiniteError as e:
+                    raise ConfigError(f"{source}: cannot cast to {cfg.dtype}: {e}") from None
+        return sae
 
     # ------------------------------------------------------------------ parameters
     @property

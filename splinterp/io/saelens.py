@@ -58,18 +58,9 @@ from safetensors.torch import save as safetensors_bytes
 from splinterp import __version__
 from splinterp.atomic import atomic_dir, sha256_file
 from splinterp.errors import ChecksumError, ConfigError, CorruptFileError, SplinterpError
-from splinterp.io.common import (
-    CFG_FILE,
-    check_target,
-    dtype_name,
-    get,
-    layout_of,
-    make_config,
-    param_names,
-    read_json,
-    read_safetensors,
-)
-from splinterp.sae import DTYPES, SAE, SAEConfig
+from splinterp.io.common import CFG_FILE, check_target, get, layout_of, make_config, read_json, read_safetensors
+from splinterp.sae import SAE, SAEConfig
+from splinterp.sae_state import DTYPES, dtype_name, param_names
 from splinterp.validation import check_dataclass_types
 
 WEIGHTS_FILE = "sae_weights.safetensors"
