@@ -112,20 +112,32 @@ class HarvestConfig:
     layers: list[int]
     """The cache keys: block indices, or 0, 1, ... when two hook points share a block (see `hook_names`)."""
     site: str = "resid_post"
+    """What was captured at integer layers: resid_post, resid_pre, mlp_out or attn_out ('hook_points' when the
+    layers were given as hook names)."""
     hook_names: list[str] = field(default_factory=list)
     """The TransformerLens hook name of each key, in the order of `layers`."""
     dataset: str | None = None
     """What the texts are (a data set name), as the caller said; SAEs trained on the cache record it."""
     token_selection: str = "all"
+    """'all' real tokens, or the 'last' real token of each text."""
     drop_special_tokens: bool = False
+    """Whether [CLS]/[SEP]/<bos> positions were left out."""
     max_length: int = 128
+    """Tokens per text (longer texts were truncated)."""
     batch_size: int = 32
+    """Texts per forward pass."""
     dtype: str = "float32"
+    """Storage dtype of the cached activations (the model ran in its own dtype)."""
     shard_tokens: int = 8192
+    """Tokens per shard file."""
     padding_side: str = "right"
+    """Side the texts were padded on ('left' or 'right'; activations of real tokens do not depend on it)."""
     sort_by_length: bool = True
+    """Texts batched by similar length (less padding); tokens are stored in that order."""
     seed: int = 0
+    """Seed of the default texts' shuffle."""
     device: str = "cpu"
+    """Device the model ran on."""
 
     def __post_init__(self) -> None:
         if self.site not in (*SITES, "hook_points"):  # "hook_points": layers named hook by hook
