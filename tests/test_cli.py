@@ -520,3 +520,17 @@ def test_readme_blocks_are_filled_from_result_files_and_checked(tmp_path, temp_j
         assert "renders ['main']" in capsys.readouterr().err
     finally:
         registry._JOBS.pop("t_tab", None)
+
+
+def test_seeds_flag_gives_every_job_consecutive_seeds(tmp_path, temp_job):
+    seen = []
+
+    def record(out_dir, run):
+        seen.append(run.seeds)
+        return {}
+
+    temp_job("t_seeds", record)
+    assert main(["figure", "t_seeds", "--seed", "3", "--seeds", "4", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert seen == [(3, 4, 5, 6)]
+    assert json.loads((tmp_path / RESULTS).read_text())["jobs"]["t_seeds"]["seeds"] == [3, 4, 5, 6]
+    assert main(["figure", "t_seeds", "--seeds", "0", "--out", str(tmp_path), "--no-progress"]) == 2

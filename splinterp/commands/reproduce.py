@@ -41,7 +41,10 @@ class RunOptions:
     quick: bool = False
     """Small settings: every job in about a minute on an idle 2-core machine (the full run takes about 15 minutes)."""
     seed: int = 0
-    """Random seed of every job."""
+    """Random seed of every job (the first seed when --seeds is more than 1)."""
+    seeds: int = 1
+    """Number of seeds: jobs that report a mean and a 95% confidence interval repeat their runs with seeds
+    seed, seed + 1, ..., seed + seeds - 1."""
     device: str = "cpu"
     """Torch device, e.g. cpu, cuda, cuda:1."""
     threads: int | None = None
@@ -64,6 +67,7 @@ class RunOptions:
     def __post_init__(self) -> None:
         from splinterp.validation import check_positive_int
 
+        check_positive_int(self.seeds, "--seeds")
         for name in ("threads", "n_texts"):
             if getattr(self, name) is not None:
                 check_positive_int(getattr(self, name), "--" + name.replace("_", "-"))
@@ -256,7 +260,10 @@ def _settings(o: RunOptions):
     from splinterp.experiments.registry import RunSettings
     from splinterp.validation import check_device
 
-    return RunSettings(quick=o.quick, seeds=(o.seed,), device=check_device(o.device, "--device"), progress=False,
+    if o.seed < 0:
+        raise ConfigError(f"--seed must be >= 0, got {o.seed}")
+    seeds = tuple(range(o.seed, o.seed + o.seeds))
+    return RunSettings(quick=o.quick, seeds=seeds, device=check_device(o.device, "--device"), progress=False,
                        model=o.model, layer=o.layer, n_texts=o.n_texts)
 
 
