@@ -57,3 +57,19 @@ class DatasetNotFoundError(SplinterpError, FileNotFoundError):
 
 class NotFittedError(SplinterpError, RuntimeError):
     """A reference autoencoder was used before `fit`."""
+
+
+class FolderInUseError(SplinterpError, RuntimeError):
+    """Another run holds the lock of a folder this run would write to (two writers would corrupt it)."""
+
+
+class NotWritableError(SplinterpError, PermissionError):
+    """An output location cannot be written (permissions, read-only file system); found before any work."""
+
+
+class NotAModelError(SplinterpError, TypeError):
+    """An argument that must be a model (an object with `encode` and `decode`) is something else."""
+
+
+class TooLargeError(ConfigError):
+    """A setting would need more memory than the device has; refused up front, before allocating."""
