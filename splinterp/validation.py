@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,12 +16,24 @@ import torch
 
 from splinterp.errors import (
     ConfigError,
+    CorruptFileError,
     DeviceError,
     DTypeError,
     EmptyDataError,
     NonFiniteError,
     ShapeError,
 )
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Parse a JSON file someone else may have written; CorruptFileError naming the file if it is not UTF-8 JSON
+    or nests too deeply for Python's parser (100,000 `[` raise RecursionError in `json.loads`)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise CorruptFileError(f"{path} is not valid JSON: {reason}") from None
 
 
 def as_tensor(x, name: str = "X") -> torch.Tensor:
