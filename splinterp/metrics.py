@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from splinterp import kernels
-from splinterp.errors import EmptyDataError, ShapeError
+from splinterp.errors import ConfigError, EmptyDataError, NotAModelError, ShapeError
 from splinterp.validation import as_tensor, check_data
 
 log = logging.getLogger(__name__)
@@ -321,8 +321,11 @@ def evaluate(model: Any, X, batch_size: int = 4096, device: str | torch.device |
 def accumulate(model: Any, X, batch_size: int = 4096, device: str | torch.device | None = None) -> MetricAccumulator:
     """The `MetricAccumulator` that `evaluate` computes from (same arguments), e.g. to `merge` the
     shares of several processes before `compute`."""
+    if not (callable(getattr(model, "encode", None)) and callable(getattr(model, "decode", None))):
+        raise NotAModelError(f"model must have encode(x) and decode(z) methods (a splinterp SAE, a reference "
+                             f"autoencoder), got {type(model).__name__} {repr(model)[:40]}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     d_in = _model_attr(model, "d_in")
     dtype = _model_attr(model, "dtype")
     dtype = dtype if isinstance(dtype, torch.dtype) else None

@@ -9,7 +9,7 @@ from sklearn.metrics import r2_score
 
 import splinterp as sp
 from splinterp import metrics as M
-from splinterp.errors import DTypeError, EmptyDataError, ShapeError
+from splinterp.errors import ConfigError, DTypeError, EmptyDataError, NotAModelError, ShapeError
 
 X = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
 XH = torch.tensor([[1.0, 0.0], [3.0, 3.0]])
@@ -140,3 +140,17 @@ def test_evaluate_sae_sparse_path_equals_dense_codes(arch):
     for k, v in ref.compute().items():
         assert out[k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
     assert torch.equal(out["feature_density"], ref.feature_density())
+
+
+@pytest.mark.parametrize("model", ["hello", b"bytes", 3.5, None, torch.zeros(3), {"encode": 1}, np.eye(3)])
+def test_evaluate_refuses_what_is_not_a_model_naming_model(model):
+    """`evaluate("hello", X)` used to end in str.encode's TypeError about an 'encoding' argument."""
+    for f in (M.evaluate, M.accumulate):
+        with pytest.raises(NotAModelError, match=f"model must have encode.* got {type(model).__name__}"):
+            f(model, torch.randn(10, 4))
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5, True, "8"])
+def test_evaluate_refuses_a_bad_batch_size(batch_size):
+    with pytest.raises(ConfigError, match="batch_size must be a positive integer"):
+        M.evaluate(sp.make_sae(4, 8, "relu"), torch.randn(10, 4), batch_size=batch_size)
