@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from splinterp.errors import ConfigError
-from splinterp.reference._base import ReferenceAE, center, top_directions
+from splinterp.reference._base import ReferenceAE, center, scale_exponent, times_pow2, top_directions
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +84,12 @@ class PCAAE(ReferenceAE):
         N, d = X.shape
         if self.cfg.rank > d:
             raise ConfigError(f"rank={self.cfg.rank} is larger than the data dimension d={d}")
-        offset, Xc, _ = center(X)
+        e = scale_exponent(X)  # on X * 2^-e (exact): the float64 scatter matrix of huge data stays finite
+        offset, Xc, _ = center(times_pow2(X, -e))
         U, s = top_directions(Xc, self.cfg.rank, self.cfg.chunk_size)
-        self.mean_ = offset
+        self.mean_ = times_pow2(offset, e)
         self.components_ = U.T.contiguous()
-        self.singular_values_ = s
+        self.singular_values_ = times_pow2(s, e)
         self._n_samples = N
         self._mark_fitted(X)
         log.info(
