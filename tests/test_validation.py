@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -21,6 +23,7 @@ from splinterp.errors import (
     NonFiniteError,
     ShapeError,
     SplinterpError,
+    TooLargeError,
 )
 from splinterp.validation import (
     check_batch,
@@ -262,3 +265,56 @@ def test_all_finite_is_exact_even_when_the_sum_overflows():
         assert not all_finite(x)
     assert all_finite(torch.empty(0, 3)) and all_finite(torch.arange(5))
     assert not all_finite(torch.tensor([1.0, float("nan")], dtype=torch.float16))
+
+
+# ------------------------------------------------------------------------------------ memory, predicted up front
+def test_a_model_that_cannot_fit_is_refused_with_its_size_before_allocating():
+    """`SAE(SAEConfig(d_in=1000, d_sae=10**12))` used to start allocating petabytes."""
+    with pytest.raises(TooLargeError, match=r"building SAE\(SAEConfig\(d_in=1000, d_sae=1000000000000\)\) .*needs "
+                                            r"about 14\.2 PiB, more than this machine's memory") as e:
+        sp.SAE(sp.SAEConfig(d_in=1000, d_sae=10**12, architecture="relu"))
+    # 16 bytes per weight of one matrix (two float64 copies while the decoder is drawn), by hand: 1.6e16 B
+    assert f"{16 * 1000 * 10**12 / 2**50:.1f} PiB" in str(e.value)
+    assert isinstance(e.value, ConfigError)  # a ConfigError: generic handlers of bad settings keep working
+    with pytest.raises(TooLargeError, match=r"d_in=10000000, d_sae=10000000"):
+        sp.SAEConfig.from_dict({"d_in": 10**7, "d_sae": 10**7, "architecture": "topk", "k": 8})
+
+
+def test_check_fits_names_the_device(monkeypatch):
+    from splinterp import memory
+
+    cfg = sp.SAEConfig(d_in=1000, d_sae=4000, architecture="relu", dtype="float16")
+    assert cfg.parameter_bytes() == 2 * (2 * 1000 * 4000 + 1000 + 4000)  # W_enc, W_dec, b_dec, b_enc
+    monkeypatch.setattr(memory, "device_memory", lambda dev: 10_000_000 if torch.device(dev).type == "cuda" else 2**40)
+    with pytest.raises(TooLargeError, match=r"the float16 parameters of SAEConfig\(d_in=1000, d_sae=4000\) needs about "
+                                            r"15\.3 MiB, more than cuda:0's memory: 9\.5 MiB"):
+        cfg.check_fits("cuda:0")
+    cfg.check_fits("cpu")
+
+
+PEAK = """
+import resource, sys, torch, splinterp as sp
+torch.set_num_threads(1)
+sp.SAE(sp.SAEConfig(d_in=4, d_sae=8, architecture="relu"))  # warm up the allocator and kernels
+pages = int(open("/proc/self/statm").read().split()[1])
+before = pages * resource.getpagesize()
+cfg = sp.SAEConfig(d_in=1000, d_sae=20000, architecture=sys.argv[1], k=8 if sys.argv[1] == "topk" else None,
+                   dtype=sys.argv[2], tied=sys.argv[3] == "tied")
+sae = sp.SAE(cfg)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before, cfg.init_peak_bytes())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and ru_maxrss in KiB (Linux)")
+@pytest.mark.parametrize("arch, dtype, tied, by_hand", [
+    # n = 2e7 weights per matrix; vectors b_dec + b_enc = 21,000 numbers
+    ("topk", "float32", "untied", 8 * 2 * 10**7 + 4 * (2 * 2 * 10**7 + 21000)),  # draw + W_enc + W_dec + vectors
+    ("relu", "float64", "untied", 8 * 2 * 10**7 + 8 * (2 * 10**7 + 21000)),  # W_dec is the drawn copy itself
+    ("relu", "float16", "tied", 16 * 2 * 10**7),  # the draw and its normalised copy dominate
+])
+def test_the_predicted_peak_is_what_the_os_measures(arch, dtype, tied, by_hand):
+    out = subprocess.run([sys.executable, "-c", PEAK, arch, dtype, tied], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    measured, predicted = map(int, out.stdout.split())
+    assert predicted == by_hand
+    assert 0.9 * predicted <= measured <= 1.1 * predicted, (measured, predicted)
