@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -186,6 +187,20 @@ def _type_ok(value, tp) -> bool:
     return True  # an annotation we do not interpret
 
 
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    """The resolved annotations of a dataclass (cached: resolving them costs more than the whole check).
+
+    An annotation that does not resolve (a name imported only under TYPE_CHECKING, a class defined in a
+    function) is a bug in that dataclass: a TypeError says so, instead of silently checking no field at all.
+    """
+    try:
+        return typing.get_type_hints(cls)
+    except Exception as e:  # NameError, TypeError, ...: whatever evaluating an annotation raised
+        raise TypeError(f"the field annotations of {cls.__module__}.{cls.__qualname__} do not resolve ({e!r}), so "
+                        "its values cannot be type-checked; define the names they use at module level") from e
+
+
 def check_dataclass_types(obj, name: str | None = None) -> None:
     """Raise ConfigError if a dataclass field holds a value of the wrong type, or a non-finite float.
 
@@ -195,10 +210,7 @@ def check_dataclass_types(obj, name: str | None = None) -> None:
     if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
         raise TypeError(f"check_dataclass_types expects a dataclass instance, got {type(obj).__name__}")
     name = name or type(obj).__name__
-    try:
-        hints = typing.get_type_hints(type(obj))
-    except Exception:  # unresolvable forward references: check nothing rather than fail
-        return
+    hints = _type_hints(type(obj))
     for f in dataclasses.fields(obj):
         if f.name not in hints:
             continue

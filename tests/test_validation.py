@@ -26,6 +26,7 @@ from splinterp.errors import (
     TooLargeError,
 )
 from splinterp.validation import (
+    _type_hints,
     check_batch,
     check_data,
     check_dataclass_types,
@@ -136,6 +137,36 @@ def test_check_dataclass_types(changes, match):
     check_dataclass_types(_Cfg(n=1, lr=1, name=None))  # an int is a fine float
     with pytest.raises(ConfigError, match=match):
         check_dataclass_types(dataclasses.replace(_Cfg(n=1), **changes))
+
+
+@dataclasses.dataclass
+class _Unresolvable:
+    n: int
+    rng: NotImportedHere  # noqa: F821 (what a name imported only under TYPE_CHECKING looks like at run time)
+
+
+def test_unresolvable_annotations_fail_loudly_instead_of_switching_the_check_off():
+    """The check used to return silently, so a config with one bad annotation had none of its fields checked."""
+    with pytest.raises(TypeError, match=r"annotations of .*_Unresolvable do not resolve .*NotImportedHere"):
+        check_dataclass_types(_Unresolvable(n="not an int", rng=None))
+
+
+def test_every_config_dataclass_of_the_package_resolves():
+    """Every dataclass in splinterp can be type-checked (none would hit the error above)."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    found = 0
+    for m in pkgutil.walk_packages(sp.__path__, "splinterp."):
+        if m.name.endswith("__main__"):
+            continue
+        mod = importlib.import_module(m.name)
+        for obj in vars(mod).values():
+            if inspect.isclass(obj) and dataclasses.is_dataclass(obj) and obj.__module__ == mod.__name__:
+                assert _type_hints(obj).keys() >= {f.name for f in dataclasses.fields(obj)}, obj
+                found += 1
+    assert found >= 30
 
 
 @settings(max_examples=25, deadline=None)
@@ -318,3 +349,30 @@ def test_the_predicted_peak_is_what_the_os_measures(arch, dtype, tied, by_hand):
     measured, predicted = map(int, out.stdout.split())
     assert predicted == by_hand
     assert 0.9 * predicted <= measured <= 1.1 * predicted, (measured, predicted)
+
+
+# ------------------------------------------------------------------------------------ no assert as a runtime check
+def _files_with_asserts() -> dict[str, list[int]]:
+    """Library files holding `assert` statements (python -O strips them, so they check nothing there)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(sp.__file__).parent
+    found = {}
+    for path in sorted(root.rglob("*.py")):
+        lines = [n.lineno for n in ast.walk(ast.parse(path.read_text("utf-8"))) if isinstance(n, ast.Assert)]
+        if lines:
+            found[path.relative_to(root.parent).as_posix()] = lines
+    return found
+
+
+def test_no_assert_as_a_runtime_check_in_the_library():
+    found = _files_with_asserts()
+    found.pop("splinterp/experiments/capacity.py", None)  # see the xfail below
+    assert found == {}
+
+
+@pytest.mark.xfail(strict=True, reason="experiments/capacity.py:213 checks a parameter count with a bare assert; "
+                                       "experiments/ is being restructured elsewhere")
+def test_no_assert_in_the_experiments():
+    assert "splinterp/experiments/capacity.py" not in _files_with_asserts()
