@@ -31,7 +31,7 @@ import torch
 
 from splinterp import kernels
 from splinterp.errors import ConfigError, EmptyDataError, NotAModelError, ShapeError
-from splinterp.validation import as_tensor, check_data
+from splinterp.validation import as_tensor, check_data, check_device
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ def mse(x, x_hat, reduction: str = "mean") -> float:
         return sse / x.numel()
     if reduction == "sum_per_token":
         return sse / x.shape[0]
-    raise ValueError(f"reduction must be 'mean' or 'sum_per_token', got {reduction!r}")
+    raise ConfigError(f"reduction must be 'mean' or 'sum_per_token', got {reduction!r}")
 
 
 def _codes(z) -> torch.Tensor:
@@ -329,7 +329,7 @@ def accumulate(model: Any, X, batch_size: int = 4096, device: str | torch.device
     d_in = _model_attr(model, "d_in")
     dtype = _model_attr(model, "dtype")
     dtype = dtype if isinstance(dtype, torch.dtype) else None
-    dev = device if device is not None else _model_attr(model, "device")
+    dev = check_device(device) if device is not None else _model_attr(model, "device")
     acc = MetricAccumulator()
     sparse_sae = _is_sae(model)
     for x in _batches(X, batch_size, d_in, dtype, "X"):

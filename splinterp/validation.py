@@ -147,6 +147,25 @@ def check_batch(
     return x
 
 
+def check_device(device, name: str = "device") -> torch.device:
+    """A torch device this process can use; ConfigError naming `name` for a bad string ("tpu") or a device that
+    is not here (cuda without a GPU, cuda:7 on a 2-GPU machine), instead of torch's error at first use."""
+    if isinstance(device, bool) or not isinstance(device, (str, torch.device)):
+        raise ConfigError(f"{name} must be a device string such as 'cpu' or 'cuda:0', got {device!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"{name} {device!r} is not a valid torch device ({e})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{name} {device!r}: CUDA is not available in this process")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"{name} {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ConfigError(f"{name} {device!r}: MPS is not available in this process")
+    return dev
+
+
 def check_positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")

@@ -314,3 +314,26 @@ def test_hostile_texts_and_vocab_files_are_corrupt(cache):
     (cache.folder / "vocab.json").write_text('{"0": [1]}')
     with pytest.raises(CorruptFileError, match="vocab.json is not an object of token strings"):
         ActivationCache.open(cache.folder).token_strings()
+
+
+@pytest.mark.parametrize("kw, field", [({"layer": 1.5}, "layer"), ({"layer": "0"}, "layer"), ({"layer": True}, "layer"),
+                                       ({"batch_size": 2.5}, "batch_size"), ({"buffer_tokens": "x"}, "buffer_tokens"),
+                                       ({"buffer_tokens": 0}, "buffer_tokens"), ({"seed": "x"}, "seed"),
+                                       ({"dtype": "float32"}, "dtype"), ({"dtype": torch.int64}, "dtype"),
+                                       ({"device": "tpu"}, "device"), ({"device": "cuda:99"}, "device")])
+def test_reader_arguments_of_the_wrong_kind_are_named(cache, kw, field):
+    """These used to end in TypeError / ValueError / torch RuntimeError from deep inside the reader."""
+    with pytest.raises(ConfigError, match=field):
+        list(cache.iter_batches(**{"layer": 0, "batch_size": 8, **kw}))
+
+
+def test_load_and_standardizer_arguments_are_named(cache):
+    with pytest.raises(ConfigError, match="max_bytes"):
+        cache.load(0, max_bytes="4GB")
+    with pytest.raises(ConfigError, match="dtype"):
+        cache.load(0, dtype="float64")
+    with pytest.raises(ConfigError, match="eps"):
+        Standardizer.fit(torch.randn(5, 3), eps="small")
+    with pytest.raises(ConfigError, match="eps"):
+        Standardizer.fit(torch.randn(5, 3), eps=-1.0)
+    assert torch.equal(cache.load([0]), cache.load(np.int64(0)))  # numpy ints are layer numbers too

@@ -154,3 +154,11 @@ def test_evaluate_refuses_what_is_not_a_model_naming_model(model):
 def test_evaluate_refuses_a_bad_batch_size(batch_size):
     with pytest.raises(ConfigError, match="batch_size must be a positive integer"):
         M.evaluate(sp.make_sae(4, 8, "relu"), torch.randn(10, 4), batch_size=batch_size)
+
+
+def test_metric_settings_are_named():
+    with pytest.raises(ConfigError, match="reduction must be 'mean' or 'sum_per_token'"):
+        M.mse(X, XH, reduction="sum")
+    for device in ("tpu", "cuda:99", 3):
+        with pytest.raises(ConfigError, match="device"):
+            M.evaluate(sp.make_sae(2, 4, "relu"), X, device=device)

@@ -491,3 +491,28 @@ def test_encoding_data_far_beyond_the_fit_names_the_row():
             model.encode(far)
     far64 = far.double()
     assert km.double().encode(far64)[3].sum() == 1  # the named way out: float64 is enough here
+
+
+@pytest.mark.parametrize("make", [lambda **kw: KMeansAE(2, **kw), lambda **kw: LocalPCAAE(2, 1, **kw),
+                                  lambda **kw: PCAAE(1, **kw)])
+@pytest.mark.parametrize("kw, field", [({"seed": 1.5}, "seed"), ({"device": "tpu"}, "device"),
+                                       ({"device": "cuda:99"}, "device"), ({"chunk_size": "8"}, "chunk_size")])
+def test_settings_of_the_wrong_kind_are_named(make, kw, field):
+    """seed=1.5 used to reach torch's manual_seed, device="tpu" torch's device parser (raw RuntimeErrors)."""
+    with pytest.raises(ConfigError, match=field):
+        make(**kw)
+
+
+@pytest.mark.parametrize("kw, field", [({"tol": "x"}, "tol"), ({"progress": "yes"}, "progress"),
+                                       ({"refine": "x"}, "refine"), ({"tol": float("inf")}, "tol")])
+def test_kmeans_settings_are_type_checked(kw, field):
+    with pytest.raises(ConfigError, match=field):
+        KMeansAE(2, **kw)
+
+
+def test_a_non_finite_init_is_named():
+    X, _ = blobs()
+    for model, init in ((KMeansAE(3), X[:3].clone()), (LocalPCAAE(3, 1), X[:3].clone())):
+        init[1, 2] = float("nan")
+        with pytest.raises(NonFiniteError, match=r"init contains a non-finite value \(nan\) at row 1, column 2"):
+            model.fit(X, init=init)

@@ -376,3 +376,19 @@ def test_no_assert_as_a_runtime_check_in_the_library():
                                        "experiments/ is being restructured elsewhere")
 def test_no_assert_in_the_experiments():
     assert "splinterp/experiments/capacity.py" not in _files_with_asserts()
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:99", "", 0, None, True, "cpu:x"])
+def test_check_device_names_the_argument(device):
+    with pytest.raises(ConfigError, match="^where"):
+        from splinterp.validation import check_device
+
+        check_device(device, "where")
+
+
+def test_check_device_accepts_what_is_here():
+    from splinterp.validation import check_device
+
+    assert check_device("cpu") == torch.device("cpu") and check_device(torch.device("cpu")).type == "cpu"
+    if torch.cuda.is_available():
+        assert check_device("cuda:0").index == 0

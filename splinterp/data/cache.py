@@ -47,7 +47,7 @@ from splinterp.errors import (
     EmptyDataError,
     ShapeError,
 )
-from splinterp.validation import all_finite, check_data, read_json
+from splinterp.validation import all_finite, check_data, check_device, check_positive_int, read_json
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +297,11 @@ class ActivationCache:
 
     # ------------------------------------------------------------------------------ reading
     def _check_layer(self, layer: int | Sequence[int]) -> list[int]:
-        layers = [layer] if isinstance(layer, int) and not isinstance(layer, bool) else list(layer)
+        layers = [layer] if isinstance(layer, (int, np.integer)) else layer
+        if isinstance(layer, bool) or not isinstance(layers, Sequence) or isinstance(layers, str) \
+                or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in layers):
+            raise ConfigError(f"layer must be a layer number or a list of them, got {layer!r}")
+        layers = [int(v) for v in layers]
         missing = [v for v in layers if v not in self.manifest["layers"]]
         if missing or not layers:
             raise ConfigError(f"layer(s) {missing or layer!r} not in this cache (it holds {self.layers})")
@@ -382,14 +386,17 @@ class ActivationCache:
         token index (for `token_ids`, `token_strings`, hover text). dtype None keeps the stored dtype.
         """
         layers = self._check_layer(layer)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+        batch_size = check_positive_int(batch_size, "batch_size")
         if buffer_tokens is None:
             buffer_tokens = 4 * max(s["n_tokens"] for s in self.shards)
-        buffer_tokens = max(int(buffer_tokens), batch_size)
+        buffer_tokens = max(check_positive_int(buffer_tokens, "buffer_tokens"), batch_size)
+        if not _is_int(seed):
+            raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ConfigError(f"dtype must be a floating torch.dtype (e.g. torch.float32) or None, got {dtype!r}")
+        dev = check_device(device)
         gen = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(self.shards), generator=gen).tolist() if shuffle else range(len(self.shards))
-        dev = torch.device(device)
 
         def emit(x: torch.Tensor, idx: torch.Tensor, n: int):
             for s in range(0, n, batch_size):
@@ -431,6 +438,9 @@ class ActivationCache:
              max_bytes: int = 4 << 30) -> torch.Tensor:
         """The whole layer (or split) as one tensor, for small caches; refuses above `max_bytes`."""
         layers = self._check_layer(layer)
+        max_bytes = check_positive_int(max_bytes, "max_bytes")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ConfigError(f"dtype must be a floating torch.dtype (e.g. torch.float32) or None, got {dtype!r}")
         itemsize = torch.empty((), dtype=dtype or self.dtype).element_size()
         need = self.n_tokens * self.d_model * len(layers) * itemsize
         if need > max_bytes:
@@ -516,6 +526,8 @@ class Standardizer:
             test_frac: float | None = None) -> Standardizer:
         """Stream mean/std over `source`: a cache (its `split` of `layer`), a tensor [N, d] or an
         iterable of such batches. float64 accumulators, so float16 caches lose nothing."""
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+            raise ConfigError(f"eps must be a finite number >= 0, got {eps!r}")
         if isinstance(source, ActivationCache):
             if layer is None:
                 raise ConfigError("Standardizer.fit on a cache needs layer=")

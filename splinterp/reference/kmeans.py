@@ -31,7 +31,7 @@ from splinterp.reference._base import (
     times_pow2,
     tqdm_disable,
 )
-from splinterp.validation import as_tensor, check_positive_int
+from splinterp.validation import as_tensor, check_dataclass_types, check_device, check_finite, check_positive_int
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,8 @@ class KMeansConfig:
     better than Lloyd alone. False gives plain Lloyd k-means (what LocalPCAAE at rank 0 does)."""
 
     def __post_init__(self) -> None:
+        check_dataclass_types(self, "KMeansAE")  # wrong types (seed=1.5, tol="x", progress="yes") before meaning
+        check_device(self.device)
         check_positive_int(self.n_clusters, "n_clusters")
         check_positive_int(self.n_init, "n_init")
         check_positive_int(self.max_iter, "max_iter")
@@ -299,6 +301,7 @@ class KMeansAE(ReferenceAE):
                 raise ShapeError(f"init must have shape [n_clusters={k}, d={d}], got {tuple(C0.shape)}")
             if C0.dtype != X.dtype:
                 raise DTypeError(f"init has dtype {C0.dtype} but X has {X.dtype}; convert it explicitly")
+            check_finite(C0, "init")
             C0 = (times_pow2(C0, -e) - offset)[None]
         elif cfg.init == "k-means++":
             C0 = kmeans_plusplus(Xc, x_sq, k, cfg.n_init, gen)

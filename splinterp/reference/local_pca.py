@@ -38,7 +38,7 @@ from splinterp.reference._base import (
     tqdm_disable,
 )
 from splinterp.reference.kmeans import KMeansAE
-from splinterp.validation import as_tensor, check_positive_int
+from splinterp.validation import as_tensor, check_dataclass_types, check_device, check_finite, check_positive_int
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,8 @@ class LocalPCAConfig:
     """tqdm bars; None shows them only for big fits."""
 
     def __post_init__(self) -> None:
+        check_dataclass_types(self, "LocalPCAAE")  # wrong types (seed=1.5, tol="x", progress="yes") before meaning
+        check_device(self.device)
         check_positive_int(self.n_regions, "n_regions")
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
             raise ConfigError(f"rank must be an integer >= 0, got {self.rank!r}")
@@ -285,6 +287,7 @@ class LocalPCAAE(ReferenceAE):
                 raise ShapeError(f"init must have shape [n_regions={m}, d={d}], got {tuple(M0.shape)}")
             if M0.dtype != X.dtype:
                 raise DTypeError(f"init has dtype {M0.dtype} but X has {X.dtype}; convert it explicitly")
+            check_finite(M0, "init")
             starts = [times_pow2(M0, -e) - offset]
         else:
             starts = []

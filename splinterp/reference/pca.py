@@ -14,6 +14,7 @@ import torch
 
 from splinterp.errors import ConfigError
 from splinterp.reference._base import ReferenceAE, center, scale_exponent, times_pow2, top_directions
+from splinterp.validation import check_dataclass_types, check_device
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,8 @@ class PCAConfig:
     chunk_size: int | None = None
 
     def __post_init__(self) -> None:
+        check_dataclass_types(self, "PCAAE")  # wrong types (seed=1.5, tol="x", progress="yes") before meaning
+        check_device(self.device)
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
             raise ConfigError(f"rank must be an integer >= 0, got {self.rank!r}")
 
