@@ -31,7 +31,7 @@ import torch
 
 from splinterp import kernels
 from splinterp.errors import ConfigError, EmptyDataError, NotAModelError, ShapeError
-from splinterp.validation import as_tensor, check_data, check_device
+from splinterp.validation import as_tensor, check_data, check_device, check_finite
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +39,12 @@ _F64 = torch.float64
 
 
 def _pair(x, x_hat) -> tuple[torch.Tensor, torch.Tensor]:
+    """Data and reconstruction: floating, finite (a NaN would turn every metric into NaN), the same shape."""
     x, x_hat = as_tensor(x, "x"), as_tensor(x_hat, "x_hat")
     if x.ndim != 2 or x_hat.shape != x.shape:
         raise ShapeError(f"x and x_hat must both be [N, d_in] with the same shape, got {tuple(x.shape)} and "
                          f"{tuple(x_hat.shape)}")
-    return x, x_hat
+    return check_data(x, name="x", allow_empty=True), check_data(x_hat, name="x_hat", allow_empty=True)
 
 
 class MetricAccumulator:
@@ -207,9 +208,10 @@ def mse(x, x_hat, reduction: str = "mean") -> float:
 def _codes(z) -> torch.Tensor:
     z = as_tensor(z, "z")
     if z.ndim != 2:
-        raise ShapeError(f"codes must be [N, d_sae], got {tuple(z.shape)}")
+        raise ShapeError(f"codes z must be [N, d_sae], got {tuple(z.shape)}")
     if z.shape[0] == 0:
-        raise EmptyDataError("codes have no rows")
+        raise EmptyDataError("codes z have no rows")
+    check_finite(z, "z")
     return z
 
 

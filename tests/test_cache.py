@@ -337,3 +337,8 @@ def test_load_and_standardizer_arguments_are_named(cache):
     with pytest.raises(ConfigError, match="eps"):
         Standardizer.fit(torch.randn(5, 3), eps=-1.0)
     assert torch.equal(cache.load([0]), cache.load(np.int64(0)))  # numpy ints are layer numbers too
+
+
+def test_a_bad_test_frac_is_named_even_without_a_split(cache):
+    with pytest.raises(ConfigError, match="test_frac"):
+        list(cache.iter_batches(0, 8, test_frac=2))

@@ -162,3 +162,27 @@ def test_metric_settings_are_named():
     for device in ("tpu", "cuda:99", 3):
         with pytest.raises(ConfigError, match="device"):
             M.evaluate(sp.make_sae(2, 4, "relu"), X, device=device)
+
+
+@pytest.mark.parametrize("f", [M.mse, M.explained_variance, M.fvu, M.cossim, M.l2_ratio,
+                               M.relative_reconstruction_bias])
+def test_metrics_of_nan_or_integer_data_are_refused_naming_the_argument(f):
+    """mse(x with a NaN, x_hat) used to return nan, and integer tensors were cast silently."""
+    bad = X.clone()
+    bad[1, 0] = float("nan")
+    with pytest.raises(sp.errors.NonFiniteError, match=r"^x contains a non-finite value \(nan\) at row 1"):
+        f(bad, XH)
+    with pytest.raises(sp.errors.NonFiniteError, match=r"^x_hat contains"):
+        f(X, bad)
+    with pytest.raises(DTypeError, match="^x has dtype torch.int64"):
+        f(X.long(), XH.long())
+
+
+@pytest.mark.parametrize("f", [M.l0, M.l1, M.feature_density, M.dead_features, M.frac_alive])
+def test_sparsity_metrics_of_nan_codes_are_refused(f):
+    z = Z.clone()
+    z[0, 2] = float("inf")
+    with pytest.raises(sp.errors.NonFiniteError, match=r"^z contains a non-finite value \(inf\) at row 0, column 2"):
+        f(z)
+    as_int, as_float = f(torch.tensor([[0, 3], [0, 0]])), f(torch.tensor([[0.0, 3.0], [0.0, 0.0]]))
+    assert torch.equal(torch.as_tensor(as_int), torch.as_tensor(as_float))  # integer codes are fine

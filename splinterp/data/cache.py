@@ -387,6 +387,8 @@ class ActivationCache:
         """
         layers = self._check_layer(layer)
         batch_size = check_positive_int(batch_size, "batch_size")
+        if test_frac is not None:
+            _check_frac(test_frac)
         if buffer_tokens is None:
             buffer_tokens = 4 * max(s["n_tokens"] for s in self.shards)
         buffer_tokens = max(check_positive_int(buffer_tokens, "buffer_tokens"), batch_size)
