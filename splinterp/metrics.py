@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from splinterp import kernels
-from splinterp.errors import ConfigError, EmptyDataError, NotAModelError, ShapeError
+from splinterp.errors import ConfigError, DTypeError, EmptyDataError, NotAModelError, ShapeError
 from splinterp.validation import as_tensor, check_data, check_device, check_finite
 
 log = logging.getLogger(__name__)
@@ -194,15 +194,13 @@ class MetricAccumulator:
 def mse(x, x_hat, reduction: str = "mean") -> float:
     """(x - x_hat)^2 averaged over all elements ("mean"), or summed over features and averaged over rows
     ("sum_per_token", the SAELens loss convention = d_in * mean)."""
+    if not isinstance(reduction, str) or reduction not in ("mean", "sum_per_token"):
+        raise ConfigError(f"reduction must be 'mean' or 'sum_per_token', got {reduction!r}")
     x, x_hat = _pair(x, x_hat)
     sse = float(((x.to(_F64) - x_hat.to(_F64)) ** 2).sum())
     if x.numel() == 0:
         raise EmptyDataError("mse of an empty set is undefined")
-    if reduction == "mean":
-        return sse / x.numel()
-    if reduction == "sum_per_token":
-        return sse / x.shape[0]
-    raise ConfigError(f"reduction must be 'mean' or 'sum_per_token', got {reduction!r}")
+    return sse / x.numel() if reduction == "mean" else sse / x.shape[0]
 
 
 def _codes(z) -> torch.Tensor:
@@ -293,6 +291,9 @@ def _batches(X, batch_size: int, d_in: int | None, dtype, name: str) -> Iterable
         for s in range(0, X.shape[0], batch_size):
             yield X[s:s + batch_size]
         return
+    if isinstance(X, (str, bytes)) or not isinstance(X, Iterable):
+        raise DTypeError(f"{name} must be a tensor or array [N, d_in], or an iterable of such batches, got "
+                         f"{type(X).__name__}")
     for i, x in enumerate(X):
         yield check_data(x, d_in, name=f"{name} batch {i}", dtype=dtype, allow_empty=True)
 
@@ -313,6 +314,8 @@ def evaluate(model: Any, X, batch_size: int = 4096, device: str | torch.device |
     (default: the model's device, else X's); the model itself is not moved.
     """
     acc = accumulate(model, X, batch_size, device)
+    if acc.n == 0:
+        raise EmptyDataError("X has no rows: there is nothing to evaluate")
     out: dict[str, Any] = acc.compute()
     if return_density:
         out["feature_density"] = acc.feature_density()

@@ -61,7 +61,7 @@ class SAEConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
-        if self.architecture not in ARCHITECTURES:
+        if not isinstance(self.architecture, str) or self.architecture not in ARCHITECTURES:
             raise ConfigError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
         if self.architecture in TOPK_ARCHITECTURES:
             if self.k is None:
@@ -70,7 +70,7 @@ class SAEConfig:
                 raise ConfigError(f"k must be an integer with 1 <= k <= d_sae={self.d_sae}, got {self.k!r}")
         elif self.k is not None:
             raise ConfigError(f"k={self.k} given but architecture {self.architecture!r} does not use k")
-        if self.dtype not in DTYPES:
+        if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         try:
             torch.device(self.device)

@@ -189,8 +189,8 @@ def _type_ok(value, tp) -> bool:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         return any(_type_ok(value, a) for a in typing.get_args(tp))
-    if origin is typing.Literal:
-        return value in typing.get_args(tp)
+    if origin is typing.Literal:  # compared only with values of the same type (an array's == is elementwise)
+        return any(type(value) is type(a) and value == a for a in typing.get_args(tp))
     if tp is type(None):
         return value is None
     if tp is bool:

@@ -342,3 +342,17 @@ def test_load_and_standardizer_arguments_are_named(cache):
 def test_a_bad_test_frac_is_named_even_without_a_split(cache):
     with pytest.raises(ConfigError, match="test_frac"):
         list(cache.iter_batches(0, 8, test_frac=2))
+
+
+def test_arrays_where_strings_belong_are_named(cache):
+    """`split=np.zeros(2)` ended in numpy's 'truth value of an array is ambiguous' ValueError."""
+    with pytest.raises(ConfigError, match="split must be"):
+        list(cache.iter_batches(0, 8, split=np.zeros(2)))
+    with pytest.raises(ConfigError, match="split_unit must be"):
+        ActivationCache.open(cache.folder, split_unit=np.zeros(2))
+    with pytest.raises(ConfigError, match="verify must be"):
+        ActivationCache.open(cache.folder, verify=np.zeros(2))
+    manifest = json.loads((cache.folder / "manifest.json").read_text())
+    (cache.folder / "manifest.json").write_text(json.dumps({**manifest, "dtype": ["float32"]}))
+    with pytest.raises(CorruptFileError, match="dtype must be one of"):
+        ActivationCache.open(cache.folder)

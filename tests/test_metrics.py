@@ -186,3 +186,8 @@ def test_sparsity_metrics_of_nan_codes_are_refused(f):
         f(z)
     as_int, as_float = f(torch.tensor([[0, 3], [0, 0]])), f(torch.tensor([[0.0, 3.0], [0.0, 0.0]]))
     assert torch.equal(torch.as_tensor(as_int), torch.as_tensor(as_float))  # integer codes are fine
+
+
+def test_an_array_as_reduction_is_named():
+    with pytest.raises(ConfigError, match="reduction must be"):
+        M.mse(X, XH, reduction=np.zeros(2))

@@ -6,6 +6,7 @@ import dataclasses
 import math
 import subprocess
 import sys
+from typing import Literal
 
 import numpy as np
 import pytest
@@ -392,3 +393,24 @@ def test_check_device_accepts_what_is_here():
     assert check_device("cpu") == torch.device("cpu") and check_device(torch.device("cpu")).type == "cpu"
     if torch.cuda.is_available():
         assert check_device("cuda:0").index == 0
+
+
+@pytest.mark.parametrize("field", ["architecture", "dtype"])
+@pytest.mark.parametrize("value", [np.zeros(2), ["relu"], torch.zeros(2)])
+def test_sae_config_strings_given_arrays_or_lists(field, value):
+    """architecture=np.zeros(2) gave numpy's ambiguous-truth ValueError, dtype=[...] an unhashable TypeError."""
+    with pytest.raises(ConfigError, match=f"{field} must be one of"):
+        sp.SAEConfig(**{"d_in": 3, "d_sae": 4, "architecture": "relu", field: value})
+
+
+@dataclasses.dataclass
+class _Lit:
+    mode: Literal["a", "b"] = "a"
+    n: Literal[1, 2] = 1
+
+
+def test_literal_fields_compare_only_like_with_like():
+    check_dataclass_types(_Lit())
+    for bad in ({"mode": np.array(["a", "a"])}, {"n": True}, {"n": 1.0}, {"mode": ["a"]}):
+        with pytest.raises(ConfigError, match="must be"):
+            check_dataclass_types(_Lit(**bad))

@@ -86,7 +86,7 @@ def _check_frac(test_frac: float) -> float:
 def to_storage(x: torch.Tensor, dtype: str, name: str = "acts") -> torch.Tensor:
     """`x` (finite) converted to the cache's storage dtype on the CPU; ConfigError naming the largest value if
     some value does not fit (float16 ends at 65504): an inf would otherwise come back from every read."""
-    if dtype not in STORE_DTYPES:
+    if not isinstance(dtype, str) or dtype not in STORE_DTYPES:
         raise ConfigError(f"dtype must be one of {tuple(STORE_DTYPES)}, got {dtype!r}")
     out = x.detach().to(device="cpu", dtype=STORE_DTYPES[dtype])
     if all_finite(out):
@@ -187,7 +187,7 @@ def validate_manifest(m: Any, where: str = MANIFEST) -> dict[str, Any]:
         raise bad(f"d_model must be a positive int, got {m.get('d_model')!r}")
     if not _is_int(m.get("n_tokens"), 1):
         raise bad(f"n_tokens must be a positive int, got {m.get('n_tokens')!r}")
-    if m.get("dtype") not in STORE_DTYPES:
+    if not isinstance(m.get("dtype"), str) or m["dtype"] not in STORE_DTYPES:
         raise bad(f"dtype must be one of {tuple(STORE_DTYPES)}, got {m.get('dtype')!r}")
     shards = m.get("shards")
     if not isinstance(shards, list) or not shards:
@@ -227,7 +227,7 @@ class ActivationCache:
         self.test_frac = _check_frac(test_frac)
         if not _is_int(split_seed):
             raise ConfigError(f"split_seed must be a non-negative int, got {split_seed!r}")
-        if split_unit not in SPLIT_UNITS:
+        if not isinstance(split_unit, str) or split_unit not in SPLIT_UNITS:
             raise ConfigError(f"split_unit must be one of {SPLIT_UNITS}, got {split_unit!r}")
         self.split_seed, self.split_unit = split_seed, split_unit
         self._texts: list[str] | None = None
@@ -242,7 +242,7 @@ class ActivationCache:
         verify: "on_read" (default) checks each shard's sha256 the first time this process reads it (no extra
         pass: see the module docstring); True also checks every shard now; False never checks.
         """
-        if not any(verify is v or (isinstance(v, str) and verify == v) for v in VERIFY_MODES):
+        if not (verify is True or verify is False or (isinstance(verify, str) and verify == "on_read")):
             raise ConfigError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
         folder = Path(folder)
         path = folder / MANIFEST
@@ -331,7 +331,7 @@ class ActivationCache:
     def _split_keep(self, shard: dict[str, Any], split: str | None, test_frac: float | None,
                     text_ids: torch.Tensor | None = None) -> torch.Tensor | None:
         """Bool mask of the shard's rows in `split` (None = every row)."""
-        if split not in SPLITS:
+        if not (split is None or (isinstance(split, str) and split in SPLITS)):
             raise ConfigError(f"split must be 'train', 'test' or None, got {split!r}")
         if split is None:
             return None
