@@ -92,7 +92,7 @@ def brute_force(sae: sp.SAE, x: torch.Tensor):
     boundary (so that rounding in the SAE's own dtype may flip a latent only where the margin is tiny). Written
     from the definitions and the raw parameters, not from `encoder_affine` / `select`."""
     P = {n: p.detach().double() for n, p in sae.named_parameters()}
-    x = x.double().reshape(-1, sae.cfg.d_in)
+    x = torch.as_tensor(x).double().reshape(-1, sae.cfg.d_in)  # the geometry also takes numpy arrays
     W_enc, b_dec = P["W_enc"], P["b_dec"]
     W_dec = W_enc.T if sae.cfg.tied else P["W_dec"]
     xin = x - b_dec if sae.cfg.apply_b_dec_to_input else x
@@ -311,7 +311,7 @@ def test_region_entry_points(sae, data):
 def _topk_abs_mask(sae, X):
     """Active set of a topk_abs SAE: the k largest |u| (a zero u is still selected, but its code is 0)."""
     P = {n: p.detach().double() for n, p in sae.named_parameters()}
-    x = X.double().reshape(-1, sae.cfg.d_in)
+    x = torch.as_tensor(X).double().reshape(-1, sae.cfg.d_in)
     xin = x - P["b_dec"] if sae.cfg.apply_b_dec_to_input else x
     u = xin @ P["W_enc"] + P["b_enc"]
     top = torch.sort(u.abs(), dim=1, descending=True, stable=True).indices[:, :sae.cfg.k]
