@@ -516,3 +516,13 @@ def test_a_non_finite_init_is_named():
         init[1, 2] = float("nan")
         with pytest.raises(NonFiniteError, match=r"init contains a non-finite value \(nan\) at row 1, column 2"):
             model.fit(X, init=init)
+
+
+def test_subnormal_data_report_what_the_stored_model_achieves():
+    """Data at 2^-149 (float32's smallest subnormal): the fitted mean 2^-150 cannot be stored, so the objective
+    must be that of the stored model (found by the fuzz suite: it was half of it)."""
+    X = torch.tensor([[2.0**-149], [0.0]])
+    for model, value in ((KMeansAE(1).fit(X), "inertia_"), (LocalPCAAE(1, 0).fit(X), "objective_")):
+        stored = model.forward(X).double()
+        by_hand = float(((X.double() - stored) ** 2).sum())
+        assert getattr(model, value) == by_hand == 2.0**-298  # the mean is stored as 0 or 2^-149: error 2^-298

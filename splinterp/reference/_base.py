@@ -62,6 +62,13 @@ def times_pow2(t: torch.Tensor, e: int) -> torch.Tensor:
     return t if e == 0 else t * (2.0**e)
 
 
+def scale_back(t: torch.Tensor, e: int) -> tuple[torch.Tensor, bool]:
+    """(t * 2^e, whether that was exact): it is not where results fall among the subnormal numbers (data near
+    1e-40 in float32) or overflow, and then the stored model is not quite the fitted one."""
+    out = times_pow2(t, e)
+    return out, e == 0 or torch.equal(times_pow2(out, -e), t)
+
+
 def times_4_pow(value: float, e: int) -> float:
     """A sum of squares computed at scale 2^-e, back in the data's units (value * 4^e); inf where the true value
     exceeds the float64 range (data near 1e200), like any float64 overflow, never an OverflowError."""
@@ -380,6 +387,10 @@ class ReferenceAE(nn.Module):
         self._fitted = True
         self._dtype = X.dtype
         self._d_in = X.shape[1]
+
+    def _sq_error_sum(self, X: torch.Tensor) -> float:
+        """Sum of squared reconstruction errors of the stored model on X, in float64 (the objective it achieves)."""
+        return float(((X.double() - self.forward(X).double()) ** 2).sum())
 
     # ------------------------------------------------------------------ the autoencoder
     def fit(self, X, **kwargs) -> ReferenceAE:

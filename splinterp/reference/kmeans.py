@@ -26,6 +26,7 @@ from splinterp.reference._base import (
     exact_sq_errors,
     kmeans_plusplus,
     nearest_centres,
+    scale_back,
     scale_exponent,
     times_4_pow,
     times_pow2,
@@ -329,12 +330,15 @@ class KMeansAE(ReferenceAE):
             best_inertia = float(
                 exact_sq_errors(Xc, best_labels, centres, chunk_size=cfg.chunk_size).sum(dtype=torch.float64)
             )
-        self._offset = times_pow2(offset, e)
-        self._centres = times_pow2(centres, e).contiguous()
+        self._offset, exact_offset = scale_back(offset, e)
+        stored, exact_centres = scale_back(centres, e)
+        self._centres = stored.contiguous()
         self.labels_ = best_labels.contiguous()
         self.inertia_ = times_4_pow(best_inertia, e)
         self.n_iter_ = int(n_iter[best])
         self._mark_fitted(X)
+        if not (exact_offset and exact_centres):  # subnormal data: report what the stored centroids achieve
+            self.inertia_ = self._sq_error_sum(X)
         if int(torch.bincount(self.labels_, minlength=k).eq(0).sum()) > 0:
             log.warning("k-means: some clusters are empty at the end (fewer distinct points than n_clusters?)")
         log.info(

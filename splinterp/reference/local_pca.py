@@ -31,6 +31,7 @@ from splinterp.reference._base import (
     cluster_sums,
     exact_sq_errors,
     nearest_centres,
+    scale_back,
     scale_exponent,
     times_4_pow,
     times_pow2,
@@ -310,14 +311,17 @@ class LocalPCAAE(ReferenceAE):
             if best is None or out[3] < best[3]:
                 best = out
         means, bases, labels, obj, history, n_iter = best
-        self._offset = times_pow2(offset, e)
-        self._means = times_pow2(means, e).contiguous()
+        self._offset, exact_offset = scale_back(offset, e)
+        stored, exact_means = scale_back(means, e)
+        self._means = stored.contiguous()
         self.bases_ = bases.contiguous()  # orthonormal: scale-free
         self.labels_ = labels
         self.objective_ = times_4_pow(obj, e)
         self.objective_history_ = [times_4_pow(v, e) for v in history]
         self.n_iter_ = n_iter
         self._mark_fitted(X)
+        if not (exact_offset and exact_means):  # subnormal data: report what the stored flats achieve
+            self.objective_ = self._sq_error_sum(X)
         return self
 
     # ------------------------------------------------------------------ the autoencoder
