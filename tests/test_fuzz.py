@@ -117,10 +117,10 @@ def brute_force(sae: sp.SAE, x: torch.Tensor):
             top = order.indices[:, :k]
             active = torch.zeros_like(u, dtype=torch.bool).scatter_(1, top, True)
             gap = order.values[:, k - 1] - order.values[:, k] if k < u.shape[1] else inf
-            margin = gap
+            # topk: the ReLU decides on the selected; topk_abs: their signs are part of the region
+            margin = torch.minimum(gap, u.gather(1, top).abs().min(1).values)
             if arch == "topk":
                 active &= u > 0
-                margin = torch.minimum(gap, u.gather(1, top).abs().min(1).values)
     z = u * active
     scale_row = 1.0 + (xin.abs() @ W_enc.abs()).max(1).values + u.abs().max(1).values
     return z, z @ W_dec + b_dec, margin / scale_row
@@ -296,26 +296,30 @@ def test_region_entry_points(sae, data):
         return
     z_ref, _, margin = brute_force(sae, X)
     rows = robust_rows(sae, margin)
-    ref = z_ref != 0 if sae.cfg.architecture != "topk_abs" else _topk_abs_mask(sae, X)
+    abs_rule = sae.cfg.architecture == "topk_abs"
+    ref = _topk_abs_mask(sae, X) if abs_rule else z_ref != 0
     assert torch.equal(mask.reshape(ref.shape)[rows], ref[rows])
+    key = _topk_abs_mask(sae, X, with_signs=True) if abs_rule else ref
     r = rows.nonzero().flatten().tolist()
     ids = ids.reshape(-1)
-    for i in r:  # same id exactly when the brute-force masks agree
+    for i in r:  # same id exactly when the brute-force regions agree
         for j in r:
-            assert (bool(ids[i] == ids[j])) == bool(torch.equal(ref[i], ref[j]))
+            assert (bool(ids[i] == ids[j])) == bool(torch.equal(key[i], key[j]))
     if X.ndim == 2 and X.shape[0] > 0:
         stats = G.region_stats(sae, X, batch_size=batch_size)
         assert stats["n_inputs"] == X.shape[0] and stats["n_regions"] == len(torch.unique(ids))
 
 
-def _topk_abs_mask(sae, X):
-    """Active set of a topk_abs SAE: the k largest |u| (a zero u is still selected, but its code is 0)."""
+def _topk_abs_mask(sae, X, with_signs: bool = False):
+    """Active set of a topk_abs SAE: the k largest |u| (a zero u is still selected, but its code is 0); with
+    `with_signs`, also which selected scores are positive (a topk_abs region is the set and those signs)."""
     P = {n: p.detach().double() for n, p in sae.named_parameters()}
     x = torch.as_tensor(X).double().reshape(-1, sae.cfg.d_in)
     xin = x - P["b_dec"] if sae.cfg.apply_b_dec_to_input else x
     u = xin @ P["W_enc"] + P["b_enc"]
     top = torch.sort(u.abs(), dim=1, descending=True, stable=True).indices[:, :sae.cfg.k]
-    return torch.zeros_like(u, dtype=torch.bool).scatter_(1, top, True)
+    mask = torch.zeros_like(u, dtype=torch.bool).scatter_(1, top, True)
+    return torch.cat([mask, mask & (u > 0)], 1) if with_signs else mask
 
 
 @SLOW
