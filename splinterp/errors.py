@@ -73,3 +73,7 @@ class NotAModelError(SplinterpError, TypeError):
 
 class TooLargeError(ConfigError):
     """A setting would need more memory than the device has; refused up front, before allocating."""
+
+
+class PathNotFoundError(SplinterpError, FileNotFoundError):
+    """A file or folder that an argument names does not exist (a checkpoint to resume from, ...)."""

@@ -434,3 +434,16 @@ def test_the_lock_is_released_when_a_run_fails(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-e000001-b00000000", "latest.json"]  # no lock left
     h = train_sgd(make_sae(), make_data(0), _sgd(epochs=3, checkpoint_dir=str(tmp_path), resume=True))
     assert len(h) == 3
+
+
+def test_missing_and_hostile_checkpoint_files_are_named(tmp_path):
+    X = make_data(0)
+    with pytest.raises(sp.errors.PathNotFoundError, match="no training checkpoint at .*nothing.*resume_from"):
+        train_sgd(make_sae(), X, _sgd(epochs=1, resume_from=str(tmp_path / "nothing")))
+    train_sgd(make_sae(), X, _sgd(epochs=1, checkpoint_dir=str(tmp_path)))
+    (tmp_path / "latest.json").write_text("[" * 100_000)  # unreadable pointer: the newest folder is used
+    h = train_sgd(make_sae(), X, _sgd(epochs=2, checkpoint_dir=str(tmp_path), resume=True))
+    assert len(h) == 2
+    (latest_checkpoint(tmp_path) / "state.json").write_text("[" * 100_000)  # was a RecursionError
+    with pytest.raises(CorruptFileError, match="state.json is not valid JSON: nested too deeply"):
+        train_sgd(make_sae(), X, _sgd(epochs=3, checkpoint_dir=str(tmp_path), resume=True))

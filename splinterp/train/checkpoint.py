@@ -32,9 +32,10 @@ import torch
 
 from splinterp import __version__
 from splinterp.atomic import FolderLock, atomic_dir, hold_folder, write_json
-from splinterp.errors import CorruptFileError, NotAnSAEFolderError
+from splinterp.errors import CorruptFileError, NotAnSAEFolderError, PathNotFoundError
 from splinterp.io import load as load_sae_folder
 from splinterp.io import save as save_sae_folder
+from splinterp.validation import read_json
 
 log = logging.getLogger(__name__)
 
@@ -130,10 +131,10 @@ def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
     pointer = d / LATEST
     if pointer.exists():
         try:
-            target = d / json.loads(pointer.read_text())["checkpoint"]
+            target = d / read_json(pointer)["checkpoint"]
             if target.is_dir():
                 return target
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        except (CorruptFileError, KeyError, TypeError):
             log.warning("%s is unreadable; looking for checkpoint folders instead", pointer)
     found = list_checkpoints(d)
     return found[-1] if found else None
@@ -158,16 +159,16 @@ def resolve_checkpoint(path: str | Path) -> Path:
         found = latest_checkpoint(p)
         if found is not None:
             return found
-    raise FileNotFoundError(f"no training checkpoint at {p} (expected a folder with {STATE_JSON}, or a "
-                            f"checkpoint_dir holding {LATEST})")
+    raise PathNotFoundError(f"no training checkpoint at {p} (resume_from / checkpoint_dir: expected a folder with "
+                            f"{STATE_JSON}, or a checkpoint_dir holding {LATEST})")
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
     """Read a checkpoint folder; CorruptFileError if any part is missing or unreadable."""
     p = resolve_checkpoint(path)
     try:
-        state = json.loads((p / STATE_JSON).read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        state = read_json(p / STATE_JSON)
+    except OSError as e:
         raise CorruptFileError(f"{p / STATE_JSON} is unreadable: {e}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         raise CorruptFileError(f"{p / STATE_JSON}: not a splinterp checkpoint of format {FORMAT_VERSION}")
