@@ -19,10 +19,6 @@ class DTypeError(SplinterpError, TypeError):
     """An array has a dtype we refuse to convert silently (e.g. int pixels, float64 into a float32 SAE)."""
 
 
-class DeviceError(SplinterpError, ValueError):
-    """Tensors that must share a device do not."""
-
-
 class NonFiniteError(SplinterpError, ValueError):
     """Data contains NaN or inf; the message names the first bad row."""
 
@@ -33,6 +29,10 @@ class EmptyDataError(SplinterpError, ValueError):
 
 class ConfigError(SplinterpError, ValueError):
     """A configuration is inconsistent (k > d_sae, unknown architecture, negative rate, ...)."""
+
+
+class DeviceError(ConfigError):
+    """A device that is not available here, or tensors that must share a device do not."""
 
 
 class NotAnSAEFolderError(SplinterpError, FileNotFoundError):
@@ -61,3 +61,23 @@ class NotFittedError(SplinterpError, RuntimeError):
 
 class UnsupportedObjectError(SplinterpError, TypeError):
     """An object is not one we can use as an SAE (not ours, nor a SAELens / sparsify / dictionary_learning SAE)."""
+
+
+class FolderInUseError(SplinterpError, RuntimeError):
+    """Another run holds the lock of a folder this run would write to (two writers would corrupt it)."""
+
+
+class NotWritableError(SplinterpError, PermissionError):
+    """An output location cannot be written (permissions, read-only file system); found before any work."""
+
+
+class NotAModelError(SplinterpError, TypeError):
+    """An argument that must be a model (an object with `encode` and `decode`) is something else."""
+
+
+class TooLargeError(ConfigError):
+    """A setting would need more memory than the device has; refused up front, before allocating."""
+
+
+class PathNotFoundError(SplinterpError, FileNotFoundError):
+    """A file or folder that an argument names does not exist (a checkpoint to resume from, ...)."""

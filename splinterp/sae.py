@@ -40,7 +40,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from splinterp import kernels
+from splinterp import kernels, memory
 from splinterp.errors import ConfigError, CorruptFileError, NonFiniteError, ShapeError, SplinterpError
 from splinterp.sae_state import DTYPES, check_tensors, dtype_name, expected_shapes, state_from_weights
 from splinterp.validation import check_batch, check_dataclass_types, check_finite
@@ -92,7 +92,7 @@ class SAEConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
-        if self.architecture not in ARCHITECTURES:
+        if not isinstance(self.architecture, str) or self.architecture not in ARCHITECTURES:
             raise ConfigError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
         if self.architecture in TOPK_ARCHITECTURES:
             if self.k is None:
@@ -109,13 +109,42 @@ class SAEConfig:
             raise ConfigError(f"topk_ties must be one of {kernels.TIES}, got {self.topk_ties!r}")
         if self.reshape_activations not in RESHAPES:
             raise ConfigError(f"reshape_activations must be one of {RESHAPES}, got {self.reshape_activations!r}")
-        if self.dtype not in DTYPES:
+        if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         try:
             torch.device(self.device)
         except (RuntimeError, TypeError) as e:
             raise ConfigError(f"device {self.device!r} is not a valid torch device: {e}") from None
         check_dataclass_types(self, "SAEConfig")  # the remaining fields (tied, seed, metadata, ...)
+        self.check_fits("cpu")  # refuse a model this machine cannot build before `SAE(cfg)` allocates anything
+
+    def parameter_bytes(self) -> int:
+        """Bytes of the SAE's parameters on its device (W_enc, W_dec unless tied, and the vectors)."""
+        itemsize = DTYPES[self.dtype].itemsize
+        n_vectors = self.d_in + self.d_sae * (3 if self.architecture == "gated" else 1)
+        matrices = self.d_in * self.d_sae * (1 if self.tied else 2)
+        threshold = self.d_sae * max(itemsize, 4) if self.architecture == "jumprelu" else 0
+        return (matrices + n_vectors) * itemsize + threshold
+
+    def init_peak_bytes(self) -> int:
+        """Peak host memory of building `SAE(self)`: the initial decoder is drawn and normalised in float64 on the
+        CPU (two float64 d_sae x d_in copies at the peak, 16 bytes a weight), then cast to the parameters."""
+        matrix = self.d_in * self.d_sae
+        host_params = 0
+        if torch.device(self.device).type == "cpu":  # a float64 W_dec is the drawn copy itself, not a new one
+            host_params = self.parameter_bytes() - (8 * matrix if self.dtype == "float64" and not self.tied else 0)
+        return max(16 * matrix, 8 * matrix + host_params)
+
+    def check_fits(self, device: str | torch.device | None = None) -> None:
+        """TooLargeError (with the sizes) if this SAE cannot be built on this machine or held on `device`
+        (default: its own), checked up front; the CLI calls it before any work."""
+        sizes = f"SAEConfig(d_in={self.d_in}, d_sae={self.d_sae})"
+        n = self.d_in * self.d_sae
+        memory.check_fits(self.init_peak_bytes(), "cpu",
+                          f"building SAE({sizes}) ({n:.3g} weights per matrix, drawn in float64)")
+        dev = torch.device(self.device if device is None else device)
+        if dev.type != "cpu":
+            memory.check_fits(self.parameter_bytes(), dev, f"the {self.dtype} parameters of {sizes}")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -244,7 +244,7 @@ def test_saelens_activation_scaler_is_folded(tmp_path):
         ({"dtype": "float8"}, ConfigError, "dtype"),
         ({"d_in": "5"}, ConfigError, "'d_in' must be int"),
         ({"d_in": 6}, CorruptFileError, "implies"),
-        ({"d_sae": 10**12}, CorruptFileError, "implies"),
+        ({"d_sae": 10**12}, ConfigError, "d_sae=1000000000000.*needs about"),  # refused before the shape check
         ({"k": 99}, ConfigError, "k must be"),
         ({"k": None}, CorruptFileError, "lacks the field 'k'"),
         ({"metadata": [1]}, ConfigError, "'metadata' must be dict"),

@@ -82,7 +82,7 @@ def run_geometry(o: GeometryOptions) -> int:
     from splinterp.metrics import evaluate
     from splinterp.validation import check_device
 
-    device = check_device(o.device, "--device")
+    device = str(check_device(o.device, "--device"))
     sae = splinterp.load(o.folder, device=device)
     X = load_matrix(o.data, layer=o.layer, key=o.key, split=o.split)
     if o.max_rows is not None and X.shape[0] > o.max_rows:

@@ -112,7 +112,7 @@ def run_harvest(o: HarvestOptions) -> int:
     else:
         from splinterp.data.harvest import harvest
 
-        device = check_device(o.device or "cpu", "--device")
+        device = str(check_device(o.device or "cpu", "--device"))
         cache = harvest(o.model, texts, layers, o.out, overwrite=o.overwrite, seed=o.seed, device=device,
                         progress=o.progress, **kw)
     print(f"splinterp: cached {cache.n_tokens} tokens of layers {cache.layers} (d_model {cache.d_model}, "

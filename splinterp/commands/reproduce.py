@@ -263,7 +263,7 @@ def _settings(o: RunOptions):
     if o.seed < 0:
         raise ConfigError(f"--seed must be >= 0, got {o.seed}")
     seeds = tuple(range(o.seed, o.seed + o.seeds))
-    return RunSettings(quick=o.quick, seeds=seeds, device=check_device(o.device, "--device"), progress=False,
+    return RunSettings(quick=o.quick, seeds=seeds, device=str(check_device(o.device, "--device")), progress=False,
                        model=o.model, layer=o.layer, n_texts=o.n_texts)
 
 

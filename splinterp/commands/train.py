@@ -230,7 +230,7 @@ def run_train(o: TrainOptions) -> int:
     info = init_distributed(DistConfig(device=o.device)) if distributed else None
     try:
         rank = info.rank if info is not None else 0
-        device = str(info.device) if info is not None else check_device(o.device or "cpu", "--device")
+        device = str(info.device) if info is not None else str(check_device(o.device or "cpu", "--device"))
         if rank == 0:
             check_out(out)
         _check_checkpoint_dir(o.training.get("checkpoint_dir"))

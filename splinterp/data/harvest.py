@@ -66,6 +66,9 @@ from splinterp.data.cache import (
     MANIFEST,
     STORE_DTYPES,
     ActivationCache,
+    check_texts,
+    check_vocab,
+    to_storage,
     validate_manifest,
 )
 from splinterp.data.hooks import (  # noqa: F401  (re-exported: the harvest API names them)
@@ -91,13 +94,7 @@ from splinterp.data.models import (  # noqa: F401  (re-exported: the harvest API
     select_tokens,
     tokenize_batch,
 )
-from splinterp.errors import (
-    ConfigError,
-    EmptyDataError,
-    NonFiniteError,
-    OverwriteError,
-    ShapeError,
-)
+from splinterp.errors import ConfigError, EmptyDataError, NonFiniteError, OverwriteError, ShapeError
 from splinterp.validation import all_finite, check_data, check_device, check_positive_int
 
 log = logging.getLogger(__name__)
@@ -285,10 +282,12 @@ def write_cache(
             raise ShapeError(f"{name} must be an integer tensor [N={n}], got {tuple(t.shape)} {t.dtype}")
         return t.long()
 
-    rows = {f"layer_{v}": acts[v].detach().cpu().to(STORE_DTYPES[dtype]) for v in layer_ids}
+    rows = {f"layer_{v}": to_storage(acts[v], dtype, f"acts[{v}]") for v in layer_ids}
     rows["token_ids"] = index(token_ids, torch.full((n,), -1, dtype=torch.long), "token_ids")
     rows["text_ids"] = index(text_ids, torch.arange(n), "text_ids")
     rows["positions"] = index(positions, torch.zeros(n, dtype=torch.long), "positions")
+    texts = check_texts(texts, n, None if text_ids is None else rows["text_ids"])
+    vocab = check_vocab(vocab)
     with atomic_dir(out) as tmp:
         writer = _ShardWriter(tmp, layer_ids, check_positive_int(shard_tokens, "shard_tokens"))
         writer.add(rows)
@@ -296,7 +295,7 @@ def write_cache(
         if texts is not None:
             write_json(tmp / "texts.json", list(texts), indent=None)
         if vocab is not None:
-            write_json(tmp / "vocab.json", {str(k): v for k, v in vocab.items()}, indent=None)
+            write_json(tmp / "vocab.json", vocab, indent=None)
         write_json(tmp / MANIFEST, {
             **_manifest_head(),
             "model_name": model_name,

@@ -107,6 +107,9 @@ class _DistributedMixin:
             for t in list(self.sae.parameters()) + list(self.sae.buffers()):
                 dist.broadcast(t.data, src=0, group=self.group)
 
+    def writes_checkpoints(self) -> bool:
+        return self.rank == 0  # only rank 0 saves (see _save), so only rank 0 locks the checkpoint_dir
+
     def after_backward(self, x: torch.Tensor) -> None:
         allreduce_gradients(self.train_params, x.shape[0], self.group)
 

@@ -279,6 +279,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> History:
+        with ckpt.hold_checkpoint_dir(self.cfg.checkpoint_dir if self.writes_checkpoints() else None):
+            return self._run()
+
+    def writes_checkpoints(self) -> bool:
+        """Whether this process writes the checkpoints and so holds the checkpoint_dir lock for the run."""
+        return True
+
+    def _run(self) -> History:
         path = self._resume_path()
         if path is not None:
             self._restore(path)
