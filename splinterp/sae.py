@@ -206,8 +206,12 @@ class SAE(nn.Module):
         # W_enc [d_in, d_sae] is held in the layout of the library whose scores the SAE reproduces (see
         # SAEConfig.w_enc_layout: float16 matmuls on CPU round differently for a transposed operand). Always its
         # own storage, never W_dec's.
-        w_enc = w_dec.to(device=dev, dtype=dt, copy=True).T
-        self.W_enc = nn.Parameter(w_enc.contiguous() if cfg.w_enc_row_major else w_enc)
+        # Built with one allocation in the target dtype (no transposed temporary: `init_peak_bytes` counts on it).
+        if cfg.w_enc_row_major:
+            w_enc = torch.empty((d_in, d_sae), dtype=dt, device=dev).copy_(w_dec.T)
+        else:
+            w_enc = w_dec.to(device=dev, dtype=dt, copy=True).T
+        self.W_enc = nn.Parameter(w_enc)
         if not cfg.tied:
             self.W_dec = param(w_dec)
         self.b_dec = param(torch.zeros(d_in))
