@@ -469,7 +469,7 @@ def test_train_replaces_its_own_folder_and_checks_outputs_before_training(tmp_pa
     stray = tmp_path / "theirs"
     stray.mkdir()
     (stray / "notes.txt").write_text("keep")
-    for bad_out, msg in [(tmp_path / "a_file", "not a folder"), (tmp_path / "a_file" / "sub", "not a writable"),
+    for bad_out, msg in [(tmp_path / "a_file", "not a folder"), (tmp_path / "a_file" / "sub", "is a file"),
                          (stray, "not empty")]:
         assert main(base + ["--out", str(bad_out)]) == 2, bad_out
         assert msg in capsys.readouterr().err
@@ -534,3 +534,94 @@ def test_seeds_flag_gives_every_job_consecutive_seeds(tmp_path, temp_job):
     assert seen == [(3, 4, 5, 6)]
     assert json.loads((tmp_path / RESULTS).read_text())["jobs"]["t_seeds"]["seeds"] == [3, 4, 5, 6]
     assert main(["figure", "t_seeds", "--seeds", "0", "--out", str(tmp_path), "--no-progress"]) == 2
+
+
+
+# --------------------------------------------------------------------------------- reliability (issue 16)
+HOLD = """
+import sys, time
+from splinterp.atomic import hold_folder, hold_output
+lock = (hold_folder if sys.argv[1] == "folder" else hold_output)(sys.argv[2], name="--out", purpose="a test run")
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def _holder(kind: str, path) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-c", HOLD, kind, str(path)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_a_second_reproduce_into_a_busy_folder_is_refused(tmp_path, temp_job, capsys):
+    temp_job("t_ok", _write_ok, ["t_ok.txt"])
+    out = tmp_path / "o"
+    other = _holder("folder", out)
+    try:
+        assert main(["figure", "t_ok", "--out", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert f"pid {other.pid}" in err and "in use by another run" in err
+        assert not (out / "t_ok.txt").exists() and not (out / RESULTS).exists()
+    finally:
+        other.kill()
+        other.wait()
+    assert main(["figure", "t_ok", "--out", str(out), "--no-progress"]) == 0  # the dead holder left no lock
+
+
+def test_a_second_train_into_the_same_out_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    import splinterp.train as train_mod
+
+    path = _npy(tmp_path, np.zeros((20, 4), np.float32) + 1)
+    monkeypatch.setattr(train_mod, "train_sgd", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
+    other = _holder("output", tmp_path / "sae")
+    try:
+        assert main(["train", "--data", path, "--out", str(tmp_path / "sae"), "--d-sae", "8", "--k", "2"]) == 2
+        assert f"pid {other.pid}" in capsys.readouterr().err
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_an_sae_too_large_for_this_machine_is_refused_with_its_size(tmp_path, capsys):
+    path = _npy(tmp_path, np.zeros((20, 4), np.float32) + 1)
+    assert main(["train", "--data", path, "--out", str(tmp_path / "s"), "--d-sae", str(10**12), "--k", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "TiB" in err and not (tmp_path / "s").exists()
+
+
+USER_MISTAKES = [
+    ["geometry", "{sae}", "--data", "{x}", "--batch-size", "0"],
+    ["geometry", "{sae}", "--data", "{tmp}/missing.npy"],
+    ["geometry", "{tmp}", "--data", "{x}"],
+    ["train", "--data", "{x}", "--out", "{tmp}/s", "--d-sae", "1000000000000", "--k", "2"],
+    ["train", "--data", "{x}", "--out", "{tmp}/s", "--d-sae", "8"],
+    ["train", "--data", "{x}", "--out", "{tmp}/s", "--d-sae", "8", "--k", "2", "--device", "tpu"],
+    ["reproduce", "--only", "no_such_job", "--out", "{tmp}/r"],
+    ["harvest", "--out", "{tmp}/h", "--texts", "{tmp}/missing.txt"],
+    ["readme", "--results", "{tmp}/missing"],
+]
+
+
+@pytest.mark.parametrize("argv", USER_MISTAKES, ids=lambda a: " ".join(a[:3]))
+def test_user_mistakes_print_one_line_not_a_traceback(argv, tmp_path, saved_sae):
+    _, folder = saved_sae
+    x = _npy(tmp_path, np.zeros((20, 6), np.float32) + 1)
+    args = [a.format(sae=folder, x=x, tmp=tmp_path) for a in argv]
+    r = subprocess.run([sys.executable, "-m", "splinterp", *args], capture_output=True, text=True, timeout=300,
+                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(f"splinterp {args[0]}: error:")
+
+
+def test_a_bug_still_shows_its_traceback(monkeypatch):
+    from splinterp.commands import reproduce
+
+    def bug(o):
+        raise RuntimeError("a bug in splinterp")
+
+    monkeypatch.setattr(reproduce, "run_list", bug)
+    monkeypatch.setattr(reproduce, "COMMANDS", tuple(dataclasses.replace(c, run=bug) if c.name == "list" else c
+                                                     for c in reproduce.COMMANDS))
+    with pytest.raises(RuntimeError, match="a bug in splinterp"):
+        main(["list"])

@@ -110,9 +110,11 @@ def read_results(out: Path) -> dict | None:
 
 def prepare_out(out: Path, force: bool) -> None:
     """Check the output folder rules (module doc) and create the folder."""
+    from splinterp.atomic import LOCK_FILE
+
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and read_results(out) is None and any(out.iterdir()) and not force:
+    if out.is_dir() and read_results(out) is None and any(p.name != LOCK_FILE for p in out.iterdir()) and not force:
         raise OverwriteError(f"--out {out} is not empty and was not written by `splinterp reproduce` "
                              f"(no {RESULTS} of ours); choose a new or empty folder, or pass --force to write into it")
     out.mkdir(parents=True, exist_ok=True)
@@ -165,7 +167,19 @@ def summary_markdown(results: dict) -> str:
 def run_jobs(names: Sequence[str], out: Path, settings, *, force: bool = False, plotlyjs: str = "directory",
              progress: bool = True, threads: int | None = None, label: str = "splinterp reproduce") -> dict:
     """Run the named registered jobs into `out` with `settings` (a `RunSettings`); write results.json (after
-    every job: an interrupted run keeps what finished) and summary.md. Returns the results dict."""
+    every job: an interrupted run keeps what finished) and summary.md. Returns the results dict. The folder is
+    locked for the run: a second `reproduce` into it is refused (FolderInUseError naming this process)."""
+    from splinterp.atomic import hold_folder
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+    with hold_folder(out, name="--out", purpose=label):  # one run per folder: a second one is refused
+        prepare_out(out, force)
+        return _run_locked(names, out, settings, plotlyjs=plotlyjs, progress=progress, threads=threads, label=label)
+
+
+def _run_locked(names: Sequence[str], out: Path, settings, *, plotlyjs: str, progress: bool, threads: int | None,
+                label: str) -> dict:
     import torch
     from tqdm.auto import tqdm
 
@@ -175,7 +189,6 @@ def run_jobs(names: Sequence[str], out: Path, settings, *, force: bool = False, 
     from splinterp.experiments.registry import JobSkipped
     from splinterp.viz.output import plotlyjs_mode
 
-    prepare_out(out, force)
     results = read_results(out) or {"format": RESULTS_FORMAT, "meta": {}, "jobs": {}}
     results.setdefault("jobs", {})
     t_all = time.perf_counter()

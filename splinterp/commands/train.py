@@ -10,6 +10,7 @@ Under torchrun (`torchrun --nproc_per_node N -m splinterp train ...`) the same c
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -220,7 +221,7 @@ def run_train(o: TrainOptions) -> int:
     import torch
 
     import splinterp
-    from splinterp.atomic import atomic_dir, write_json
+    from splinterp.atomic import atomic_dir, hold_output, write_json
     from splinterp.parallel import DistConfig, init_distributed, launched_by_torchrun, train_distributed
     from splinterp.train import train_pam_sgd, train_sgd
     from splinterp.validation import check_device
@@ -228,10 +229,12 @@ def run_train(o: TrainOptions) -> int:
     out = Path(o.out)
     distributed = launched_by_torchrun()
     info = init_distributed(DistConfig(device=o.device)) if distributed else None
+    stack = contextlib.ExitStack()
     try:
         rank = info.rank if info is not None else 0
         device = str(info.device) if info is not None else str(check_device(o.device or "cpu", "--device"))
         if rank == 0:
+            stack.enter_context(hold_output(out, name="--out", purpose="splinterp train"))
             check_out(out)
         _check_checkpoint_dir(o.training.get("checkpoint_dir"))
         progress = o.progress and rank == 0
@@ -263,6 +266,7 @@ def run_train(o: TrainOptions) -> int:
                 write_json(tmp / ARGS_FILE, _record(o))
             _print_summary(o, sae_cfg, provenance, n_rows, hist.last, out)
     finally:
+        stack.close()
         if info is not None and info.initialised_here:
             import torch.distributed as dist
 
