@@ -625,3 +625,23 @@ def test_a_bug_still_shows_its_traceback(monkeypatch):
                                                      for c in reproduce.COMMANDS))
     with pytest.raises(RuntimeError, match="a bug in splinterp"):
         main(["list"])
+
+
+def test_train_on_a_harvest_records_model_hook_and_dataset(tmp_path):
+    """An SAE trained on a harvested cache says where its inputs come from, under SAELens's metadata keys
+    (SAELens's HookedSAETransformer splices on `hook_name`)."""
+    texts = ["the cat sat on the mat", "a spline is piecewise polynomial", "sparse codes", "power diagrams"]
+    assert main(["harvest", "--out", str(tmp_path / "acts2"), "--layers", "blocks.1.hook_mlp_out", "--max-length",
+                 "16", "--texts", _texts_file(tmp_path, texts), "--no-progress"]) == 0
+    out = tmp_path / "sae"
+    assert main(["train", "--data", str(tmp_path / "acts2"), "--out", str(out), "--d-sae", "16", "--k", "2",
+                 "--epochs", "1", "--no-progress", "--test-frac", "0.25"]) == 0
+    meta = json.loads((out / "cfg.json").read_text())["metadata"]
+    assert meta["model_name"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert meta["hook_name"] == "blocks.1.hook_mlp_out" and meta["hf_hook_name"].endswith(".output.dense")
+    assert meta["context_size"] == 16
+
+
+def _texts_file(tmp_path, texts):
+    (tmp_path / "t.txt").write_text("\n".join(texts))
+    return str(tmp_path / "t.txt")

@@ -17,7 +17,10 @@ log = logging.getLogger("splinterp.geometry")
 @dataclass
 class GeometryOptions:
     folder: str = field(default="", metadata={"positional": True})
-    """SAE folder: splinterp, SAELens or sparsify layout."""
+    """The SAE: a folder (splinterp, SAELens, sparsify, dictionary_learning), a Gemma Scope params.npz, or with
+    --sae-id a SAELens release name."""
+    sae_id: str | None = None
+    """With a SAELens release name (or a folder of SAE folders): which SAE of it."""
     data: str = field(default="", metadata={"required": True})
     """.npy, .pt or .safetensors matrix [N, d_in], or an activation-cache folder (`splinterp harvest`)."""
     layer: int | None = None
@@ -83,7 +86,7 @@ def run_geometry(o: GeometryOptions) -> int:
     from splinterp.validation import check_device
 
     device = str(check_device(o.device, "--device"))
-    sae = splinterp.load(o.folder, device=device)
+    sae = splinterp.load(o.folder, device=device, sae_id=o.sae_id)
     X = load_matrix(o.data, layer=o.layer, key=o.key, split=o.split)
     if o.max_rows is not None and X.shape[0] > o.max_rows:
         g = torch.Generator().manual_seed(o.seed)
@@ -111,6 +114,6 @@ def run_geometry(o: GeometryOptions) -> int:
 
 
 COMMAND = Command("geometry", GeometryOptions, run_geometry, "region report of an SAE on your data",
-                  "Load an SAE folder (splinterp, SAELens or sparsify) and report, on --data, its reconstruction "
+                  "Load an SAE (any format splinterp.load reads) and report, on --data, its reconstruction "
                   "metrics (mse, explained variance, l0, alive latents), its regions (distinct active sets) and "
                   "the cells of its low-order power diagrams.")

