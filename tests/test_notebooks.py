@@ -3,9 +3,10 @@ notebook shows as many figures as it promises (its metadata "splinterp": {"figur
 and `splinterp notebooks` stores them (checked on small notebooks made here, with a failing one among them).
 
 Figures are counted here from the raw outputs (image/png data decoded with Pillow), not with the command's own
-helpers. Executing the notebooks: 01 and 07 (~20 s each, most of it a kernel and Chromium starting) run in the
-default suite; 02 (the E1 job, ~90 s CPU), 03 (E2 plus a small SGD/PAM-SGD run), 04 (MiniLM harvest, E3,
-projections), 05 (shrinkage sweep), 06 (Group-SAE) and 07 in its full-size mode are marked slow.
+helpers. Executing a notebook takes 15-30 s of wall time on 2 loaded cores (a kernel and, for plotly figures,
+Chromium starting are a good part of it; measured with --durations): 01 (27 s) and 07 (20 s) run in the default
+suite; 02 (E1, 17 s), 03 (E2 and a small SGD/PAM-SGD run, 16 s), 04 (MiniLM harvest, E3, projections, 21 s),
+05 (shrinkage sweep, 24 s), 06 (Group-SAE, 15 s) and 07 in its full-size mode (19 s) are marked slow.
 """
 
 from __future__ import annotations
