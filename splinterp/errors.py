@@ -81,3 +81,19 @@ class TooLargeError(ConfigError):
 
 class PathNotFoundError(SplinterpError, FileNotFoundError):
     """A file or folder that an argument names does not exist (a checkpoint to resume from, ...)."""
+
+
+class NotAFigureError(SplinterpError, TypeError):
+    """Something given to be displayed as a figure is not a matplotlib or plotly figure, nor a PNG file."""
+
+
+class BrowserNotFoundError(SplinterpError, FileNotFoundError):
+    """No Chromium / Chrome to draw a plotly figure as PNG; the message says how to get one."""
+
+
+class FigureRenderError(SplinterpError, RuntimeError):
+    """A figure could not be drawn (the headless browser failed, or ran past its time limit)."""
+
+
+class NotebookError(SplinterpError, RuntimeError):
+    """A notebook failed to run, or does not show the figures it says it shows."""
