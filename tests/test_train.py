@@ -10,7 +10,7 @@ import torch
 
 import splinterp as sp
 from splinterp import metrics
-from splinterp.errors import ConfigError, DeviceError, DTypeError
+from splinterp.errors import ConfigError, DeviceError, DTypeError, NonFiniteError, ShapeError
 from splinterp.train import (
     History,
     PAMConfig,
@@ -562,3 +562,39 @@ def test_float16_loss_scale_skips_overflowing_steps_and_unscales_by_hand():
     for _ in range(precision.GROWTH_INTERVAL):
         mw.update_scale(True)
     assert mw.scale == precision.MAX_SCALE  # capped: 2^16 overflows float16 itself
+    for _ in range(15):  # 2^15 -> 1: fifteen overflowing steps in a row
+        mw.update_scale(False)
+    assert mw.scale == 1.0
+    with pytest.raises(NonFiniteError, match="bfloat16 or float32"):
+        mw.update_scale(False)  # nothing left to lower: a true message instead of never stepping again
+
+
+# ----------------------------------------------------------------------------- one encode-decode pass
+@pytest.mark.parametrize("arch", ["topk", "relu"])
+def test_reconstruct_gives_the_loss_and_metrics_their_pass(arch):
+    """SAE.reconstruct against the formulas written out here (u = x W_enc + b_enc; TopK: the k largest u,
+    then ReLU; ReLU: max(u, 0); x_hat = z W_dec + b_dec): its x_hat, its code, the mse loss built on it and
+    metrics.evaluate's mse and l0 all agree with them."""
+    sae = sp.make_sae(D_IN, D_SAE, arch, k=3 if arch == "topk" else None, seed=2, dtype="float64")
+    with torch.no_grad():
+        sae.b_enc.copy_(0.1 * torch.randn(D_SAE, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
+    x = _data(4, n=50).double()
+    u = x @ sae.W_enc.detach() + sae.b_enc.detach()
+    if arch == "topk":
+        top = torch.topk(u, 3, dim=1)
+        z = torch.zeros_like(u).scatter(1, top.indices, top.values.clamp_min(0))
+    else:
+        z = u.clamp_min(0)
+    x_hat = z @ sae.W_dec.detach() + sae.b_dec.detach()
+    rec = sae.reconstruct(x)
+    torch.testing.assert_close(rec.x_hat.detach(), x_hat)
+    code = rec.values.detach() if not rec.is_sparse else torch.zeros_like(u).scatter_add(
+        1, rec.indices, rec.values.detach())
+    torch.testing.assert_close(code, z)
+    loss, _ = get_loss(arch)(sae, x, SGDConfig())
+    assert float(loss.detach()) == pytest.approx(float(((x - x_hat) ** 2).mean()), rel=1e-12)
+    ev = metrics.evaluate(sae, x)
+    assert ev["mse"] == pytest.approx(float(((x - x_hat) ** 2).mean()), rel=1e-12)
+    assert ev["l0"] == pytest.approx(float((z != 0).sum(1).double().mean()), rel=1e-12)
+    with pytest.raises(ShapeError):
+        sae.reconstruct(x[None])  # a batch [N, d_in], not [1, N, d_in]

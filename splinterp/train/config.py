@@ -42,13 +42,19 @@ def _nonneg(v, name: str) -> None:
 
 @dataclass
 class SGDConfig:
-    """Plain (stochastic) gradient training of every SAE parameter on the architecture's loss."""
+    """Plain (stochastic) gradient training of every SAE parameter on the architecture's loss.
+
+    A float16 / bfloat16 SAE trains in mixed precision: forward and backward in its dtype, the optimiser on
+    float32 copies of the weights (and its state in float32), float16 with a dynamic loss scale
+    (`splinterp.train.precision`); the copies are checkpointed with the run.
+    """
 
     epochs: int = 10
     batch_size: int = 128
     lr: float = 1e-3
     optimizer: str = "adam"
-    """"adam" (coupled L2 weight decay, as torch.optim.Adam), "adamw" (decoupled) or "sgd"."""
+    """"adam" (coupled L2 weight decay, as torch.optim.Adam), "adamw" (decoupled) or "sgd"; torch's fused
+    implementation where it has one for the device (the same update, fewer passes over memory)."""
     weight_decay: float = 0.0
     l1_coefficient: float = 0.0
     """Sparsity penalty weight of the relu loss (ignored by TopK losses)."""

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from splinterp.errors import NonFiniteError
 from splinterp.validation import all_finite
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -62,8 +63,9 @@ class MasterWeights:
 
     @torch.no_grad()
     def grads_to_masters(self) -> bool:
-        """Move the gradients onto the masters in float32, unscaled; False if any is not finite (then
-        the step must be skipped)."""
+        """Move the gradients onto the masters in float32 (unscaled). For float16, False if any is not
+        finite: that step must be skipped (a too large loss scale). bfloat16 steps whatever it gets, so a
+        diverging run shows up in its loss as in float32."""
         inv = 1.0 / self.scale
         total = None
         for p, m in zip(self.params, self.masters):
@@ -79,8 +81,9 @@ class MasterWeights:
                 g32 = g.float()  # a new float32 tensor with the parameter's strides
                 m.grad = g32.mul_(inv) if self.scaled else g32
                 p.grad = None
-            s = m.grad.sum()
-            total = s if total is None else total + s
+            if self.scaled:
+                s = m.grad.sum()
+                total = s if total is None else total + s
         return total is None or all_finite(total)
 
     @torch.no_grad()
@@ -88,6 +91,9 @@ class MasterWeights:
         if not self.scaled:
             return
         if not finite:
+            if self.scale <= 1.0:
+                raise NonFiniteError("float16 gradients are not finite even without loss scaling; train this SAE "
+                                     "in bfloat16 or float32")
             self.scale = max(self.scale / 2.0, 1.0)
             self.good_steps = 0
             return
