@@ -99,8 +99,9 @@ TRAINER_BATCHES = 8
 
 
 def _trainer_cases(d_in: int, d_sae: int, k: int, batch: int, n_batches: int) -> dict[str, Callable[[], object]]:
-    """One `train_sgd` epoch (eval_train off, and on: the train-metrics pass) and the encoder matmuls of the
-    same batches (once, and twice: the metrics pass encodes every row again)."""
+    """One `train_sgd` epoch (eval_train off, and on: the train-metrics pass), the encoder matmuls of the
+    same batches (once, and twice: the metrics pass encodes every row again), and the bare train steps on
+    the same batches (what the trainer adds around them: shuffling, setup, bookkeeping)."""
     import splinterp as sp
     from splinterp.train import SGDConfig, train_sgd
 
@@ -114,9 +115,20 @@ def _trainer_cases(d_in: int, d_sae: int, k: int, batch: int, n_batches: int) ->
 
     sae = sp.make_sae(d_in, d_sae, "topk", k, seed=1)
     cfg = SGDConfig(epochs=1, batch_size=batch, lr=1e-4, progress=False, eval_train=False, eval_batch_size=batch)
+    bare = sp.make_sae(d_in, d_sae, "topk", k, seed=1)
+    opt = _adam(bare.parameters())
+
+    def bare_steps() -> None:  # the same batches through forward, backward and fused Adam, nothing else
+        for s in range(0, X.shape[0], batch):
+            x = X[s : s + batch]
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.mse_loss(bare(x), x).backward()
+            opt.step()
+
     return {
         "floor": floor,
         "epoch": lambda: train_sgd(sae, X, cfg),
+        "steps": bare_steps,
         "floor2": lambda: (floor(), floor()),
         "epoch_eval": lambda: train_sgd(sae, X, cfg.replace(eval_train=True)),
     }
@@ -132,9 +144,12 @@ def trainer_rows(quick: bool, how: str, clock: Callable[[], float] = time.perf_c
     tag = f"d_in {d_in}, d_sae {d_sae}, k {k}: train_sgd epoch of {n} x {batch} rows"
     r = round_ratios(t, "epoch", "floor")
     r2 = round_ratios(t, "epoch_eval", "floor2")
+    r3 = round_ratios(t, "epoch", "steps")
     return [
         row(f"{tag} ({how})", r, f"x @ W_enc for the {n} batches", value=ms["epoch"], baseline_value=ms["floor"],
             target="<= 1.3", ok=r <= 1.3),
+        row(f"{tag}, against the bare steps ({how})", r3, f"{n} bare train steps (forward, backward, fused Adam)",
+            value=ms["epoch"], baseline_value=ms["steps"]),
         row(f"{tag}, with the train-metrics pass (eval_train=True) ({how})", r2, "x @ W_enc for the batches, twice",
             value=ms["epoch_eval"], baseline_value=ms["floor2"]),
     ]

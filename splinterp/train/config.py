@@ -177,8 +177,9 @@ class PAMConfig(SGDConfig):
     by default 1 x N, the data weight of the bias: half-way per step)."""
     decoder_scale: Literal["relative", "absolute"] = "relative"
     """"relative": alpha and mu_dec are multiplied by trace(Z^T Z) / d_sae and beta and nu_dec by N at each
-    step, so multiplying codes and data by a constant c gives the same W_dec and c * b_dec (the step
-    does not depend on the units of the data); "absolute": the raw weights of the sum (the authors')."""
+    step, so codes and data multiplied by a constant c (and the previous b_dec with them) give the same
+    W_dec and c * b_dec: the step does not depend on the units of the data. "absolute": the raw weights
+    of the sum (the authors')."""
     order: str = "encoder_first"
     """"encoder_first" (Algorithm C.1, the MNIST script) or "decoder_first" (the LLM script)."""
     decoder_batch_size: int = 8192
