@@ -29,7 +29,6 @@ from typing import Any
 
 import torch
 
-from splinterp import kernels
 from splinterp.errors import ConfigError, DTypeError, EmptyDataError, NotAModelError, ShapeError
 from splinterp.validation import as_tensor, check_data, check_device, check_finite
 
@@ -301,7 +300,7 @@ def _batches(X, batch_size: int, d_in: int | None, dtype, name: str) -> Iterable
 def _is_sae(model) -> bool:
     from splinterp.sae import SAE  # late: sae imports validation, keep metrics importable on its own
 
-    return isinstance(model, SAE) and hasattr(model, "encode_sparse")
+    return isinstance(model, SAE)
 
 
 @torch.no_grad()
@@ -343,10 +342,12 @@ def accumulate(model: Any, X, batch_size: int = 4096, device: str | torch.device
     for x in _batches(X, batch_size, d_in, dtype, "X"):
         if dev is not None:
             x = x.to(dev)
-        if sparse_sae:  # our SAE: sparse codes, never the dense [B, d_sae] matrix
-            vals, idx = model.encode_sparse(x)
-            x_hat = kernels.decode(vals, idx, model.W_dec, model.b_dec)
-            acc.update(x, x_hat, sparse=(vals, idx), d_sae=model.cfg.d_sae)
+        if sparse_sae:  # our SAE: its own pass gives x_hat and the code (sparse where the kernels pay)
+            rec = model.reconstruct(x)
+            if rec.is_sparse:
+                acc.update(x, rec.x_hat, sparse=(rec.values, rec.indices), d_sae=model.cfg.d_sae)
+            else:
+                acc.update(x, rec.x_hat, rec.values)
             continue
         z = model.encode(x)  # handed back to decode as the model made it (tensor or array)
         x_hat = as_tensor(model.decode(z), "reconstruction")

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -170,6 +170,26 @@ class SAEConfig:
 
     def replace(self, **changes) -> SAEConfig:
         return dataclasses.replace(self, **changes)
+
+
+class Reconstruction(NamedTuple):
+    """One encode-decode pass: the reconstruction and the code that made it (what a training loss or an
+    evaluation needs, from the model's own kernels).
+
+    The code is sparse, `values[r, j]` belonging to latent `indices[r, j]` (padding: value 0), unless
+    `indices` is None: then `values` is the dense code [N, d_sae] (threshold codes too busy for the
+    sparse kernels to pay)."""
+
+    x_hat: torch.Tensor
+    """[N, d_in]"""
+    values: torch.Tensor
+    """[N, m] code values (differentiable), or the dense code [N, d_sae] when `indices` is None."""
+    indices: torch.Tensor | None
+    """[N, m] latent index of each value, or None for a dense `values`."""
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.indices is not None
 
 
 def topk_indices(scores: torch.Tensor, k: int, ties: str = "lowest_index") -> torch.Tensor:
@@ -520,13 +540,24 @@ class SAE(nn.Module):
         z = check_batch(z, self.cfg.d_sae, name="z", dim_name="d_sae", dtype=self.dtype, device=self.device)
         return z @ self.W_dec + self.b_dec
 
+    def _reconstruct(self, x: torch.Tensor, dense: bool = False) -> Reconstruction:
+        a, idx = self._code(x, dense)
+        x_hat = a @ self.W_dec + self.b_dec if idx is None else kernels.decode(a, idx, self.W_dec, self.b_dec)
+        return Reconstruction(x_hat, a, idx)
+
+    def reconstruct(self, x: torch.Tensor, dense: bool = False) -> Reconstruction:
+        """x_hat and the code of a batch x [N, d_in] from one pass (sparse kernels where they pay)."""
+        x = self._check(x)
+        if x.ndim != 2:
+            raise ShapeError(f"reconstruct takes a batch [N, d_in={self.cfg.d_in}], got {tuple(x.shape)}")
+        return self._reconstruct(x, dense)
+
     def forward(self, x: torch.Tensor, dense: bool = False) -> torch.Tensor:
         """Reconstruction x_hat, shaped as x (sparse end to end for TopK; dense=True: plain formulas)."""
         shape = x.shape if isinstance(x, torch.Tensor) else None
         x = self._check(x)
-        a, idx = self._code(x.reshape(-1, self.cfg.d_in), dense)
-        x_hat = a @ self.W_dec + self.b_dec if idx is None else kernels.decode(a, idx, self.W_dec, self.b_dec)
-        return x_hat.reshape(shape)  # a hook_z input [..., n_heads, d_head] comes back in that shape
+        # a hook_z input [..., n_heads, d_head] comes back in that shape
+        return self._reconstruct(x.reshape(-1, self.cfg.d_in), dense).x_hat.reshape(shape)
 
     def extra_repr(self) -> str:
         c = self.cfg

@@ -16,7 +16,16 @@ import torch
 
 import splinterp as sp
 from splinterp.errors import ConfigError, CorruptFileError
-from splinterp.train import PAMConfig, SGDConfig, latest_checkpoint, list_checkpoints, train_pam_sgd, train_sgd
+from splinterp.train import (
+    PAMConfig,
+    SGDConfig,
+    latest_checkpoint,
+    list_checkpoints,
+    register_loss,
+    train_pam_sgd,
+    train_sgd,
+    unregister_loss,
+)
 from splinterp.train import losses as losses_mod
 
 # the data and model recipe, shared verbatim with the subprocess of the SIGKILL test
@@ -98,6 +107,35 @@ def test_sgd_resume_after_an_epoch_is_bit_identical(tmp_path):
     assert_same_optimizer(tmp_path / "ref", tmp_path / "run")
 
 
+@pytest.mark.parametrize("dtype, method", [("float16", "sgd"), ("bfloat16", "pam_sgd")])
+def test_half_precision_resume_mid_epoch_is_bit_identical(tmp_path, dtype, method):
+    """Half-precision SAEs keep float32 master weights (and, for float16, a loss scale) outside the SAE:
+    they are part of the checkpoint, so a resumed run continues from the same masters, not from the
+    rounded half-precision weights (which would change every later step)."""
+    dt = getattr(torch, dtype)
+    X, Xt = make_data(0).to(dt), make_data(1, n=64).to(dt)
+    train = train_sgd if method == "sgd" else train_pam_sgd
+    make_cfg = _sgd if method == "sgd" else _pam
+    kw = dict(checkpoint_every_steps=2, lr=3e-3)
+
+    def sae():
+        return sp.make_sae(6, 16, "topk", k=3, dtype=dtype, seed=0)
+
+    ref = sae()
+    h_ref = train(ref, X, make_cfg(**kw, checkpoint_dir=str(tmp_path / "ref")), eval_data=Xt)
+    run = sae()
+    cfg = make_cfg(**kw, checkpoint_dir=str(tmp_path / "run"))
+    with pytest.raises(Stop):
+        train(run, X, cfg, eval_data=Xt, callback=stop_at("step", 1, 3))
+    state = torch.load(latest_checkpoint(tmp_path / "run") / "trainer_state.pt", weights_only=True)
+    assert all(m.dtype == torch.float32 for m in state["mixed_precision"]["masters"])
+    fresh = sp.make_sae(6, 16, "topk", k=3, dtype=dtype, seed=99)
+    h = train(fresh, X, cfg.replace(resume=True), eval_data=Xt)
+    assert_same_model(fresh, ref)
+    assert h.without_times() == h_ref.without_times()
+    assert_same_optimizer(tmp_path / "ref", tmp_path / "run")
+
+
 def test_auxk_resume_mid_epoch_is_bit_identical(tmp_path):
     """The AuxK dead-latent counters are part of the checkpoint: a resumed run sees the same dead latents."""
     X, Xt = make_data(0), make_data(1, n=64)
@@ -140,12 +178,10 @@ def test_global_rng_states_are_restored(tmp_path):
 
     def noisy(sae, x, cfg):
         noise = 0.01 * torch.randn_like(x) + float(np.random.normal()) * 1e-3 + random.random() * 1e-3
-        x_hat, _, _ = losses_mod.encode_decode(sae, x + noise)
-        m = losses_mod.reconstruction_mse(x, x_hat)
+        m = losses_mod.reconstruction_mse(x, sae.reconstruct(x + noise).x_hat)
         return m, {"mse": m.detach()}
 
-    old = losses_mod._REGISTRY["topk_abs"]
-    losses_mod.register_loss("topk_abs", noisy, overwrite=True)
+    register_loss("topk_abs", noisy, overwrite=True)
     try:
         X = make_data(0)
 
@@ -169,7 +205,7 @@ def test_global_rng_states_are_restored(tmp_path):
         train_sgd(fresh, X, cfg.replace(resume=True))
         assert_same_model(fresh, ref)
     finally:
-        losses_mod._REGISTRY["topk_abs"] = old
+        unregister_loss("topk_abs")
 
 
 def test_extending_a_finished_run(tmp_path):
