@@ -1,10 +1,12 @@
-"""One TopK training step (forward, backward, Adam) against the dense encoder matmul, a dense SAE and sparsify.
+"""One TopK training step (forward, backward, Adam) against the dense encoder matmul, a dense SAE and sparsify;
+and a whole `train_sgd` epoch, timed from the trainer itself, against the encoder matmuls of that epoch.
 
 Why these baselines: x @ W_enc is the floor (every score is needed to choose the top k), a plain dense
 implementation is what the formulas cost without sparse kernels, and EleutherAI sparsify's SparseCoder
 (fused encoder + embedding_bag decoder) is the library users would otherwise train with. All run in one
 process, interleaved, float32, torch's default thread count; sparsify is forced onto its eager decoder
-(its Triton kernel needs a GPU).
+(its Triton kernel needs a GPU). The trainer row is what a user pays: `train_sgd` with its defaults
+(shuffled batches, validation, history, fused Adam), one call per epoch, setup included.
 """
 
 from __future__ import annotations
@@ -92,6 +94,67 @@ def _steps(d_in: int, d_sae: int, k: int, batch: int) -> tuple[dict[str, Callabl
     return cases, notes
 
 
+TRAINER_BATCHES = 8
+"""Batches per timed `train_sgd` epoch (8 x 4096 rows)."""
+
+
+def _trainer_cases(d_in: int, d_sae: int, k: int, batch: int, n_batches: int) -> dict[str, Callable[[], object]]:
+    """One `train_sgd` epoch (eval_train off, and on: the train-metrics pass), the encoder matmuls of the
+    same batches (once, and twice: the metrics pass encodes every row again), and the bare train steps on
+    the same batches (what the trainer adds around them: shuffling, setup, bookkeeping)."""
+    import splinterp as sp
+    from splinterp.train import SGDConfig, train_sgd
+
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(n_batches * batch, d_in, generator=gen)
+    W = sp.make_sae(d_in, d_sae, "topk", k).W_enc.detach().clone()
+
+    def floor() -> None:
+        for s in range(0, X.shape[0], batch):
+            X[s : s + batch] @ W
+
+    sae = sp.make_sae(d_in, d_sae, "topk", k, seed=1)
+    cfg = SGDConfig(epochs=1, batch_size=batch, lr=1e-4, progress=False, eval_train=False, eval_batch_size=batch)
+    bare = sp.make_sae(d_in, d_sae, "topk", k, seed=1)
+    opt = _adam(bare.parameters())
+
+    def bare_steps() -> None:  # the same batches through forward, backward and fused Adam, nothing else
+        for s in range(0, X.shape[0], batch):
+            x = X[s : s + batch]
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.mse_loss(bare(x), x).backward()
+            opt.step()
+
+    return {
+        "floor": floor,
+        "epoch": lambda: train_sgd(sae, X, cfg),
+        "steps": bare_steps,
+        "floor2": lambda: (floor(), floor()),
+        "epoch_eval": lambda: train_sgd(sae, X, cfg.replace(eval_train=True)),
+    }
+
+
+def trainer_rows(quick: bool, how: str, clock: Callable[[], float] = time.perf_counter) -> list[dict]:
+    """The `train_sgd` epoch rows at d_in 784, d_sae 4096, k 32 (batch 4096; 1024 in quick)."""
+    d_in, d_sae, k = CONFIGS[0]
+    batch = 1024 if quick else BATCH
+    n = 2 if quick else TRAINER_BATCHES
+    t = interleaved(_trainer_cases(d_in, d_sae, k, batch, n), rounds=3 if quick else ROUNDS, warmup=1, clock=clock)
+    ms = {name: 1e3 * median(ts) for name, ts in t.items()}
+    tag = f"d_in {d_in}, d_sae {d_sae}, k {k}: train_sgd epoch of {n} x {batch} rows"
+    r = round_ratios(t, "epoch", "floor")
+    r2 = round_ratios(t, "epoch_eval", "floor2")
+    r3 = round_ratios(t, "epoch", "steps")
+    return [
+        row(f"{tag} ({how})", r, f"x @ W_enc for the {n} batches", value=ms["epoch"], baseline_value=ms["floor"],
+            target="<= 1.3", ok=r <= 1.3),
+        row(f"{tag}, against the bare steps ({how})", r3, f"{n} bare train steps (forward, backward, fused Adam)",
+            value=ms["epoch"], baseline_value=ms["steps"]),
+        row(f"{tag}, with the train-metrics pass (eval_train=True) ({how})", r2, "x @ W_enc for the batches, twice",
+            value=ms["epoch_eval"], baseline_value=ms["floor2"]),
+    ]
+
+
 def profile_ours(d_in: int, d_sae: int, k: int, batch: int, top: int = 8) -> list[str]:
     """The ops that dominate our step (self CPU time over two steps), as text lines."""
     from torch.profiler import ProfilerActivity, profile
@@ -169,6 +232,8 @@ def wall_rows(quick: bool) -> list[dict]:
     for d_in, d_sae, k in CONFIGS:
         cases, _ = _steps(d_in, d_sae, k, 1024 if quick else BATCH)
         rows += _rows(f"d_in {d_in}, d_sae {d_sae}, k {k}", how, interleaved(cases, rounds=3 if quick else ROUNDS))
+        if (d_in, d_sae, k) == CONFIGS[0]:
+            rows += trainer_rows(quick, how)
     return rows
 
 
@@ -184,6 +249,8 @@ def run(quick: bool = False) -> dict:
     rows: list[dict] = []
     notes = [
         f"float32, batch {batch}, loss mean_b |x_hat - x|^2 (sparsify: its fvu), Adam(fused=True) for all",
+        "train_sgd epoch rows: one train_sgd(..., SGDConfig(epochs=1)) call per round (setup included), random "
+        "N(0, 1) rows; its loss is the mean over elements (the trainer's own)",
         f"wall: torch's default {threads} threads; cpu-1t: CPU time with 1 thread (immune to other users' load)",
         f"CPU TopK selection: {kernels.cpu_kernel_backend()} (numba: the `fast` extra; SPLINTERP_NUMBA=0: torch)",
     ]
@@ -198,6 +265,13 @@ def run(quick: bool = False) -> dict:
         finally:
             torch.set_num_threads(threads)
         del cases
+        if (d_in, d_sae, k) == CONFIGS[0]:
+            rows += trainer_rows(quick, _how())
+            torch.set_num_threads(1)
+            try:
+                rows += trainer_rows(quick, "cpu-1t", clock=time.thread_time)
+            finally:
+                torch.set_num_threads(threads)
         if not quick:
             notes.append(
                 f"{tag}: where our step goes (profile, {threads} threads): "

@@ -8,7 +8,8 @@
 __version__ = "0.1.0"
 
 from splinterp import errors, geometry  # noqa: E402
-from splinterp.io import load, save  # noqa: E402
+from splinterp.io import as_sae, load, save  # noqa: E402
 from splinterp.sae import ARCHITECTURES, SAE, SAEConfig, make_sae  # noqa: E402
 
-__all__ = ["ARCHITECTURES", "SAE", "SAEConfig", "errors", "geometry", "load", "make_sae", "save", "__version__"]
+__all__ = ["ARCHITECTURES", "SAE", "SAEConfig", "as_sae", "errors", "geometry", "load", "make_sae", "save",
+           "__version__"]

@@ -19,10 +19,6 @@ class DTypeError(SplinterpError, TypeError):
     """An array has a dtype we refuse to convert silently (e.g. int pixels, float64 into a float32 SAE)."""
 
 
-class DeviceError(SplinterpError, ValueError):
-    """Tensors that must share a device do not."""
-
-
 class NonFiniteError(SplinterpError, ValueError):
     """Data contains NaN or inf; the message names the first bad row."""
 
@@ -33,6 +29,10 @@ class EmptyDataError(SplinterpError, ValueError):
 
 class ConfigError(SplinterpError, ValueError):
     """A configuration is inconsistent (k > d_sae, unknown architecture, negative rate, ...)."""
+
+
+class DeviceError(ConfigError):
+    """A device that is not available here, or tensors that must share a device do not."""
 
 
 class NotAnSAEFolderError(SplinterpError, FileNotFoundError):
@@ -60,8 +60,8 @@ class NotFittedError(SplinterpError, RuntimeError):
 
 
 class TooLargeError(ConfigError):
-    """A computation would exceed a size limit (`max_cells`, `max_regions`); refused before the work, and the
-    message gives the predicted size."""
+    """A computation would exceed a size limit (`max_cells`, `max_regions`) or the device's memory; refused
+    before the work, and the message gives the predicted size."""
 
 
 class ScoreOverflowError(SplinterpError, OverflowError):
@@ -72,3 +72,39 @@ class ScoreOverflowError(SplinterpError, OverflowError):
 class PrecisionError(SplinterpError, ArithmeticError):
     """A geometric answer cannot be certified at the working precision (e.g. an LP witness that does not
     reproduce its pattern in the SAE's dtype); reported instead of an answer that may be wrong."""
+
+
+class UnsupportedObjectError(SplinterpError, TypeError):
+    """An object is not one we can use as an SAE (not ours, nor a SAELens / sparsify / dictionary_learning SAE)."""
+
+
+class FolderInUseError(SplinterpError, RuntimeError):
+    """Another run holds the lock of a folder this run would write to (two writers would corrupt it)."""
+
+
+class NotWritableError(SplinterpError, PermissionError):
+    """An output location cannot be written (permissions, read-only file system); found before any work."""
+
+
+class NotAModelError(SplinterpError, TypeError):
+    """An argument that must be a model (an object with `encode` and `decode`) is something else."""
+
+
+class PathNotFoundError(SplinterpError, FileNotFoundError):
+    """A file or folder that an argument names does not exist (a checkpoint to resume from, ...)."""
+
+
+class NotAFigureError(SplinterpError, TypeError):
+    """Something given to be displayed as a figure is not a matplotlib or plotly figure, nor a PNG file."""
+
+
+class BrowserNotFoundError(SplinterpError, FileNotFoundError):
+    """No Chromium / Chrome to draw a plotly figure as PNG; the message says how to get one."""
+
+
+class FigureRenderError(SplinterpError, RuntimeError):
+    """A figure could not be drawn (the headless browser failed, or ran past its time limit)."""
+
+
+class NotebookError(SplinterpError, RuntimeError):
+    """A notebook failed to run, or does not show the figures it says it shows."""

@@ -213,7 +213,6 @@ def ce_loss_score(
     """
     if model is None:
         raise ConfigError("the offline model (MiniLM) has no LM head: use embedding_loss_score, or pass a causal LM")
-    torch.manual_seed(seed)
     mod, batches = _prepare(model, tokenizer_or_batches, texts, n_texts, max_length, batch_size, device,
                             seed, causal_lm=True)
     tot = {"clean": 0.0, "sae": 0.0, "abl": 0.0, "kl_sae": 0.0, "kl_abl": 0.0}
@@ -291,7 +290,6 @@ def embedding_loss_score(
     """
     if metric not in EMBEDDING_METRICS:
         raise ConfigError(f"metric must be one of {EMBEDDING_METRICS}, got {metric!r}")
-    torch.manual_seed(seed)
     mod, batches = _prepare(model, tokenizer_or_batches, texts, n_texts, max_length, batch_size, device,
                             seed, causal_lm=False)
     tot = {"sae": 0.0, "abl": 0.0}

@@ -21,7 +21,8 @@ torch does it (`cpu_kernel_backend()` says which).
 
 Selection is canonical and identical to `splinterp.sae.topk_indices`: the k largest scores in decreasing
 order, ties broken towards the lower latent index. Rows with any tie near the top are redone with a
-stable sort (ties have measure zero on real data, so this costs nothing in practice).
+stable sort (ties have measure zero on real data, so this costs nothing in practice). `TIES` lists the
+other rules, which take the tied latents torch.topk takes (the libraries' choice; see `topk_select`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from splinterp.errors import ConfigError, DeviceError, DTypeError, ShapeError
 __all__ = [
     "clear_workspace",
     "cpu_kernel_backend",
+    "affine_scores",
     "decode",
     "dense_reference",
     "densify",
@@ -132,21 +134,39 @@ def _tree_candidates(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     return c0, ok
 
 
-def topk_select(scores: torch.Tensor, k: int) -> torch.Tensor:
+TIES = ("lowest_index", "torch", "torch_relu")
+"""Which of several exactly tied k-th scores TopK takes: "lowest_index" (ours: the same on every device and
+backend), "torch" (those torch.topk takes on the scores: SAELens), "torch_relu" (those torch.topk takes on
+relu(scores): sparsify and dictionary_learning, which apply the ReLU before the top-k)."""
+
+
+def topk_select(scores: torch.Tensor, k: int, ties: str = "lowest_index") -> torch.Tensor:
     """Indices [R, k] of the k largest scores per row, decreasing, ties towards the lower index.
 
     The one implementation of the tie rule (`splinterp.sae.topk_indices` calls it): on CPU float32/64 the
     fused numba selection when installed, else one `topk` of k+1 (over a candidate superset on CPU), which
     tells whether any of the top k+1 scores tie without an extra pass; rows with a tie (or NaN) are redone
     with a stable sort.
+
+    ties="torch" / "torch_relu": the set torch.topk selects from the scores (or from relu(scores)), which among
+    equal scores is whatever its algorithm picks (on CPU, ten equal scores with k=3 give latents 8, 6, 7); the
+    libraries call it on the very scores we compute, so their active sets are ours on tied rows too. The set
+    is then put in the canonical order (decreasing score, then increasing index).
     """
     if scores.ndim != 2:
         raise ShapeError(f"scores must be 2-D [rows, d_sae], got shape {tuple(scores.shape)}")
     n = scores.shape[1]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
         raise ConfigError(f"k must be an integer with 1 <= k <= {n}, got {k!r}")
+    if ties not in TIES:
+        raise ConfigError(f"ties must be one of {TIES}, got {ties!r}")
     if scores.shape[0] == 0:
         return torch.empty(0, k, dtype=torch.long, device=scores.device)
+    if ties != "lowest_index":
+        ranked = torch.relu(scores) if ties == "torch_relu" else scores
+        idx = torch.topk(ranked, k, dim=-1, sorted=False).indices
+        idx = idx.sort(-1).values  # then a stable sort by decreasing score: the canonical order of the set
+        return idx.gather(-1, scores.gather(-1, idx).sort(dim=-1, descending=True, stable=True).indices).contiguous()
     fused = _fused_cpu_select(scores, n, k)
     if fused is not None:
         s = scores.detach().contiguous()
@@ -410,6 +430,20 @@ def _check_affine(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> None:
         raise DeviceError(f"x, W and b must be on one device, got {x.device}, {W.device}, {b.device}")
 
 
+def affine_scores(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, *, linear: bool = False) -> torch.Tensor:
+    """u = x @ W + b [B, d_sae] for x [B, d_in], rounded as the SAE's library rounds it.
+
+    linear=False: a matmul, then the bias added (two roundings), as SAELens writes `x @ W_enc + b_enc`.
+    linear=True: the bias added inside the matmul (`torch.addmm`, what `nn.functional.linear` calls), as
+    sparsify and dictionary_learning compute through `nn.Linear`. Equal in exact arithmetic; in half
+    precision (and float32 from d_in ~512 on) a quarter of the scores differ in the last bit, enough to
+    change an active set, so each SAE keeps its library's form (`SAEConfig.score_order`).
+    """
+    if linear:
+        return torch.addmm(b, x, W)
+    return x @ W + b
+
+
 def encode_topk(
     x: torch.Tensor,
     W: torch.Tensor,
@@ -418,24 +452,29 @@ def encode_topk(
     *,
     absolute: bool = False,
     chunk_rows: int | None = None,
+    linear: bool = False,
+    ties: str = "lowest_index",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """TopK code of x [B, d_in] under scores u = x @ W + b: (values [B, k], indices [B, k]).
 
     absolute=False: the k largest u, then ReLU (values <= 0 become 0 and pass no gradient), as SAELens
     and sparsify. absolute=True: the k largest |u|, signed values kept (the SplInterp paper's variant).
-    Indices are in decreasing order of the ranking score, ties towards the lower index.
+    Indices are in decreasing order of the ranking score, ties towards the lower index (or as `ties` says:
+    see `topk_select`). The scores are rounded as `affine_scores(x, W, b, linear=linear)` rounds them (the
+    same values, chunk by chunk).
     """
     _check_affine(x, W, b)
     B, n = x.shape[0], W.shape[1]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
         raise ConfigError(f"k must be an integer with 1 <= k <= d_sae={n}, got {k!r}")
-    fused = _fused_cpu_select(x, n, k)
+    fused = _fused_cpu_select(x, n, k) if ties == "lowest_index" else None
     copies = 2 if absolute and fused is None else 1  # the torch path needs a second buffer for |u|
     rows = chunk_rows or _chunk_rows(B, n, x, copies)
     with torch.no_grad():
         idx = torch.empty(B, k, dtype=torch.long, device=x.device)
         vals = torch.empty(B, k, dtype=torch.result_type(x, W), device=x.device)
         Wd, bd = W.detach(), b.detach()
+        fused_bias = torch.zeros_like(bd) if linear else bd  # linear: the bias is already in u
         r = max(1, min(rows, B))
         work = _workspace(copies * r * n, vals.dtype, x.device)
         buf = work[: r * n].view(r, n)
@@ -443,13 +482,17 @@ def encode_topk(
         for s in range(0, B, rows):
             xs = x.detach()[s : s + rows]
             u = buf[: xs.shape[0]]
-            torch.mm(xs, Wd, out=u)
+            if linear:
+                torch.addmm(bd, xs, Wd, out=u)
+            else:
+                torch.mm(xs, Wd, out=u)
             if fused is not None:
-                idx[s : s + rows], vals[s : s + rows] = _fused_topk(fused, u, bd, k, absolute)
+                idx[s : s + rows], vals[s : s + rows] = _fused_topk(fused, u, fused_bias, k, absolute)
                 continue
-            u += bd  # as x @ W + b, so values match the dense formula
+            if not linear:
+                u += bd  # as x @ W + b, so values match the dense formula
             score = torch.abs(u, out=sbuf[: xs.shape[0]]) if absolute else u
-            ix = topk_select(score, k)
+            ix = topk_select(score, k, ties)
             idx[s : s + rows] = ix
             torch.gather(u, 1, ix, out=vals[s : s + rows])
         if absolute:

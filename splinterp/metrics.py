@@ -29,9 +29,8 @@ from typing import Any
 
 import torch
 
-from splinterp import kernels
-from splinterp.errors import EmptyDataError, ShapeError
-from splinterp.validation import as_tensor, check_data
+from splinterp.errors import ConfigError, DTypeError, EmptyDataError, NotAModelError, ShapeError
+from splinterp.validation import as_tensor, check_data, check_device, check_finite
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +38,12 @@ _F64 = torch.float64
 
 
 def _pair(x, x_hat) -> tuple[torch.Tensor, torch.Tensor]:
+    """Data and reconstruction: floating, finite (a NaN would turn every metric into NaN), the same shape."""
     x, x_hat = as_tensor(x, "x"), as_tensor(x_hat, "x_hat")
     if x.ndim != 2 or x_hat.shape != x.shape:
         raise ShapeError(f"x and x_hat must both be [N, d_in] with the same shape, got {tuple(x.shape)} and "
                          f"{tuple(x_hat.shape)}")
-    return x, x_hat
+    return check_data(x, name="x", allow_empty=True), check_data(x_hat, name="x_hat", allow_empty=True)
 
 
 class MetricAccumulator:
@@ -193,23 +193,22 @@ class MetricAccumulator:
 def mse(x, x_hat, reduction: str = "mean") -> float:
     """(x - x_hat)^2 averaged over all elements ("mean"), or summed over features and averaged over rows
     ("sum_per_token", the SAELens loss convention = d_in * mean)."""
+    if not isinstance(reduction, str) or reduction not in ("mean", "sum_per_token"):
+        raise ConfigError(f"reduction must be 'mean' or 'sum_per_token', got {reduction!r}")
     x, x_hat = _pair(x, x_hat)
     sse = float(((x.to(_F64) - x_hat.to(_F64)) ** 2).sum())
     if x.numel() == 0:
         raise EmptyDataError("mse of an empty set is undefined")
-    if reduction == "mean":
-        return sse / x.numel()
-    if reduction == "sum_per_token":
-        return sse / x.shape[0]
-    raise ValueError(f"reduction must be 'mean' or 'sum_per_token', got {reduction!r}")
+    return sse / x.numel() if reduction == "mean" else sse / x.shape[0]
 
 
 def _codes(z) -> torch.Tensor:
     z = as_tensor(z, "z")
     if z.ndim != 2:
-        raise ShapeError(f"codes must be [N, d_sae], got {tuple(z.shape)}")
+        raise ShapeError(f"codes z must be [N, d_sae], got {tuple(z.shape)}")
     if z.shape[0] == 0:
-        raise EmptyDataError("codes have no rows")
+        raise EmptyDataError("codes z have no rows")
+    check_finite(z, "z")
     return z
 
 
@@ -291,6 +290,9 @@ def _batches(X, batch_size: int, d_in: int | None, dtype, name: str) -> Iterable
         for s in range(0, X.shape[0], batch_size):
             yield X[s:s + batch_size]
         return
+    if isinstance(X, (str, bytes)) or not isinstance(X, Iterable):
+        raise DTypeError(f"{name} must be a tensor or array [N, d_in], or an iterable of such batches, got "
+                         f"{type(X).__name__}")
     for i, x in enumerate(X):
         yield check_data(x, d_in, name=f"{name} batch {i}", dtype=dtype, allow_empty=True)
 
@@ -298,7 +300,7 @@ def _batches(X, batch_size: int, d_in: int | None, dtype, name: str) -> Iterable
 def _is_sae(model) -> bool:
     from splinterp.sae import SAE  # late: sae imports validation, keep metrics importable on its own
 
-    return isinstance(model, SAE) and hasattr(model, "encode_sparse")
+    return isinstance(model, SAE)
 
 
 @torch.no_grad()
@@ -306,11 +308,16 @@ def evaluate(model: Any, X, batch_size: int = 4096, device: str | torch.device |
              return_density: bool = False) -> dict[str, Any]:
     """Every metric of this module for `model` on X, streamed over batches.
 
-    `model` needs `encode(x) -> z` and `decode(z) -> x_hat` (our SAE, the reference autoencoders).
+    `model` needs `encode(x) -> z` and `decode(z) -> x_hat` (our SAE, the reference autoencoders); an SAE
+    object of SAELens, sparsify or dictionary_learning is converted with `splinterp.as_sae` first.
     X: a tensor / array [N, d_in], or an iterable of such batches. Batches are moved to `device`
     (default: the model's device, else X's); the model itself is not moved.
     """
-    acc = accumulate(model, X, batch_size, device)
+    from splinterp.io import as_sae_if_foreign
+
+    acc = accumulate(as_sae_if_foreign(model), X, batch_size, device)
+    if acc.n == 0:
+        raise EmptyDataError("X has no rows: there is nothing to evaluate")
     out: dict[str, Any] = acc.compute()
     if return_density:
         out["feature_density"] = acc.feature_density()
@@ -321,21 +328,26 @@ def evaluate(model: Any, X, batch_size: int = 4096, device: str | torch.device |
 def accumulate(model: Any, X, batch_size: int = 4096, device: str | torch.device | None = None) -> MetricAccumulator:
     """The `MetricAccumulator` that `evaluate` computes from (same arguments), e.g. to `merge` the
     shares of several processes before `compute`."""
+    if not (callable(getattr(model, "encode", None)) and callable(getattr(model, "decode", None))):
+        raise NotAModelError(f"model must have encode(x) and decode(z) methods (a splinterp SAE, a reference "
+                             f"autoencoder), got {type(model).__name__} {repr(model)[:40]}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     d_in = _model_attr(model, "d_in")
     dtype = _model_attr(model, "dtype")
     dtype = dtype if isinstance(dtype, torch.dtype) else None
-    dev = device if device is not None else _model_attr(model, "device")
+    dev = check_device(device) if device is not None else _model_attr(model, "device")
     acc = MetricAccumulator()
     sparse_sae = _is_sae(model)
     for x in _batches(X, batch_size, d_in, dtype, "X"):
         if dev is not None:
             x = x.to(dev)
-        if sparse_sae:  # our SAE: sparse codes, never the dense [B, d_sae] matrix
-            vals, idx = model.encode_sparse(x)
-            x_hat = kernels.decode(vals, idx, model.W_dec, model.b_dec)
-            acc.update(x, x_hat, sparse=(vals, idx), d_sae=model.cfg.d_sae)
+        if sparse_sae:  # our SAE: its own pass gives x_hat and the code (sparse where the kernels pay)
+            rec = model.reconstruct(x)
+            if rec.is_sparse:
+                acc.update(x, rec.x_hat, sparse=(rec.values, rec.indices), d_sae=model.cfg.d_sae)
+            else:
+                acc.update(x, rec.x_hat, rec.values)
             continue
         z = model.encode(x)  # handed back to decode as the model made it (tensor or array)
         x_hat = as_tensor(model.decode(z), "reconstruction")

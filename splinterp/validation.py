@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
+import os
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,12 +17,24 @@ import torch
 
 from splinterp.errors import (
     ConfigError,
+    CorruptFileError,
     DeviceError,
     DTypeError,
     EmptyDataError,
     NonFiniteError,
     ShapeError,
 )
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Parse a JSON file someone else may have written; CorruptFileError naming the file if it is not UTF-8 JSON
+    or nests too deeply for Python's parser (100,000 `[` raise RecursionError in `json.loads`)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise CorruptFileError(f"{path} is not valid JSON: {reason}") from None
 
 
 def as_tensor(x, name: str = "X") -> torch.Tensor:
@@ -131,6 +147,29 @@ def check_batch(
     return x
 
 
+def check_device(device, name: str = "device") -> torch.device:
+    """A torch device this process can use (cpu, cuda, cuda:N, mps). A bad string ("tpu") or a device that is
+    not here (cuda without a GPU, cuda:7 on a 2-GPU machine) is a DeviceError naming the argument the way the
+    caller's user gave it: a keyword (`name="device"` -> "device='tpu'") or a flag (`name="--device"`)."""
+    shown = f"{name} {device!r}" if name.startswith("-") else f"{name}={device!r}"
+    if isinstance(device, bool) or not isinstance(device, (str, torch.device)):
+        raise DeviceError(f"{shown}: a device must be a string such as 'cpu' or 'cuda:0'")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise DeviceError(f"{shown} is not a torch device ({e}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"{shown}: CUDA is not available in this process; use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"{shown}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise DeviceError(f"{shown}: MPS is not available in this process")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise DeviceError(f"{shown}: splinterp runs on cpu, cuda or mps devices")
+    return dev
+
+
 def check_positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -154,8 +193,8 @@ def _type_ok(value, tp) -> bool:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         return any(_type_ok(value, a) for a in typing.get_args(tp))
-    if origin is typing.Literal:
-        return value in typing.get_args(tp)
+    if origin is typing.Literal:  # compared only with values of the same type (an array's == is elementwise)
+        return any(type(value) is type(a) and value == a for a in typing.get_args(tp))
     if tp is type(None):
         return value is None
     if tp is bool:
@@ -171,6 +210,20 @@ def _type_ok(value, tp) -> bool:
     return True  # an annotation we do not interpret
 
 
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    """The resolved annotations of a dataclass (cached: resolving them costs more than the whole check).
+
+    An annotation that does not resolve (a name imported only under TYPE_CHECKING, a class defined in a
+    function) is a bug in that dataclass: a TypeError says so, instead of silently checking no field at all.
+    """
+    try:
+        return typing.get_type_hints(cls)
+    except Exception as e:  # NameError, TypeError, ...: whatever evaluating an annotation raised
+        raise TypeError(f"the field annotations of {cls.__module__}.{cls.__qualname__} do not resolve ({e!r}), so "
+                        "its values cannot be type-checked; define the names they use at module level") from e
+
+
 def check_dataclass_types(obj, name: str | None = None) -> None:
     """Raise ConfigError if a dataclass field holds a value of the wrong type, or a non-finite float.
 
@@ -180,10 +233,7 @@ def check_dataclass_types(obj, name: str | None = None) -> None:
     if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
         raise TypeError(f"check_dataclass_types expects a dataclass instance, got {type(obj).__name__}")
     name = name or type(obj).__name__
-    try:
-        hints = typing.get_type_hints(type(obj))
-    except Exception:  # unresolvable forward references: check nothing rather than fail
-        return
+    hints = _type_hints(type(obj))
     for f in dataclasses.fields(obj):
         if f.name not in hints:
             continue

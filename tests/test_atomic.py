@@ -223,3 +223,184 @@ def test_write_json_refuses_nan(tmp_path):
         write_json(tmp_path / "a.json", {"loss": float("nan")})
     assert not (tmp_path / "a.json").exists()
     assert stale_temporaries(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------------ one writer per folder
+HOLDER = """
+    import os, sys
+    from splinterp.atomic import hold_folder, hold_output
+    hold = hold_output if sys.argv[2] == "output" else hold_folder
+    lock = hold(sys.argv[1], name="--out", purpose="the test's holder")
+    print("HOLDING", os.getpid(), flush=True)
+    sys.stdin.readline()
+    lock.release()
+    print("RELEASED", flush=True)
+"""
+
+
+def hold_in_child(path: Path, kind: str = "folder") -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(HOLDER), str(path), kind], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    words = proc.stdout.readline().split()
+    if words[:1] != ["HOLDING"]:
+        proc.kill()
+        raise AssertionError(f"child said {words}, stderr: {proc.stderr.read()[-2000:]}")
+    return proc, int(words[1])
+
+
+@pytest.mark.parametrize("kind", ["folder", "output"])
+def test_a_second_writer_is_refused_with_the_holders_pid_until_the_holder_ends(tmp_path, kind):
+    hold = atomic.hold_folder if kind == "folder" else atomic.hold_output
+    target = tmp_path / "runs" / "out"
+    proc, pid = hold_in_child(target, kind)
+    try:
+        with pytest.raises(sp.errors.FolderInUseError) as e:
+            hold(target, name="--out", purpose="a second run")
+        msg = str(e.value)
+        assert f"--out {target} is in use" in msg and f"pid {pid} on " in msg and "the test's holder" in msg
+        # released by the holder: free again, and the lock file is gone with it
+        proc.stdin.write("release\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "RELEASED"
+        with hold(target, name="--out"):
+            pass
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert [p.name for p in tmp_path.rglob("*")] == ["runs", "out"] if kind == "folder" else ["runs"]
+
+
+def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
+    proc, _ = hold_in_child(tmp_path / "out")
+    kill(proc)
+    with atomic.hold_folder(tmp_path / "out") as lock:  # the kernel dropped the lock with the process
+        assert (tmp_path / "out" / atomic.LOCK_FILE).exists()
+        assert json.loads((tmp_path / "out" / atomic.LOCK_FILE).read_text())["pid"] == os.getpid()
+    assert "released" in repr(lock) and not (tmp_path / "out" / atomic.LOCK_FILE).exists()
+
+
+def test_the_lock_is_reentrant_in_one_thread_and_refuses_other_threads(tmp_path):
+    import threading
+
+    outer = atomic.hold_folder(tmp_path, name="checkpoint_dir")
+    with atomic.hold_folder(tmp_path):  # the run holds it; save_checkpoint takes it again
+        pass
+    assert (tmp_path / atomic.LOCK_FILE).exists()  # still held by `outer`
+    seen = []
+
+    def other():
+        try:
+            atomic.hold_folder(tmp_path, name="checkpoint_dir").release()
+            seen.append("acquired")
+        except sp.errors.FolderInUseError as e:
+            seen.append(str(e))
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert len(seen) == 1 and "another thread of this process" in seen[0] and "checkpoint_dir" in seen[0]
+    outer.release()
+    outer.release()  # twice is harmless
+    assert not (tmp_path / atomic.LOCK_FILE).exists()
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert seen[1] == "acquired"
+
+
+def test_hold_output_survives_the_folder_being_swapped(tmp_path):
+    """An SAE folder is replaced whole (atomic_dir): its lock must live outside it."""
+    out = tmp_path / "sae"
+    with atomic.hold_output(out, name="--out"):
+        sp.save(sp.make_sae(4, 8, "relu"), out)
+        sp.save(sp.make_sae(4, 8, "relu", seed=1), out)  # swapped in whole
+        proc = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+            import sys
+            from splinterp.atomic import hold_output
+            from splinterp.errors import FolderInUseError
+            try:
+                hold_output(sys.argv[1])
+            except FolderInUseError:
+                print("REFUSED")
+        """), str(out)], capture_output=True, text=True, timeout=120)
+        assert proc.stdout.strip() == "REFUSED", proc.stderr[-2000:]
+    assert visible(tmp_path) == ["sae"] and not [p for p in tmp_path.iterdir() if p.name.endswith(".lock")]
+
+
+def test_files_in_the_way_and_unwritable_places_are_refused(tmp_path, monkeypatch):
+    f = tmp_path / "notes.txt"
+    f.write_text("x")
+    with pytest.raises(sp.errors.OverwriteError, match=r"--out .*notes.txt is a file"):
+        atomic.hold_folder(f, name="--out")
+    with pytest.raises(sp.errors.OverwriteError, match="a part of this path is a file"):
+        atomic.hold_folder(f / "sub", name="--out")
+    with pytest.raises(sp.errors.OverwriteError, match="notes.txt is a file"):
+        atomic.hold_output(f / "sae", name="--out")
+    assert f.read_text() == "x"
+
+    real_open = os.open
+
+    def read_only_fs(path, flags, *a):
+        if str(path).endswith(".lock"):
+            raise OSError(30, "Read-only file system", str(path))
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(os, "open", read_only_fs)
+    with pytest.raises(sp.errors.NotWritableError, match=r"--out .* cannot be written \(Read-only file system\)"):
+        atomic.hold_folder(tmp_path / "new", name="--out")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_a_folder_without_write_permission_is_refused(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        with pytest.raises(sp.errors.NotWritableError, match="Permission denied"):
+            atomic.hold_folder(ro)
+        with pytest.raises(sp.errors.NotWritableError, match="Permission denied"):
+            atomic.hold_folder(ro / "new")
+    finally:
+        ro.chmod(0o700)
+
+
+def test_mutual_exclusion_under_contention(tmp_path):
+    """Four processes grab and release one folder's lock in a tight loop; never two holders at once.
+
+    Exercises the release protocol (the lock file is removed at release, so a process can lock a file that
+    has just been unlinked; it must notice and retry instead of holding an orphan lock).
+    """
+    code = """
+        import os, sys, time
+        from pathlib import Path
+        from splinterp.atomic import hold_folder
+        from splinterp.errors import FolderInUseError
+        folder = Path(sys.argv[1]); got = clash = 0
+        end = time.time() + 2
+        while time.time() < end:
+            try:
+                lock = hold_folder(folder)
+            except FolderInUseError:
+                continue
+            marker = folder / "inside"
+            try:
+                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)   # fails if another holder is inside
+                os.close(fd)
+            except FileExistsError:
+                clash += 1
+            else:
+                got += 1
+                os.unlink(marker)
+            lock.release()
+        print(got, clash)
+    """
+    procs = [spawn(code, str(tmp_path)) for _ in range(4)]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
+        results.append(tuple(map(int, out.split())))
+    assert sum(c for _, c in results) == 0, results
+    assert sum(g for g, _ in results) > 20, results  # the locks really changed hands

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
 
+from splinterp.data import cache as cache_module
 from splinterp.data.cache import ActivationCache, Standardizer, split_uniform
 from splinterp.data.harvest import write_cache
-from splinterp.errors import ChecksumError, ConfigError, CorruptFileError, EmptyDataError, ShapeError
+from splinterp.errors import ChecksumError, ConfigError, CorruptFileError, DTypeError, EmptyDataError, ShapeError
 
 N, D = 203, 5
 
@@ -67,9 +69,8 @@ def test_checksum_names_the_shard(cache):
     data = bytearray(shard.read_bytes())
     data[-3] ^= 0xFF  # flip bits inside the tensor data: still a valid safetensors file
     shard.write_bytes(bytes(data))
-    ActivationCache.open(cache.folder)  # verify is opt-in
     with pytest.raises(ChecksumError, match="shard_00004.safetensors"):
-        ActivationCache.open(cache.folder, verify=True)
+        ActivationCache.open(cache.folder, verify=True)  # every shard, now
 
 
 def test_truncated_shard_is_corrupt(cache):
@@ -203,3 +204,155 @@ def test_standardizer_save_load(tmp_path):
     (tmp_path / "bad2.json").write_text("{not json")
     with pytest.raises(CorruptFileError):
         Standardizer.load(tmp_path / "bad2.json")
+
+
+# ------------------------------------------------------------------------------- silent wrong answers refused
+def test_values_beyond_float16_are_refused_naming_the_largest(tmp_path):
+    x = torch.randn(300, 8, generator=torch.Generator().manual_seed(0)) * 1e5  # the reproducer: 1,229 infs
+    worst = np.abs(x.numpy().astype(np.float64)).max()
+    r, c = np.unravel_index(np.abs(x.numpy()).argmax(), x.shape)
+    with pytest.raises(ConfigError, match=r"acts\[0\] holds .*beyond the largest float16 \(65504\)") as e:
+        write_cache(tmp_path / "c", x, dtype="float16")
+    assert f"{x[r, c].item():.6g}" in str(e.value) and f"row {r}, column {c}" in str(e.value)
+    assert abs(float(str(e.value).split(" holds ")[1].split()[0])) == pytest.approx(worst, rel=1e-5)
+    assert not (tmp_path / "c").exists()
+    # at the edge, numpy's float16 rounding is the reference: refused exactly when the stored value is inf
+    for v in [65504.0, 65519.0, 65520.0, -65520.0, 1e6]:
+        with np.errstate(over="ignore"):
+            inf = bool(np.isinf(np.float16(v)))
+        x = torch.zeros(4, 2)
+        x[2, 1] = v
+        if inf:
+            with pytest.raises(ConfigError, match=re.escape(f"holds {v:.6g} (row 2, column 1)")):
+                write_cache(tmp_path / "edge", x, dtype="float16", overwrite=True)
+        else:
+            c = write_cache(tmp_path / "edge", x, dtype="float16", overwrite=True)
+            assert c.load(0)[2, 1].item() == float(np.float16(v))
+    c = write_cache(tmp_path / "f32", torch.full((3, 2), 1e30), dtype="float32")  # fits: stored as is
+    assert torch.equal(c.load(0), torch.full((3, 2), 1e30))
+
+
+def test_a_tampered_shard_is_refused_on_first_read_by_default(cache, acts):
+    shard = cache.folder / cache.shards[2]["file"]
+    data = bytearray(shard.read_bytes())
+    n = int.from_bytes(data[:8], "little")  # safetensors: header length, JSON header, then the tensors' bytes
+    start = 8 + n + json.loads(data[8:8 + n])["layer_0"]["data_offsets"][0]
+    data[start + 3] ^= 0x40  # a valid safetensors file with one changed value of layer 0
+    shard.write_bytes(bytes(data))
+    c = ActivationCache.open(cache.folder)  # the default
+    assert torch.equal(next(iter(c.iter_batches(0, 37))), acts[0][:37])  # shards before it are fine
+    for read in (lambda: c.load(0), lambda: list(c.iter_batches(3, 50, shuffle=True)), lambda: c.token_ids()):
+        with pytest.raises(ChecksumError, match=f"shard_00002.safetensors in {cache.folder}"):
+            read()
+    unchecked = ActivationCache.open(cache.folder, verify=False).load(0)  # what would have been read silently
+    assert not torch.equal(unchecked, acts[0])
+    with pytest.raises(ConfigError, match="verify"):
+        ActivationCache.open(cache.folder, verify="yes")
+
+
+def test_each_shard_is_hashed_once_however_often_it_is_read(cache, acts, monkeypatch):
+    """Verification costs one hash per shard file per process: no second pass for later epochs or views."""
+    hashed = []
+    real = cache_module.sha256_file
+    monkeypatch.setattr(cache_module, "sha256_file", lambda p: hashed.append(p.name) or real(p))
+    monkeypatch.setattr(cache_module, "_verified", {})
+    c = ActivationCache.open(cache.folder)
+    for _ in range(3):  # epochs
+        assert torch.equal(torch.cat(list(c.iter_batches(0, 50))), acts[0])
+    view = ActivationCache(c.folder, c.manifest)  # what the streaming readers build per epoch
+    assert torch.equal(view.load(3), acts[3])
+    assert sorted(hashed) == sorted(s["file"] for s in c.shards)
+    # a file changed after it was checked is checked again (its ctime moved), and caught
+    shard = cache.folder / cache.shards[0]["file"]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ChecksumError, match="shard_00000"):
+        c.load(0)
+
+
+def test_texts_must_be_strings_one_per_row_or_per_sequence(tmp_path):
+    x = torch.randn(300, 4)
+    with pytest.raises(DTypeError, match=r"texts must be strings, but texts\[0\] is int"):
+        write_cache(tmp_path / "c", x, texts=[1, 2, 3])  # the reproducer
+    with pytest.raises(DTypeError, match="texts must be a list of strings, got str"):
+        write_cache(tmp_path / "c", x, texts="one long text")
+    with pytest.raises(DTypeError, match=r"texts\[299\] is NoneType"):
+        write_cache(tmp_path / "c", x, texts=[f"t{i}" for i in range(299)] + [None])
+    with pytest.raises(ShapeError, match="texts has 3 entries for 300 rows"):
+        write_cache(tmp_path / "c", x, texts=["a", "b", "c"])
+    with pytest.raises(ShapeError, match="text_ids run from 0 to 29"):
+        write_cache(tmp_path / "c", x, text_ids=torch.arange(300) // 10, texts=["a", "b", "c"])
+    with pytest.raises(DTypeError, match="vocab must map int token ids to strings"):
+        write_cache(tmp_path / "c", x, vocab={1: 2})
+    assert not (tmp_path / "c").exists()
+    per_row = write_cache(tmp_path / "row", x, texts=[f"t{i}" for i in range(300)])
+    assert per_row.texts[299] == "t299"
+    per_seq = write_cache(tmp_path / "seq", x, text_ids=torch.arange(300) // 10, texts=[f"s{i}" for i in range(30)])
+    assert [per_seq.texts[i] for i in per_seq.text_ids()[[0, 299]].tolist()] == ["s0", "s29"]
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "texts.json", "vocab.json", "std.json"])
+def test_deeply_nested_json_is_a_corrupt_file_not_a_recursion_error(cache, name):
+    path = cache.folder / name
+    path.write_text("[" * 100_000)
+    with pytest.raises(CorruptFileError, match=f"{name} is not valid JSON: nested too deeply"):
+        if name == "manifest.json":
+            ActivationCache.open(cache.folder)
+        elif name == "texts.json":
+            _ = ActivationCache.open(cache.folder).texts
+        elif name == "vocab.json":
+            ActivationCache.open(cache.folder).token_strings()
+        else:
+            Standardizer.load(path)
+
+
+def test_hostile_texts_and_vocab_files_are_corrupt(cache):
+    (cache.folder / "texts.json").write_text('[1, 2]')
+    with pytest.raises(CorruptFileError, match="texts.json is not a list of strings"):
+        _ = ActivationCache.open(cache.folder).texts
+    (cache.folder / "vocab.json").write_text('{"0": [1]}')
+    with pytest.raises(CorruptFileError, match="vocab.json is not an object of token strings"):
+        ActivationCache.open(cache.folder).token_strings()
+
+
+@pytest.mark.parametrize("kw, field", [({"layer": 1.5}, "layer"), ({"layer": "0"}, "layer"), ({"layer": True}, "layer"),
+                                       ({"batch_size": 2.5}, "batch_size"), ({"buffer_tokens": "x"}, "buffer_tokens"),
+                                       ({"buffer_tokens": 0}, "buffer_tokens"), ({"seed": "x"}, "seed"),
+                                       ({"dtype": "float32"}, "dtype"), ({"dtype": torch.int64}, "dtype"),
+                                       ({"device": "tpu"}, "device"), ({"device": "cuda:99"}, "device")])
+def test_reader_arguments_of_the_wrong_kind_are_named(cache, kw, field):
+    """These used to end in TypeError / ValueError / torch RuntimeError from deep inside the reader."""
+    with pytest.raises(ConfigError, match=field):
+        list(cache.iter_batches(**{"layer": 0, "batch_size": 8, **kw}))
+
+
+def test_load_and_standardizer_arguments_are_named(cache):
+    with pytest.raises(ConfigError, match="max_bytes"):
+        cache.load(0, max_bytes="4GB")
+    with pytest.raises(ConfigError, match="dtype"):
+        cache.load(0, dtype="float64")
+    with pytest.raises(ConfigError, match="eps"):
+        Standardizer.fit(torch.randn(5, 3), eps="small")
+    with pytest.raises(ConfigError, match="eps"):
+        Standardizer.fit(torch.randn(5, 3), eps=-1.0)
+    assert torch.equal(cache.load([0]), cache.load(np.int64(0)))  # numpy ints are layer numbers too
+
+
+def test_a_bad_test_frac_is_named_even_without_a_split(cache):
+    with pytest.raises(ConfigError, match="test_frac"):
+        list(cache.iter_batches(0, 8, test_frac=2))
+
+
+def test_arrays_where_strings_belong_are_named(cache):
+    """`split=np.zeros(2)` ended in numpy's 'truth value of an array is ambiguous' ValueError."""
+    with pytest.raises(ConfigError, match="split must be"):
+        list(cache.iter_batches(0, 8, split=np.zeros(2)))
+    with pytest.raises(ConfigError, match="split_unit must be"):
+        ActivationCache.open(cache.folder, split_unit=np.zeros(2))
+    with pytest.raises(ConfigError, match="verify must be"):
+        ActivationCache.open(cache.folder, verify=np.zeros(2))
+    manifest = json.loads((cache.folder / "manifest.json").read_text())
+    (cache.folder / "manifest.json").write_text(json.dumps({**manifest, "dtype": ["float32"]}))
+    with pytest.raises(CorruptFileError, match="dtype must be one of"):
+        ActivationCache.open(cache.folder)

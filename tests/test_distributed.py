@@ -16,9 +16,10 @@ import torch
 
 from splinterp import SAE, SAEConfig
 from splinterp.data import write_cache
-from splinterp.distributed import CacheBatches, spawn_local, train_distributed
+from splinterp.data.streaming import CacheBatches
 from splinterp.errors import ConfigError, OverwriteError
 from splinterp.metrics import MetricAccumulator
+from splinterp.parallel import spawn_local, train_distributed
 from splinterp.train import DecoderAccumulator, PAMConfig, SGDConfig, SparseCodes, train_pam_sgd, train_sgd
 
 N, D, D_SAE = 120, 5, 12
@@ -58,7 +59,7 @@ def _state(sae: SAE) -> dict[str, torch.Tensor]:
 def _scenarios(rank: int, world: int, folder: str, ckpt: str) -> dict:
     import torch.distributed as dist
 
-    from splinterp.distributed import allreduce_gradients
+    from splinterp.parallel import allreduce_gradients
 
     X, E = _data()
     out: dict = {}
@@ -246,7 +247,7 @@ def _tiny_model():
 
 
 def _harvest_worker(rank: int, world: int, out: str) -> str | None:
-    from splinterp.distributed import harvest_distributed
+    from splinterp.parallel import harvest_distributed
 
     model = _tiny_model()
     cache = harvest_distributed(model, TEXTS, "all", out, shard_tokens=5, batch_size=2, progress=False)
@@ -287,23 +288,22 @@ def test_harvest_on_two_ranks_equals_one_process(tmp_path):
 @pytest.mark.slow
 def test_torchrun_cli_trains_like_the_single_process_twin(tmp_path):
     from splinterp import load
-    from splinterp.distributed import free_port
+    from splinterp.parallel import free_port
 
     g = torch.Generator().manual_seed(5)
     write_cache(tmp_path / "cache", torch.randn(800, D, generator=g), shard_tokens=50)
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "splinterp.distributed", "train",
-           "--cache", str(tmp_path / "cache"), "--layer", "0", "--out", str(tmp_path / "sae"),
+           "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "splinterp", "train",
+           "--data", str(tmp_path / "cache"), "--layer", "0", "--out", str(tmp_path / "sae"), "--no-standardize",
            "--method", "pam_sgd", "--d-sae", "16", "--k", "3", "--epochs", "2", "--batch-size", "32",
-           "--lr", "0.01", "--buffer-tokens", "100", "--seed", "3", "--eval", "--dtype", "float64"]
+           "--lr", "0.01", "--seed", "3", "--dtype", "float64", "--no-progress"]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     got = load(tmp_path / "sae")
     ref = SAE(SAEConfig(d_in=D, d_sae=16, architecture="topk", k=3, seed=3, dtype="float64"))
-    twin = CacheBatches(tmp_path / "cache", 0, 32, seed=3, buffer_tokens=100, dtype=torch.float64, rank=None,
-                        world_size=2)
+    twin = CacheBatches(tmp_path / "cache", 0, 32, seed=3, dtype=torch.float64, rank=None, world_size=2)
     train_pam_sgd(ref, twin, PAMConfig(epochs=2, batch_size=32, lr=0.01, seed=3, progress=False))
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(got.state_dict()[k], v, rtol=1e-9, atol=1e-9)

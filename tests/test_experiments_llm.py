@@ -15,26 +15,26 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from splinterp.errors import ConfigError  # noqa: E402
 from splinterp.experiments import registry  # noqa: E402
-from splinterp.experiments.e3_llm import (  # noqa: E402
-    E3Config,
-    LayerSAEConfig,
-    LLMContext,
-    LLMDataConfig,
-    SAEStore,
-    main,
-    offline_cache,
-    run_e3,
-    sae_train_flops,
-    train_layers_sae,
-)
+from splinterp.experiments.e3_llm import E3Config, run_e3  # noqa: E402
 from splinterp.experiments.group_sae import GroupSAEConfig, run_group_sae  # noqa: E402
 from splinterp.experiments.llm_geometry import GeometryConfig, geometry_row, run_llm_geometry  # noqa: E402
 from splinterp.experiments.shrinkage import ShrinkageConfig, run_shrinkage  # noqa: E402
 from splinterp.experiments.transfer import TransferConfig, run_transfer  # noqa: E402
+from splinterp.llm import (  # noqa: E402
+    LayerSAEConfig,
+    LLMContext,
+    LLMDataConfig,
+    SAEStore,
+    SweepPointConfig,
+    offline_cache,
+    sae_train_flops,
+    train_layers_sae,
+)
 
 TINY = LLMDataConfig(n_texts=8, n_eval_texts=2, max_length=24, test_frac=0.25, split_unit="token", max_test_tokens=48,
                      harvest_batch_size=8)
 TINY_SAE = LayerSAEConfig(d_sae=16, k=4, epochs=1, batch_size=32, lr=3e-3, eval_every=2)
+TINY_POINT = SweepPointConfig(d_sae=16, epochs=1, batch_size=32, eval_every=5, sparse_start_l0=4)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_store_reuses_trained_saes(ctx):
 @pytest.mark.parametrize("arch", ["relu", "gated", "jumprelu"])
 def test_sparse_start_sets_initial_l0(arch):
     from splinterp import SAE, SAEConfig
-    from splinterp.experiments.e3_llm import sparse_start
+    from splinterp.llm import sparse_start
 
     X = torch.randn(500, 12, generator=torch.Generator().manual_seed(0))
     sae = SAE(SAEConfig(d_in=12, d_sae=40, architecture=arch, seed=1))
@@ -114,7 +114,7 @@ def test_e3_tiny(out):
     res = run_e3(cfg, out)
     assert set(res["runs"]) == {"topk/sgd", "topk/pam_sgd", "relu/sgd", "relu/pam_sgd"}
     assert len(res["runs"]["topk/sgd"]["test_mse_curve"]) == 2
-    assert res["runs"]["topk/pam_sgd"]["test_l0"] <= 4
+    assert 0 < res["runs"]["topk/pam_sgd"]["test_l0"] <= 4 and res["runs"]["topk/sgd"]["pct_nonzero"] > 0
     assert set(res["relu_pct_nonzero"]) == {"0.0001", "0.001"}
     assert set(res["relu_pct_nonzero"]["0.001"]) == {"sgd", "pam_sgd"}
     assert res["relu_pct_nonzero"]["0.0001"]["sgd"] == res["runs"]["relu/sgd"]["pct_nonzero"]
@@ -126,7 +126,7 @@ def test_e3_tiny(out):
 
 
 def test_shrinkage_tiny(out):
-    cfg = ShrinkageConfig(data=TINY, layer=2, d_sae=16, target_l0=4, epochs=1, batch_size=32, eval_every=5,
+    cfg = ShrinkageConfig(data=TINY, layer=2, target_l0=4, training=TINY_POINT,
                           sweeps={"relu": (0.01,), "gated": (0.01,), "jumprelu": (0.01,), "topk": (2, 4)})
     res = run_shrinkage(cfg, out)
     assert res["loss_metric"] == "emb_loss_score"
@@ -172,17 +172,9 @@ def test_transfer_tiny(out, ctx):
 
 
 def test_geometry_tiny(out, ctx):
-    cfg = GeometryConfig(data=TINY, sae=TINY_SAE, layers=(0, 4), arch_layer=2, arch_quick_settings=True,
+    cfg = GeometryConfig(data=TINY, sae=TINY_SAE, layers=(0, 4), arch_layer=2, arch_training=TINY_POINT,
                          arch_knobs={"topk": 4, "relu": 0.01, "topk_abs": 4})
-    # the per-architecture SAEs use the shrinkage quick settings; shrink them for the test
-    import splinterp.experiments.shrinkage as sh
-
-    quick = sh.ShrinkageConfig.quick
-    try:
-        sh.ShrinkageConfig.quick = classmethod(lambda c, **k: quick(d_sae=16, epochs=1, batch_size=32, **k))
-        res = run_llm_geometry(cfg, out)
-    finally:
-        sh.ShrinkageConfig.quick = quick
+    res = run_llm_geometry(cfg, out)
     rows = res["rows"]
     assert [r["layer"] for r in rows] == [0, 4, 2, 2, 2]
     for r in rows:
@@ -190,13 +182,21 @@ def test_geometry_tiny(out, ctx):
     assert "order-1 cells" in (out / "llm_geometry_table.md").read_text()
 
 
-def test_geometry_row_regions_match_power_cells(make_random_sae):
+def test_geometry_row_regions_are_the_order_k_power_cells(make_random_sae):
+    """For a TopK SAE whose k largest scores are all positive, a region (active set) is exactly an order-k power
+    cell, so the two counts are equal; and each count equals the distinct top-m index sets of a float64 brute
+    force."""
     sae = make_random_sae("topk", d_in=6, d_sae=10, k=2)
+    with torch.no_grad():
+        sae.b_enc.fill_(50.0)  # every score positive: TopK then ReLU keeps all k
     X = torch.randn(200, 6, generator=torch.Generator().manual_seed(0))
     row = geometry_row(sae, X, orders=(1, 2))
-    # for a TopK SAE with positive scores the order-k power cells are its regions
-    assert row["order2_cells"] >= row["order1_cells"]
-    assert row["n_regions"] <= 200 and row["regions_per_token"] == row["n_regions"] / 200
+    assert row["order2_cells"] == row["n_regions"]
+    W, b = (t.detach().double() for t in sae.encoder_affine())
+    top = torch.argsort(X.double() @ W + b, dim=1, descending=True)
+    for m in (1, 2):
+        assert row[f"order{m}_cells"] == len({tuple(sorted(r)) for r in top[:, :m].tolist()})
+    assert row["regions_per_token"] == row["n_regions"] / 200
 
 
 def test_registered_jobs_and_outputs():
@@ -217,7 +217,7 @@ def gpt2_folder(tmp_path_factory):
     _, tok, _ = load_model(None)
     tok = copy.deepcopy(tok)
     torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=3, n_embd=32, n_head=2, n_positions=64, vocab_size=len(tok),
+    cfg = GPT2Config(n_layer=3, n_embd=32, n_head=2, n_positions=128, vocab_size=len(tok),
                      bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
     folder = tmp_path_factory.mktemp("gpt2") / "tiny-gpt2"
     GPT2LMHeadModel(cfg).save_pretrained(folder)
@@ -227,7 +227,7 @@ def gpt2_folder(tmp_path_factory):
 
 def test_model_path_gpt2_through_configs(gpt2_folder, tmp_path):
     data = dataclasses.replace(TINY, model=str(gpt2_folder))
-    res = run_shrinkage(ShrinkageConfig(data=data, d_sae=16, target_l0=4, epochs=1, batch_size=32,
+    res = run_shrinkage(ShrinkageConfig(data=data, target_l0=4, training=TINY_POINT,
                                         sweeps={"relu": (0.01,), "topk": (4,)}), tmp_path)
     assert res["loss_metric"] == "ce_loss_score" and res["layer"] == 1 and res["model"] == str(gpt2_folder)
     assert "ce_loss_with_sae" in res["matched"][0]["loss_eval"]
@@ -237,28 +237,21 @@ def test_model_path_gpt2_through_configs(gpt2_folder, tmp_path):
     assert manifest["d_model"] == 32 and manifest["layers"] == [0, 1, 2]
 
 
-def test_cli_model_flag(gpt2_folder, tmp_path, monkeypatch):
-    import splinterp.experiments.e3_llm as e3
+def test_reproduce_model_and_layer_flags(gpt2_folder, tmp_path):
+    """`splinterp reproduce --model FOLDER --layer L` runs the LLM jobs on that model (here a random GPT-2 saved
+    to a folder), with the single-layer jobs on block L, and records both in results.json."""
+    from splinterp.cli import main
 
-    real = e3._jobs_table
-
-    def tiny_table():
-        table = {}
-        for name, (preset, runner) in real().items():
-            def tiny(q, s, d, _preset=preset, _name=name):
-                cfg = dataclasses.replace(_preset(q, s, d), data=TINY)
-                if _name == "e3_llm":
-                    return dataclasses.replace(cfg, d_sae=16, k=4, epochs=1, fractions=(1.0,), fraction_epochs=1)
-                return dataclasses.replace(cfg, sae=TINY_SAE) if hasattr(cfg, "sae") else cfg
-            table[name] = (tiny, runner)
-        return table
-
-    monkeypatch.setattr(e3, "_jobs_table", tiny_table)
-    assert main(["--jobs", "group_sae", "transfer", "e3_llm", "--model", str(gpt2_folder), "--out",
-                 str(tmp_path), "--quick"]) == 0
-    res = json.loads((tmp_path / "llm_results.json").read_text())
-    assert res["group_sae"]["results"]["layers"] == [0, 1] and res["transfer"]["results"]["targets"] == [1]
-    assert res["e3_llm"]["results"]["layer"] == 1 and res["e3_llm"]["results"]["model"] == str(gpt2_folder)
+    out = tmp_path / "o"
+    assert main(["reproduce", "--only", "e3_llm", "transfer", "--model", str(gpt2_folder), "--layer", "1",
+                 "--n-texts", "8", "--quick", "--out", str(out), "--no-progress", "--threads", "1"]) == 0
+    jobs = json.loads((out / "results.json").read_text())["jobs"]
+    assert jobs["e3_llm"]["results"]["layer"] == 1 and jobs["e3_llm"]["llm"]["model"] == str(gpt2_folder)
+    assert jobs["transfer"]["status"] == "ok" and jobs["transfer"]["llm"]["layer"] == 1
+    e3 = json.loads((out / "e3_llm.json").read_text())
+    assert e3["model"] == str(gpt2_folder) and e3["config"]["data"]["n_texts"] == 8
+    caches = list((out / "llm_cache").iterdir())
+    assert len(caches) == 1 and caches[0].name.startswith("tiny-gpt2-")
 
 
 @pytest.mark.slow
@@ -267,5 +260,5 @@ def test_registered_job_quick(name, tmp_path_factory):
     out = tmp_path_factory.getbasetemp() / "llm_quick_jobs"
     out.mkdir(exist_ok=True)
     job = registry.load_all()[name]
-    res = job(out, True, 0, "cpu")
+    res = job(out, registry.RunSettings(quick=True))
     assert isinstance(res, dict) and all((out / o).is_file() for o in job.outputs)

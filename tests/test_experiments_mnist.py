@@ -13,12 +13,13 @@ import math
 import pytest
 import torch
 
+import splinterp as sp
 import splinterp.data as spdata
 from splinterp.errors import ConfigError, DatasetNotFoundError
 from splinterp.experiments import capacity as cap
 from splinterp.experiments import e1_toy as e1
 from splinterp.experiments import e2_mnist as e2
-from splinterp.experiments.registry import get, load_all
+from splinterp.experiments.registry import JobSkipped, RunSettings, get, load_all
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +144,51 @@ def test_e2_methods_share_the_initialisation_and_reference_ties_sgd(tiny_mnist):
     assert e2.train_one(ref, "pam_sgd", "topk", X_tr[:64], None, 1, curves=False)["tied"] is False
 
 
+def test_reference_preset_uses_the_authors_initialisation():
+    """Statistics of their init computed by hand: W_enc entries ~ 0.1 N(0, 1), so mean 0 (sd of the mean
+    0.1 / sqrt(784 * 256) = 2.2e-4), sd 0.1 (relative sd of the estimate 1 / sqrt(2n) = 0.16%), column norms
+    0.1 * chi_784, mean 0.1 * sqrt(783.5) = 2.799 and sd 0.1 / sqrt(2) = 0.071; untied W_dec ~ 0.01 N(0, 1);
+    zero biases; a tied SAE of the same seed has the same encoder. scipy's KS test against N(0, 0.1^2)
+    checks the shape. The default init has unit-norm columns instead."""
+    from scipy import stats as st
+
+    ref = e2.E2Config.reference()
+    assert ref.init == "authors" and ref.pam_decoder == "authors"
+    untied, tied = e2.make_e2_sae(ref, "topk"), e2.make_e2_sae(ref, "topk", tied=True)
+    W = untied.W_enc.detach().double()
+    assert W.shape == (784, 256)
+    assert abs(float(W.mean())) < 5 * 0.1 / math.sqrt(784 * 256)
+    assert float(W.std()) == pytest.approx(0.1, rel=0.01)
+    norms = W.norm(dim=0)
+    assert float(norms.mean()) == pytest.approx(0.1 * math.sqrt(783.5), abs=5 * 0.071 / 16)
+    assert float(norms.min()) > 2.8 - 6 * 0.071 and float(norms.max()) < 2.8 + 6 * 0.071
+    assert st.kstest(W.flatten().numpy(), "norm", args=(0.0, 0.1)).pvalue > 1e-3
+    Wd = untied.W_dec.detach().double()
+    assert float(Wd.std()) == pytest.approx(0.01, rel=0.01) and abs(float(Wd.mean())) < 5 * 0.01 / math.sqrt(Wd.numel())
+    assert not untied.b_enc.any() and not untied.b_dec.any()
+    assert torch.equal(tied.W_enc, untied.W_enc) and torch.equal(tied.W_dec, tied.W_enc.T)
+    assert untied.W_enc.stride() == sp.make_sae(784, 256, "topk", k=8).W_enc.stride()  # the SAE's layout is kept
+    default = e2.make_e2_sae(e2.E2Config(), "topk").W_enc.detach().double().norm(dim=0)
+    torch.testing.assert_close(default, torch.ones(256, dtype=torch.float64))
+
+
+def test_reference_pam_uses_the_authors_decoder_step(tiny_mnist):
+    """reference(): ridge 1e-6 in absolute units, no proximal term: the decoder after one epoch is the
+    plain ridge solve on the final codes; the default config takes the proximal step instead."""
+    from splinterp.train import solve_decoder
+
+    X_tr, _ = tiny_mnist
+    X = X_tr[:64]
+    out = {}
+    for name, cfg in (("ref", e2.E2Config.reference(d_sae=16, k=4)), ("default", tiny_e2())):
+        _, sae = e2.train_one(cfg, "pam_sgd", "topk", X, None, 1, curves=False, return_model=True)
+        with torch.no_grad():
+            Z = sae.encode(X)
+        W, _ = solve_decoder(Z.double(), X.double(), alpha=1e-6)
+        out[name] = float((sae.W_dec.detach().double() - W).abs().max() / W.abs().max())
+    assert out["ref"] < 1e-4 and out["default"] > 1e-2, out
+
+
 def test_fraction_epochs_and_subsets():
     cfg = e2.E2Config()
     n = 4000
@@ -166,15 +212,14 @@ def test_e2_config_errors(bad):
         e2.E2Config(**bad)
 
 
-def test_e2_fashion_skips_with_a_note_when_absent(tmp_path, monkeypatch):
+def test_e2_fashion_is_skipped_when_absent_and_writes_nothing(tmp_path, monkeypatch):
     def absent(*a, **kw):
         raise DatasetNotFoundError("no Fashion-MNIST here")
 
     monkeypatch.setattr(spdata, "load_fashion_mnist", absent)
-    out = e2.e2_fashion_job(tmp_path, quick=True, seed=0, device="cpu")
-    assert out["skipped"] is True
-    for name in get("e2_fashion").outputs:
-        assert (tmp_path / name).stat().st_size > 0
+    with pytest.raises(JobSkipped, match="no Fashion-MNIST here"):
+        e2.e2_fashion_job(tmp_path, RunSettings(quick=True))
+    assert list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------------------------------------ capacity

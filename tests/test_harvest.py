@@ -1,10 +1,12 @@
-"""Harvesting: site convention, padding (left and right), token selection, shards, atomicity."""
+"""Harvesting: site convention, TransformerLens hook names (checked against TransformerLens itself and the
+residual stream's decomposition), padding (left and right), token selection, shards, atomicity, bad arguments."""
 
 from __future__ import annotations
 
 import copy
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -12,18 +14,21 @@ from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import splinterp as sp  # noqa: E402
 from splinterp.data.cache import ActivationCache  # noqa: E402
 from splinterp.data.harvest import (  # noqa: E402
     _ShardWriter,
+    cache_key,
     find_blocks,
     harvest,
     load_model,
     normalise_layers,
+    sae_metadata,
     select_tokens,
     write_cache,
 )
 from splinterp.data.text import offline_texts  # noqa: E402
-from splinterp.errors import ConfigError, EmptyDataError, OverwriteError  # noqa: E402
+from splinterp.errors import ConfigError, DeviceError, EmptyDataError, OverwriteError  # noqa: E402
 
 TEXTS = [
     "The assert statement is a convenient way to insert debugging assertions.",
@@ -220,7 +225,7 @@ def test_bad_arguments(minilm, tmp_path):
     with pytest.raises(ConfigError, match="token_selection"):
         harvest((model, tok), TEXTS, layers=0, out=tmp_path / "b", token_selection="first", progress=False)
     with pytest.raises(ConfigError, match="site"):
-        harvest((model, tok), TEXTS, layers=0, out=tmp_path / "c", site="mlp_out", progress=False)
+        harvest((model, tok), TEXTS, layers=0, out=tmp_path / "c", site="mlp_in", progress=False)
     with pytest.raises(ConfigError, match="list of strings"):
         harvest((model, tok), "one string", layers=0, out=tmp_path / "d", progress=False)
     with pytest.raises(EmptyDataError):
@@ -334,3 +339,225 @@ def test_offline_harvest_all_layers(tmp_path):
     cache = harvest(layers="all", out=tmp_path / "minilm", progress=False)
     assert cache.n_tokens > 100_000 and cache.layers == list(range(6))
     ActivationCache.open(tmp_path / "minilm", verify=True)
+
+
+# ------------------------------------------------------------------------------ TransformerLens hook names
+def _tiny(family: str, vocab: int):
+    """A random 2-block model of `family`, built from a config (no download), in eval mode."""
+    import transformers as tr
+
+    torch.manual_seed(0)
+    small = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=vocab,
+                 max_position_embeddings=128)
+    if family == "gpt2":
+        return tr.GPT2LMHeadModel(tr.GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=128, n_ctx=128,
+                                                vocab_size=vocab)).eval()
+    if family == "neox":
+        return tr.GPTNeoXForCausalLM(tr.GPTNeoXConfig(**small)).eval()
+    if family == "llama":
+        return tr.LlamaForCausalLM(tr.LlamaConfig(num_key_value_heads=2, **small)).eval()
+    if family == "gemma":
+        return tr.GemmaForCausalLM(tr.GemmaConfig(num_key_value_heads=2, head_dim=16, **small)).eval()
+    return tr.Gemma2ForCausalLM(tr.Gemma2Config(num_key_value_heads=2, head_dim=16, **small)).eval()
+
+
+POINT_NAMES = ["hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post"]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "neox", "llama"])
+def test_hook_names_capture_what_transformer_lens_hooks(minilm, tmp_path, family):
+    """Harvest blocks.L.hook_{resid_pre, attn_out, mlp_out, resid_post} and run TransformerLens itself (a
+    HookedTransformer converted from the same Hugging Face weights, no weight processing) on each text."""
+    tl_mod = pytest.importorskip("transformer_lens")
+    from transformer_lens.loading_from_pretrained import convert_hf_model_config, get_pretrained_state_dict
+
+    tok = minilm[1]
+    hf = _tiny(family, len(tok))
+    hf.save_pretrained(tmp_path / "hf_model")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = convert_hf_model_config(str(tmp_path / "hf_model"))
+        cfg["tokenizer_name"] = None
+        tl = tl_mod.HookedTransformer(tl_mod.HookedTransformerConfig(**cfg))
+        state = get_pretrained_state_dict(str(tmp_path / "hf_model"), tl.cfg, hf_model=hf)
+        tl.load_and_process_state_dict(state, fold_ln=False, center_writing_weights=False, center_unembed=False,
+                                       fold_value_biases=False)
+    names = [f"blocks.{b}.{p}" for b in (0, 1) for p in POINT_NAMES]
+    cache = harvest((hf, tok), TEXTS, layers=names, out=tmp_path / "c", batch_size=5, progress=False)
+    assert [cache.manifest["hook_names"][str(k)] for k in cache.layers] == names  # in forward order
+    for i, text in enumerate(TEXTS):
+        ids = torch.tensor([tok(text)["input_ids"]])
+        with torch.no_grad():
+            _, tl_cache = tl.run_with_cache(ids)
+        rows = cache.text_ids() == i
+        for name in names:
+            torch.testing.assert_close(cache.load(cache_key(cache, name))[rows], tl_cache[name][0], atol=2e-5,
+                                       rtol=1e-4, msg=f"{family} {name}")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "neox", "llama", "gemma", "gemma2"])
+def test_hook_points_add_up_to_the_residual_stream(minilm, tmp_path, family):
+    """resid_post = resid_pre + attn_out + mlp_out: TransformerLens's additive decomposition of a pre-LN block.
+    For Gemma-2 it holds only for the post-sublayer norms' outputs, which is where its hook points are. Also
+    the layer convention: resid_post of block l = output_hidden_states[l + 1] (blocks before the last)."""
+    tok = minilm[1]
+    hf = _tiny(family, len(tok))
+    names = [f"blocks.{b}.{p}" for b in (0, 1) for p in POINT_NAMES]
+    cache = harvest((hf, tok), TEXTS, layers=names, out=tmp_path / "c", batch_size=2, progress=False)
+    get = {n: cache.load(cache_key(cache, n)) for n in names}
+    for b in (0, 1):
+        parts = get[f"blocks.{b}.hook_resid_pre"] + get[f"blocks.{b}.hook_attn_out"] + get[f"blocks.{b}.hook_mlp_out"]
+        torch.testing.assert_close(get[f"blocks.{b}.hook_resid_post"], parts, atol=1e-4, rtol=1e-4)
+    for i, text in enumerate(TEXTS):
+        _, hs = _single(hf, tok, text)
+        rows = cache.text_ids() == i
+        torch.testing.assert_close(get["blocks.0.hook_resid_post"][rows], hs[1][0], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(get["blocks.0.hook_resid_pre"][rows], hs[0][0], atol=2e-5, rtol=1e-4)
+    points = cache.manifest["hook_points"]
+    assert {p["hook_name"]: p["hf_hook_name"] for p in points.values()}["blocks.1.hook_mlp_out"].endswith(
+        "post_feedforward_layernorm" if family == "gemma2" else "mlp")
+
+
+def test_bert_hook_points_and_the_layer_convention_on_minilm(minilm, tmp_path):
+    """MiniLM (post-LN): block output = hidden_states[l + 1] = TransformerLens's hook_normalized_resid_post;
+    hook_resid_post is the sum before the block's last LayerNorm, = LN1(resid_pre + attn_out) + mlp_out. Several
+    points of one block in one forward pass per batch."""
+    model, tok = minilm
+    names = [f"blocks.{b}.hook_{p}" for b in (0, 3) for p in
+             ("resid_pre", "attn_out", "mlp_out", "resid_post", "normalized_resid_post")]
+    calls = {"n": 0}
+    handle = model.embeddings.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
+    try:
+        cache = harvest((model, tok), TEXTS, layers=list(reversed(names)), out=tmp_path / "c", batch_size=2,
+                        progress=False)
+    finally:
+        handle.remove()
+    assert calls["n"] == 3  # 5 texts in batches of 2: one forward each, for all ten hook points
+    assert cache.layers == list(range(10))  # two points share a block: positional keys, in forward order
+    get = {n: cache.load(cache_key(cache, n)) for n in names}
+    for b in (0, 3):
+        layer = model.encoder.layer[b]
+        with torch.no_grad():
+            mid = layer.attention.output.LayerNorm(get[f"blocks.{b}.hook_resid_pre"] + get[f"blocks.{b}.hook_attn_out"])
+            torch.testing.assert_close(get[f"blocks.{b}.hook_resid_post"], mid + get[f"blocks.{b}.hook_mlp_out"],
+                                       atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(layer.output.LayerNorm(get[f"blocks.{b}.hook_resid_post"]),
+                                       get[f"blocks.{b}.hook_normalized_resid_post"], atol=2e-5, rtol=1e-4)
+        for i, text in enumerate(TEXTS):
+            _, hs = _single(model, tok, text)
+            rows = cache.text_ids() == i
+            torch.testing.assert_close(get[f"blocks.{b}.hook_normalized_resid_post"][rows], hs[b + 1][0],
+                                       atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(get[f"blocks.{b}.hook_resid_pre"][rows], hs[b][0], atol=2e-5, rtol=1e-4)
+    rec = cache.manifest["hook_points"][str(cache_key(cache, "blocks.3.hook_resid_post"))]
+    assert rec == {"hook_name": "blocks.3.hook_resid_post", "hf_hook_name": "encoder.layer.3.output.LayerNorm",
+                   "hf_io": "input", "block": 3, "point": "resid_post"}
+    assert cache.manifest["site"] == "hook_points" and cache.manifest["model_family"] == "bert"
+
+
+def test_integer_layers_record_transformer_lens_names(minilm, tiny_gpt2, tmp_path):
+    model, tok = minilm
+    c = harvest((model, tok), TEXTS[:2], layers=[1, 4], out=tmp_path / "bert", dataset="demo", progress=False)
+    assert c.layers == [1, 4] and c.manifest["site"] == "resid_post"
+    assert c.manifest["hook_names"] == {"1": "blocks.1.hook_normalized_resid_post",
+                                        "4": "blocks.4.hook_normalized_resid_post"}
+    assert c.manifest["hf_hook_names"] == {"1": "encoder.layer.1", "4": "encoder.layer.4"}
+    assert c.manifest["dataset"] == "demo"
+    by_name = harvest((model, tok), TEXTS[:2], layers="blocks.4.hook_normalized_resid_post", out=tmp_path / "n",
+                      progress=False)
+    assert by_name.layers == [4] and torch.equal(by_name.load(4), c.load(4))  # the same tensor, either way
+    g = harvest(tiny_gpt2, TEXTS[:2], layers=[0, 1], out=tmp_path / "gpt2", site="mlp_out", progress=False)
+    assert g.manifest["hook_names"] == {"0": "blocks.0.hook_mlp_out", "1": "blocks.1.hook_mlp_out"}
+    assert g.manifest["hf_hook_names"] == {"0": "transformer.h.0.mlp", "1": "transformer.h.1.mlp"}
+
+
+def test_group_metadata_records_hook_model_and_dataset(minilm, tmp_path):
+    from splinterp.layers import group_metadata
+
+    model, tok = minilm
+    cache = harvest((model, tok), TEXTS[:2], layers=[2, 3], out=tmp_path / "c", dataset="pydoc", progress=False)
+    one = group_metadata([2], "uniform", cache)
+    assert one["hook_name"] == "blocks.2.hook_normalized_resid_post" and one["hf_hook_name"] == "encoder.layer.2"
+    assert one["model_name"] == cache.model_name and one["model_name"]
+    assert one["dataset_path"] == "pydoc"
+    two = group_metadata([2, 3], "uniform", cache)
+    assert two["hook_names"] == ["blocks.2.hook_normalized_resid_post", "blocks.3.hook_normalized_resid_post"]
+    assert two["hf_hook_names"] == ["encoder.layer.2", "encoder.layer.3"] and two["hook_name"] is None
+    untitled = harvest((model, tok), TEXTS[:2], layers=[2], out=tmp_path / "u", progress=False)
+    assert group_metadata([2], "uniform", untitled)["dataset_path"] == "user"  # the text source when unnamed
+    assert sae_metadata(cache, 3) == {"model_name": one["model_name"], "dataset_path": "pydoc", "context_size": 128,
+                                      "hook_name": "blocks.3.hook_normalized_resid_post",
+                                      "hf_hook_name": "encoder.layer.3"}
+    with pytest.raises(ConfigError, match="not in this cache"):
+        sae_metadata(cache, 5)
+    sae = sp.make_sae(384, 8, "topk", 2, metadata=sae_metadata(cache, 3))
+    sp.save(sae, tmp_path / "sae")
+    saved = json.loads((tmp_path / "sae" / "cfg.json").read_text())["metadata"]
+    assert saved["hook_name"] == "blocks.3.hook_normalized_resid_post" and saved["dataset_path"] == "pydoc"
+
+
+@pytest.mark.parametrize(
+    ("layers", "match"),
+    [("blocks.3.hook_resid_mid", "hook_resid_mid"), ("blocks.9.hook_resid_post", "out of range"),
+     ("h.3", "TransformerLens hook name"), (["blocks.1.hook_mlp_out", 2.0], "2.0"),
+     ("blocks.3.hook_normalized_resid_posts", "not a hook point harvest captures")],
+)
+def test_bad_hook_names_are_named(minilm, tmp_path, layers, match):
+    with pytest.raises(ConfigError, match=match):
+        harvest(minilm, TEXTS[:1], layers=layers, out=tmp_path / "c", progress=False)
+    assert not (tmp_path / "c").exists()
+
+
+def test_hook_points_need_a_mapped_family(tmp_path, minilm):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    tok = minilm[1]
+    opt = OPTForCausalLM(OPTConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, ffn_dim=64,
+                                   vocab_size=len(tok), word_embed_proj_dim=32)).eval()
+    with pytest.raises(ConfigError, match="not mapped for model type 'opt'"):
+        harvest((opt, tok), TEXTS[:1], layers="blocks.0.hook_mlp_out", out=tmp_path / "c", progress=False)
+    c = harvest((opt, tok), TEXTS[:1], layers="blocks.0.hook_resid_post", out=tmp_path / "ok", progress=False)
+    assert c.manifest["hf_hook_names"] == {"0": "model.decoder.layers.0"}
+
+
+# ------------------------------------------------------------------------------ bad arguments (issue 16)
+def test_overwrite_replaces_only_a_cache_of_ours(minilm, tmp_path):
+    """overwrite=True used to delete whatever folder `out` was: now only an empty folder or one of our caches
+    (holding nothing else) is replaced, and a user's files are never touched."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "thesis.tex").write_text("precious")
+    with pytest.raises(OverwriteError, match="not an activation cache"):
+        harvest(minilm, TEXTS[:1], layers=0, out=home, overwrite=True, progress=False)
+    assert (home / "thesis.tex").read_text() == "precious"
+    with pytest.raises(OverwriteError, match="not an activation cache"):
+        write_cache(home, torch.zeros(3, 4), overwrite=True)
+    assert (home / "thesis.tex").read_text() == "precious"
+    cache = tmp_path / "cache"
+    harvest(minilm, TEXTS[:1], layers=0, out=cache, progress=False)
+    (cache / "notes.md").write_text("mine")
+    with pytest.raises(OverwriteError, match="notes.md"):
+        harvest(minilm, TEXTS[:2], layers=0, out=cache, overwrite=True, progress=False)
+    assert (cache / "notes.md").read_text() == "mine"
+    (cache / "notes.md").unlink()
+    assert harvest(minilm, TEXTS[:2], layers=0, out=cache, overwrite=True, progress=False).manifest["n_texts"] == 2
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OverwriteError, match="not a folder"):
+        harvest(minilm, TEXTS[:1], layers=0, out=tmp_path / "file", overwrite=True, progress=False)
+    (tmp_path / "empty").mkdir()
+    harvest(minilm, TEXTS[:1], layers=0, out=tmp_path / "empty", progress=False)
+
+
+@pytest.mark.parametrize("layers", [1.5, True, {0: 1}, None])
+def test_layers_of_the_wrong_type_are_named(minilm, tmp_path, layers):
+    with pytest.raises(ConfigError, match="layers"):
+        harvest(minilm, TEXTS[:1], layers=layers, out=tmp_path / "c", progress=False)
+
+
+@pytest.mark.parametrize("device", ["tpu:9", "cuda:9", "not a device", 3.5])
+def test_bad_devices_are_named_before_any_work(minilm, tmp_path, device):
+    if str(device).startswith("cuda") and torch.cuda.device_count() > 9:
+        pytest.skip("this machine has ten GPUs")
+    with pytest.raises(DeviceError, match="device="):
+        harvest(minilm, TEXTS[:1], layers=0, out=tmp_path / "c", device=device, progress=False)
+    assert not (tmp_path / "c").exists()

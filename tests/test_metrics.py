@@ -9,7 +9,7 @@ from sklearn.metrics import r2_score
 
 import splinterp as sp
 from splinterp import metrics as M
-from splinterp.errors import DTypeError, EmptyDataError, ShapeError
+from splinterp.errors import ConfigError, DTypeError, EmptyDataError, NotAModelError, ShapeError
 
 X = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
 XH = torch.tensor([[1.0, 0.0], [3.0, 3.0]])
@@ -140,3 +140,54 @@ def test_evaluate_sae_sparse_path_equals_dense_codes(arch):
     for k, v in ref.compute().items():
         assert out[k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
     assert torch.equal(out["feature_density"], ref.feature_density())
+
+
+@pytest.mark.parametrize("model", ["hello", b"bytes", 3.5, None, torch.zeros(3), {"encode": 1}, np.eye(3)])
+def test_evaluate_refuses_what_is_not_a_model_naming_model(model):
+    """`evaluate("hello", X)` used to end in str.encode's TypeError about an 'encoding' argument."""
+    for f in (M.evaluate, M.accumulate):
+        with pytest.raises(NotAModelError, match=f"model must have encode.* got {type(model).__name__}"):
+            f(model, torch.randn(10, 4))
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5, True, "8"])
+def test_evaluate_refuses_a_bad_batch_size(batch_size):
+    with pytest.raises(ConfigError, match="batch_size must be a positive integer"):
+        M.evaluate(sp.make_sae(4, 8, "relu"), torch.randn(10, 4), batch_size=batch_size)
+
+
+def test_metric_settings_are_named():
+    with pytest.raises(ConfigError, match="reduction must be 'mean' or 'sum_per_token'"):
+        M.mse(X, XH, reduction="sum")
+    for device in ("tpu", "cuda:99", 3):
+        with pytest.raises(ConfigError, match="device"):
+            M.evaluate(sp.make_sae(2, 4, "relu"), X, device=device)
+
+
+@pytest.mark.parametrize("f", [M.mse, M.explained_variance, M.fvu, M.cossim, M.l2_ratio,
+                               M.relative_reconstruction_bias])
+def test_metrics_of_nan_or_integer_data_are_refused_naming_the_argument(f):
+    """mse(x with a NaN, x_hat) used to return nan, and integer tensors were cast silently."""
+    bad = X.clone()
+    bad[1, 0] = float("nan")
+    with pytest.raises(sp.errors.NonFiniteError, match=r"^x contains a non-finite value \(nan\) at row 1"):
+        f(bad, XH)
+    with pytest.raises(sp.errors.NonFiniteError, match=r"^x_hat contains"):
+        f(X, bad)
+    with pytest.raises(DTypeError, match="^x has dtype torch.int64"):
+        f(X.long(), XH.long())
+
+
+@pytest.mark.parametrize("f", [M.l0, M.l1, M.feature_density, M.dead_features, M.frac_alive])
+def test_sparsity_metrics_of_nan_codes_are_refused(f):
+    z = Z.clone()
+    z[0, 2] = float("inf")
+    with pytest.raises(sp.errors.NonFiniteError, match=r"^z contains a non-finite value \(inf\) at row 0, column 2"):
+        f(z)
+    as_int, as_float = f(torch.tensor([[0, 3], [0, 0]])), f(torch.tensor([[0.0, 3.0], [0.0, 0.0]]))
+    assert torch.equal(torch.as_tensor(as_int), torch.as_tensor(as_float))  # integer codes are fine
+
+
+def test_an_array_as_reduction_is_named():
+    with pytest.raises(ConfigError, match="reduction must be"):
+        M.mse(X, XH, reduction=np.zeros(2))

@@ -392,3 +392,137 @@ def test_state_dict_that_is_not_a_reference_ae_is_refused():
         KMeansAE(n_clusters=2).load_state_dict({"_extra_state": 5})
     with pytest.raises(CorruptFileError, match="lacks"):  # says fitted, holds no centres
         KMeansAE(n_clusters=2).load_state_dict({"_extra_state": {"fitted": True, "d_in": 3}}, strict=False)
+
+
+# ---------------------------------------------------------------------- scale: the objectives are scale-free
+def brute_force_flat_errors(X, means, bases):
+    """float64 squared error of every point on every flat mu_j + span(U_j): [N, m] (no expansion)."""
+    X, means, bases = X.double(), means.double(), bases.double()
+    D = X[:, None, :] - means[None]  # [N, m, d]
+    proj = torch.einsum("nmd,mdr->nmr", D, bases)
+    return (D * D).sum(2) - (proj * proj).sum(2)
+
+
+@pytest.mark.parametrize("scale, dtype", [(1e19, torch.float32), (1e30, torch.float32), (1e-30, torch.float32),
+                                          (1e150, torch.float64), (1e-200, torch.float64)])
+def test_kmeans_is_scale_free(scale, dtype):
+    """`KMeansAE(3).fit(torch.randn(100, 6) * 1e19)` used to die in k-means++ (invalid multinomial distribution)."""
+    X0, y = blobs(dtype=torch.float64)
+    X = (X0 * scale).to(dtype)
+    km = KMeansAE(3, n_init=2).fit(X)
+    assert same_partition(km.labels_, y)
+    # brute force in float64 (values rescaled by hand so the squares fit): labels are the nearest centroids,
+    # inertia is the sum of squared distances to them
+    s = float(X.double().abs().max())
+    Xs, Cs = X.double() / s, km.cluster_centers_.double() / s
+    d2 = ((Xs[:, None, :] - Cs[None]) ** 2).sum(2)
+    assert torch.equal(d2.argmin(1), km.labels_) and torch.equal(km.encode(X).argmax(1), km.labels_)
+    assert km.inertia_ == pytest.approx(float(d2.min(1).values.sum()) * s * s, rel=1e-4)
+    # and the fit is the unscaled fit, scaled
+    ref = KMeansAE(3, n_init=2).fit(X0.to(dtype))
+    assert same_partition(km.labels_, ref.labels_)
+    torch.testing.assert_close(km.cluster_centers_.double() / scale, ref.cluster_centers_.double(), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_the_issue_reproducers_fit():
+    X = torch.randn(100, 6, generator=torch.Generator().manual_seed(0))
+    for scale in (1e19, 1e30):
+        km = KMeansAE(3).fit(X * scale)
+        ref = KMeansAE(3).fit(X)
+        assert km.inertia_ == pytest.approx(ref.inertia_ * scale**2, rel=1e-4)
+        lp = LocalPCAAE(3, 1).fit(X * scale)
+        assert lp.objective_ == pytest.approx(LocalPCAAE(3, 1).fit(X).objective_ * scale**2, rel=1e-4)
+
+
+def test_power_of_two_scaling_changes_no_bit():
+    """Fits on X * 2^k are the fits on X times 2^k exactly (labels, centres, inertia), down to the last bit."""
+    X, _ = blobs(dtype=torch.float32, seed=3)
+    a, b = KMeansAE(3, n_init=2).fit(X), KMeansAE(3, n_init=2).fit(X * 2.0**70)
+    assert torch.equal(a.labels_, b.labels_) and torch.equal(a.cluster_centers_ * 2.0**70, b.cluster_centers_)
+    assert a.inertia_ * 2.0**140 == b.inertia_
+    p, q = LocalPCAAE(3, 1).fit(X), LocalPCAAE(3, 1).fit(X * 2.0**-90)
+    assert torch.equal(p.labels_, q.labels_) and torch.equal(p.means_ * 2.0**-90, q.means_)
+    assert torch.equal(p.bases_, q.bases_)
+    assert torch.equal(p.encode(X)[:, 1::2] * 2.0**-90, q.encode(X * 2.0**-90)[:, 1::2])  # the coefficients
+
+
+@pytest.mark.parametrize("scale, dtype", [(1e19, torch.float32), (1e-30, torch.float32), (1e150, torch.float64)])
+def test_local_pca_is_scale_free(scale, dtype):
+    X0, y = lines(noise=0.01)
+    X = (X0 * scale).to(dtype)
+    lp = LocalPCAAE(3, 1, kmeans_n_init=3).fit(X)
+    s = float(X.double().abs().max())
+    err = brute_force_flat_errors(X.double() / s, lp.means_.double() / s, lp.bases_)
+    assert torch.equal(err.argmin(1), lp.labels_) and torch.equal(lp.regions(X), lp.labels_)
+    assert lp.objective_ == pytest.approx(float(err.min(1).values.sum()) * s * s, rel=1e-3)
+    # the reconstruction is the projection onto the assigned flat, in X's units
+    Xh = lp.forward(X).double() / s
+    M, U = lp.means_.double()[lp.labels_] / s, lp.bases_.double()[lp.labels_]
+    P = M + torch.einsum("ndr,nr->nd", U, torch.einsum("ndr,nd->nr", U, X.double() / s - M))
+    torch.testing.assert_close(Xh, P, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("scale, dtype", [(1e19, torch.float32), (1e200, torch.float64)])
+def test_pca_is_scale_free(scale, dtype):
+    X0, _ = lines(m=1, noise=0.1)
+    X = (X0 * scale).to(dtype)
+    pc = PCAAE(2).fit(X)
+    ref = PCAAE(2).fit(X0)
+    torch.testing.assert_close(pc.components_.double(), ref.components_, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(pc.singular_values_.double() / scale, ref.singular_values_, rtol=1e-4, atol=0)
+    assert torch.isfinite(pc.encode(X)).all()
+
+
+def test_an_objective_beyond_float64_is_inf_and_the_model_still_right():
+    X0, y = blobs()
+    km = KMeansAE(3, n_init=2).fit(X0 * 1e200)  # squared distances ~1e400: the inertia cannot be a float64
+    assert km.inertia_ == float("inf") and same_partition(km.labels_, y)
+    torch.testing.assert_close(km.cluster_centers_ / 1e200, KMeansAE(3, n_init=2).fit(X0).cluster_centers_)
+
+
+def test_encoding_data_far_beyond_the_fit_names_the_row():
+    X, _ = blobs(dtype=torch.float32)
+    km, lp = KMeansAE(3).fit(X), LocalPCAAE(3, 1).fit(X)
+    far = X[:5].clone()
+    far[3] *= 1e30  # its squared distance overflows float32 at the model's scale
+    for model, what in ((km, "centroids"), (lp, "region means")):
+        with pytest.raises(NonFiniteError, match=f"X row 3 is so far from the {what}"):
+            model.encode(far)
+    far64 = far.double()
+    assert km.double().encode(far64)[3].sum() == 1  # the named way out: float64 is enough here
+
+
+@pytest.mark.parametrize("make", [lambda **kw: KMeansAE(2, **kw), lambda **kw: LocalPCAAE(2, 1, **kw),
+                                  lambda **kw: PCAAE(1, **kw)])
+@pytest.mark.parametrize("kw, field", [({"seed": 1.5}, "seed"), ({"device": "tpu"}, "device"),
+                                       ({"device": "cuda:99"}, "device"), ({"chunk_size": "8"}, "chunk_size")])
+def test_settings_of_the_wrong_kind_are_named(make, kw, field):
+    """seed=1.5 used to reach torch's manual_seed, device="tpu" torch's device parser (raw RuntimeErrors)."""
+    with pytest.raises(ConfigError, match=field):
+        make(**kw)
+
+
+@pytest.mark.parametrize("kw, field", [({"tol": "x"}, "tol"), ({"progress": "yes"}, "progress"),
+                                       ({"refine": "x"}, "refine"), ({"tol": float("inf")}, "tol")])
+def test_kmeans_settings_are_type_checked(kw, field):
+    with pytest.raises(ConfigError, match=field):
+        KMeansAE(2, **kw)
+
+
+def test_a_non_finite_init_is_named():
+    X, _ = blobs()
+    for model, init in ((KMeansAE(3), X[:3].clone()), (LocalPCAAE(3, 1), X[:3].clone())):
+        init[1, 2] = float("nan")
+        with pytest.raises(NonFiniteError, match=r"init contains a non-finite value \(nan\) at row 1, column 2"):
+            model.fit(X, init=init)
+
+
+def test_subnormal_data_report_what_the_stored_model_achieves():
+    """Data at 2^-149 (float32's smallest subnormal): the fitted mean 2^-150 cannot be stored, so the objective
+    must be that of the stored model (found by the fuzz suite: it was half of it)."""
+    X = torch.tensor([[2.0**-149], [0.0]])
+    for model, value in ((KMeansAE(1).fit(X), "inertia_"), (LocalPCAAE(1, 0).fit(X), "objective_")):
+        stored = model.forward(X).double()
+        by_hand = float(((X.double() - stored) ** 2).sum())
+        assert getattr(model, value) == by_hand == 2.0**-298  # the mean is stored as 0 or 2^-149: error 2^-298

@@ -16,7 +16,16 @@ import torch
 
 import splinterp as sp
 from splinterp.errors import ConfigError, CorruptFileError
-from splinterp.train import PAMConfig, SGDConfig, latest_checkpoint, list_checkpoints, train_pam_sgd, train_sgd
+from splinterp.train import (
+    PAMConfig,
+    SGDConfig,
+    latest_checkpoint,
+    list_checkpoints,
+    register_loss,
+    train_pam_sgd,
+    train_sgd,
+    unregister_loss,
+)
 from splinterp.train import losses as losses_mod
 
 # the data and model recipe, shared verbatim with the subprocess of the SIGKILL test
@@ -98,6 +107,35 @@ def test_sgd_resume_after_an_epoch_is_bit_identical(tmp_path):
     assert_same_optimizer(tmp_path / "ref", tmp_path / "run")
 
 
+@pytest.mark.parametrize("dtype, method", [("float16", "sgd"), ("bfloat16", "pam_sgd")])
+def test_half_precision_resume_mid_epoch_is_bit_identical(tmp_path, dtype, method):
+    """Half-precision SAEs keep float32 master weights (and, for float16, a loss scale) outside the SAE:
+    they are part of the checkpoint, so a resumed run continues from the same masters, not from the
+    rounded half-precision weights (which would change every later step)."""
+    dt = getattr(torch, dtype)
+    X, Xt = make_data(0).to(dt), make_data(1, n=64).to(dt)
+    train = train_sgd if method == "sgd" else train_pam_sgd
+    make_cfg = _sgd if method == "sgd" else _pam
+    kw = dict(checkpoint_every_steps=2, lr=3e-3)
+
+    def sae():
+        return sp.make_sae(6, 16, "topk", k=3, dtype=dtype, seed=0)
+
+    ref = sae()
+    h_ref = train(ref, X, make_cfg(**kw, checkpoint_dir=str(tmp_path / "ref")), eval_data=Xt)
+    run = sae()
+    cfg = make_cfg(**kw, checkpoint_dir=str(tmp_path / "run"))
+    with pytest.raises(Stop):
+        train(run, X, cfg, eval_data=Xt, callback=stop_at("step", 1, 3))
+    state = torch.load(latest_checkpoint(tmp_path / "run") / "trainer_state.pt", weights_only=True)
+    assert all(m.dtype == torch.float32 for m in state["mixed_precision"]["masters"])
+    fresh = sp.make_sae(6, 16, "topk", k=3, dtype=dtype, seed=99)
+    h = train(fresh, X, cfg.replace(resume=True), eval_data=Xt)
+    assert_same_model(fresh, ref)
+    assert h.without_times() == h_ref.without_times()
+    assert_same_optimizer(tmp_path / "ref", tmp_path / "run")
+
+
 def test_auxk_resume_mid_epoch_is_bit_identical(tmp_path):
     """The AuxK dead-latent counters are part of the checkpoint: a resumed run sees the same dead latents."""
     X, Xt = make_data(0), make_data(1, n=64)
@@ -140,12 +178,10 @@ def test_global_rng_states_are_restored(tmp_path):
 
     def noisy(sae, x, cfg):
         noise = 0.01 * torch.randn_like(x) + float(np.random.normal()) * 1e-3 + random.random() * 1e-3
-        x_hat, _, _ = losses_mod.encode_decode(sae, x + noise)
-        m = losses_mod.reconstruction_mse(x, x_hat)
+        m = losses_mod.reconstruction_mse(x, sae.reconstruct(x + noise).x_hat)
         return m, {"mse": m.detach()}
 
-    old = losses_mod._REGISTRY["topk_abs"]
-    losses_mod.register_loss("topk_abs", noisy, overwrite=True)
+    register_loss("topk_abs", noisy, overwrite=True)
     try:
         X = make_data(0)
 
@@ -169,7 +205,7 @@ def test_global_rng_states_are_restored(tmp_path):
         train_sgd(fresh, X, cfg.replace(resume=True))
         assert_same_model(fresh, ref)
     finally:
-        losses_mod._REGISTRY["topk_abs"] = old
+        unregister_loss("topk_abs")
 
 
 def test_extending_a_finished_run(tmp_path):
@@ -317,3 +353,133 @@ def test_iterable_data_resumes_mid_epoch(tmp_path):
     h = train_pam_sgd(fresh, EpochShuffled(X, 50, seed=4), cfg.replace(resume=True))
     assert_same_model(fresh, ref)
     assert h.without_times() == h_ref.without_times()
+
+
+# ---------------------------------------------------------------------- one writer per checkpoint_dir
+# a run that stops after its first step and waits for a line on stdin, holding its checkpoint_dir
+PAUSED_RUN = SETUP + textwrap.dedent("""
+    import os, sys
+    from splinterp.train import SGDConfig, train_sgd
+
+    def pause(ev):
+        if ev.kind == "step" and ev.step == 1:
+            print("RUNNING", os.getpid(), flush=True)
+            sys.stdin.readline()
+
+    cfg = SGDConfig(epochs=2, batch_size=64, lr=1e-2, progress=False, seed=3, checkpoint_dir=sys.argv[1],
+                    checkpoint_every_steps=1)
+    train_sgd(make_sae(), make_data(0), cfg, callback=pause)
+    print("FINISHED", flush=True)
+""")
+
+
+def test_a_second_run_into_a_live_checkpoint_dir_is_refused_before_training(tmp_path):
+    ckdir = tmp_path / "ck"
+    proc = subprocess.Popen([sys.executable, "-c", PAUSED_RUN, str(ckdir)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline().split()
+        assert line[:1] == ["RUNNING"], proc.stderr.read()[-3000:]
+        steps = []
+        second = make_sae(seed=5)
+        before = {n: p.detach().clone() for n, p in second.named_parameters()}
+        with pytest.raises(sp.errors.FolderInUseError) as e:
+            train_sgd(second, make_data(0), _sgd(epochs=2, checkpoint_dir=str(ckdir), checkpoint_every_steps=1),
+                      callback=steps.append)
+        assert str(ckdir) in str(e.value) and f"pid {line[1]}" in str(e.value) and "checkpoint_dir" in str(e.value)
+        assert steps == []  # refused before the first step
+        assert all(torch.equal(p, before[n]) for n, p in second.named_parameters())
+        out, err = proc.communicate("go\n", timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0 and "FINISHED" in out, err[-3000:]
+    # the first run's checkpoints are whole; a run after it may resume from them
+    assert latest_checkpoint(ckdir).name == "ckpt-e000002-b00000000"
+    h = train_sgd(make_sae(seed=6), make_data(0), _sgd(epochs=3, checkpoint_dir=str(ckdir), resume=True))
+    assert len(h) == 3
+
+
+def test_save_checkpoint_never_deletes_a_live_writers_temporary_folder(tmp_path):
+    """The clean-up of leftovers (`.ckpt-*.tmp`) is what destroyed the other run's checkpoint mid-write."""
+    from splinterp.train.checkpoint import save_checkpoint
+
+    ckdir = tmp_path / "ck"
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import sys
+        from pathlib import Path
+        from splinterp.train.checkpoint import hold_checkpoint_dir
+        with hold_checkpoint_dir(sys.argv[1]):
+            live = Path(sys.argv[1]) / ".ckpt-e000001-b00000000.abcd.tmp"   # a checkpoint being written
+            live.mkdir()
+            (live / "trainer_state.pt").write_bytes(b"half")
+            print("WRITING", flush=True)
+            sys.stdin.readline()
+    """), str(ckdir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "WRITING", proc.stderr.read()[-3000:]
+        state = {"epoch": 1, "batch": 0, "step": 4}
+        with pytest.raises(sp.errors.FolderInUseError, match="checkpoint_dir"):
+            save_checkpoint(ckdir, make_sae(), {"x": torch.zeros(1)}, state)
+        assert (ckdir / ".ckpt-e000001-b00000000.abcd.tmp" / "trainer_state.pt").read_bytes() == b"half"
+        assert list_checkpoints(ckdir) == []
+        proc.communicate("done\n", timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # the writer is gone (its leftover is junk now): the next save cleans it up and succeeds
+    path = save_checkpoint(ckdir, make_sae(), {"x": torch.zeros(1)}, {"epoch": 1, "batch": 0, "step": 4})
+    assert sorted(p.name for p in ckdir.iterdir()) == ["ckpt-e000001-b00000000", "latest.json"]
+    assert torch.equal(torch.load(path / "trainer_state.pt", weights_only=True)["x"], torch.zeros(1))
+
+
+def test_a_checkpoint_dir_that_is_a_file_is_refused_before_training(tmp_path):
+    f = tmp_path / "ck"
+    f.write_text("my notes")
+    steps = []
+    with pytest.raises(sp.errors.OverwriteError, match=r"checkpoint_dir .*ck is a file"):
+        train_sgd(make_sae(), make_data(0), _sgd(epochs=2, checkpoint_dir=str(f)), callback=steps.append)
+    assert steps == [] and f.read_text() == "my notes"
+    below = tmp_path / "ck" / "sub"  # a path through a file
+    with pytest.raises(sp.errors.OverwriteError, match="checkpoint_dir"):
+        train_sgd(make_sae(), make_data(0), _sgd(epochs=2, checkpoint_dir=str(below)), callback=steps.append)
+    assert steps == []
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="needs POSIX permissions and a non-root user")
+def test_an_unwritable_checkpoint_dir_is_refused_before_training(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    steps = []
+    try:
+        with pytest.raises(sp.errors.NotWritableError, match="checkpoint_dir"):
+            train_sgd(make_sae(), make_data(0), _sgd(epochs=2, checkpoint_dir=str(ro)), callback=steps.append)
+        with pytest.raises(sp.errors.NotWritableError, match="checkpoint_dir"):
+            train_sgd(make_sae(), make_data(0), _sgd(epochs=2, checkpoint_dir=str(ro / "new")), callback=steps.append)
+    finally:
+        ro.chmod(0o700)
+    assert steps == []
+
+
+def test_the_lock_is_released_when_a_run_fails(tmp_path):
+    with pytest.raises(Stop):
+        train_sgd(make_sae(), make_data(0), _sgd(epochs=3, checkpoint_dir=str(tmp_path)), callback=stop_at("epoch", 1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-e000001-b00000000", "latest.json"]  # no lock left
+    h = train_sgd(make_sae(), make_data(0), _sgd(epochs=3, checkpoint_dir=str(tmp_path), resume=True))
+    assert len(h) == 3
+
+
+def test_missing_and_hostile_checkpoint_files_are_named(tmp_path):
+    X = make_data(0)
+    with pytest.raises(sp.errors.PathNotFoundError, match="no training checkpoint at .*nothing.*resume_from"):
+        train_sgd(make_sae(), X, _sgd(epochs=1, resume_from=str(tmp_path / "nothing")))
+    train_sgd(make_sae(), X, _sgd(epochs=1, checkpoint_dir=str(tmp_path)))
+    (tmp_path / "latest.json").write_text("[" * 100_000)  # unreadable pointer: the newest folder is used
+    h = train_sgd(make_sae(), X, _sgd(epochs=2, checkpoint_dir=str(tmp_path), resume=True))
+    assert len(h) == 2
+    (latest_checkpoint(tmp_path) / "state.json").write_text("[" * 100_000)  # was a RecursionError
+    with pytest.raises(CorruptFileError, match="state.json is not valid JSON: nested too deeply"):
+        train_sgd(make_sae(), X, _sgd(epochs=3, checkpoint_dir=str(tmp_path), resume=True))

@@ -10,7 +10,7 @@ import torch
 from splinterp import SAE, SAEConfig
 from splinterp.data import write_cache
 from splinterp.data.cache import ActivationCache, Standardizer
-from splinterp.distributed import CacheBatches, TensorBatches
+from splinterp.data.streaming import CacheBatches, TensorBatches
 from splinterp.errors import ConfigError, EmptyDataError
 from splinterp.train import PAMConfig, SGDConfig, train_pam_sgd, train_sgd
 
@@ -92,7 +92,7 @@ def test_memory_limit_sizes_the_buffer(cache):
 def test_rank_views_partition_the_data_and_take_equal_steps(cache):
     full = CacheBatches(cache, 0, 32, seed=1, buffer_tokens=64)
     views = [full.shard(r, 2) for r in range(2)]
-    merged = full._copy(rank=None, world_size=2)
+    merged = full.view(rank=None, world_size=2)
     for epoch in (0, 1):
         for v in (*views, merged):
             v.set_epoch(epoch)
@@ -177,11 +177,15 @@ def test_trainers_never_load_the_cache(cache, monkeypatch):
 
     monkeypatch.setattr(ActivationCache, "iter_batches", spy)
     stream = CacheBatches(cache, 0, 32, seed=0, dtype=torch.float64, buffer_tokens=64)
-    hist = train_pam_sgd(_sae(), stream, PAMConfig(epochs=1, batch_size=32, decoder_batch_size=48,
-                                                    eval_batch_size=56, progress=False))
+    sae = _sae()
+    hist = train_pam_sgd(sae, stream, PAMConfig(epochs=1, batch_size=32, decoder_batch_size=48,
+                                                 eval_batch_size=56, progress=False))
     assert max(seen) <= 56 and len(seen) > 3 * (cache.split_size("train") // 56)
     assert hist.last["train_n_tokens"] == cache.split_size("train")
-    assert hist.last["train_dead_features"] >= 0
+    monkeypatch.undo()
+    # the streamed evaluation counts the same dead latents as one pass over the loaded split
+    fired = (sae.encode(cache.load(0, split="train").double()) != 0).any(0)
+    assert hist.last["train_dead_features"] == int((~fired).sum())
 
 
 def test_stream_resume_mid_epoch_is_bit_identical(cache, tmp_path):
@@ -211,3 +215,33 @@ def test_stream_resume_mid_epoch_is_bit_identical(cache, tmp_path):
     for k, v in ref.state_dict().items():
         assert torch.equal(resumed.state_dict()[k], v), k
     assert h.without_times()[-1]["train_mse"] == h_ref.without_times()[-1]["train_mse"]
+
+
+def test_view_rebuilds_the_stream_for_the_new_split(cache, acts):
+    """`view` goes through the constructor: the test view counts the test split's rows (not the train split's
+    cached counts), sees exactly the rows the cache assigns to the test split, and unknown settings are refused."""
+    train = CacheBatches(cache, 0, 32, seed=3, buffer_tokens=64)
+    assert train.n_rows() == cache.split_size("train")  # fills the per-shard counts of the train split
+    test = train.view(split="test", shuffle=False)
+    assert test.n_rows() == cache.split_size("test") != train.n_rows()
+    assert ids(test) == sorted(int(v) for v in cache.load(0, split="test")[:, 0].tolist())
+    assert train.split == "train" and train.shuffle  # the original is unchanged
+    with pytest.raises(ConfigError, match="unknown settings"):
+        train.view(splt="test")
+    with pytest.raises(ConfigError):
+        train.view(batch_size=0)
+
+
+def test_fit_standardizer_equals_fitting_the_loaded_rows(cache):
+    """The streamed fit (float64, one shard at a time) equals `Standardizer.fit` on the loaded split, which in
+    turn equals numpy's float64 mean and population std."""
+    import numpy as np
+
+    stream = CacheBatches(cache, 0, 32, seed=3, buffer_tokens=64)
+    got = stream.fit_standardizer()
+    X = cache.load(0, split="train").double().numpy()
+    np.testing.assert_allclose(got.mean.numpy(), X.mean(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(got.std.numpy(), X.std(0), rtol=1e-12)
+    assert got.n == X.shape[0]
+    merged = Standardizer.merge([stream.shard(0, 2).fit_standardizer(), stream.shard(1, 2).fit_standardizer()])
+    np.testing.assert_allclose(merged.std.numpy(), X.std(0), rtol=1e-12)

@@ -11,6 +11,12 @@ needs no stored index; the test fraction is test_frac up to sampling noise. `spl
 hashes the text index instead, so all tokens of one text fall on the same side (no leakage of a
 text's context between train and test).
 
+Integrity: every shard's sha256 is in the manifest, and by default a shard is checked the first time this
+process reads it (`verify="on_read"`): the whole file is hashed once, which also pulls it into the page cache
+that the memory-mapped read then uses, and the result is remembered per file (device, inode, size, mtime,
+ctime), so later epochs, views and readers of the same file do not hash it again. A tampered or bit-rotted
+shard is a `ChecksumError` naming it, never data read silently.
+
 Standardisation (`Standardizer`): per-feature mean and std fitted on the training split only
 (streamed, Chan's parallel update in float64), unlike the paper's E3 script which used train and
 test together. std is the population std (ddof=0); transform is (x - mean) / (std + eps).
@@ -18,12 +24,12 @@ test together. std is the population std (ddof=0); transform is (x - mean) / (st
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,10 +43,12 @@ from splinterp.errors import (
     ChecksumError,
     ConfigError,
     CorruptFileError,
+    DTypeError,
     EmptyDataError,
     ShapeError,
 )
-from splinterp.validation import check_data
+from splinterp.moments import Moments
+from splinterp.validation import all_finite, check_data, check_device, check_positive_int, read_json
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +58,7 @@ CACHE_FORMAT_VERSION = 1
 STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SPLITS = ("train", "test", None)
 SPLIT_UNITS = ("token", "text")
+VERIFY_MODES = (True, False, "on_read")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 _M64 = (1 << 64) - 1
 
@@ -74,6 +83,91 @@ def _check_frac(test_frac: float) -> float:
     return float(test_frac)
 
 
+# ------------------------------------------------------------------------------- what a cache may hold
+def to_storage(x: torch.Tensor, dtype: str, name: str = "acts") -> torch.Tensor:
+    """`x` (finite) converted to the cache's storage dtype on the CPU; ConfigError naming the largest value if
+    some value does not fit (float16 ends at 65504): an inf would otherwise come back from every read."""
+    if not isinstance(dtype, str) or dtype not in STORE_DTYPES:
+        raise ConfigError(f"dtype must be one of {tuple(STORE_DTYPES)}, got {dtype!r}")
+    out = x.detach().to(device="cpu", dtype=STORE_DTYPES[dtype])
+    if all_finite(out):
+        return out
+    flat = x.detach().reshape(-1, x.shape[-1]).abs()
+    i = int(flat.reshape(-1).argmax())
+    row, col = divmod(i, x.shape[-1])
+    biggest = float(x.detach().reshape(-1, x.shape[-1])[row, col])
+    top = torch.finfo(STORE_DTYPES[dtype]).max
+    raise ConfigError(
+        f"{name} holds {biggest:.6g} (row {row}, column {col}), beyond the largest {dtype} ({top:.6g}); storing "
+        f"it with dtype={dtype!r} would turn it into inf. Use dtype='float32' or 'bfloat16', or rescale the data")
+
+
+def check_texts(texts: Any, n_rows: int, text_ids: torch.Tensor | None = None) -> list[str] | None:
+    """The texts a cache stores, as a list of strings that `text_ids` index.
+
+    Without `text_ids` every row is its own text, so there must be exactly one string per row; with them,
+    one string per sequence: every id in [0, len(texts)). None passes through (no texts stored).
+    """
+    if texts is None:
+        return None
+    if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
+        raise DTypeError(f"texts must be a list of strings, got {type(texts).__name__}")
+    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+    if bad is not None:
+        raise DTypeError(f"texts must be strings, but texts[{bad}] is {type(texts[bad]).__name__} "
+                         f"{repr(texts[bad])[:40]}")
+    if text_ids is None:
+        if len(texts) != n_rows:
+            raise ShapeError(f"texts has {len(texts)} entries for {n_rows} rows: without text_ids every row is its "
+                             "own text, so give one string per row (or text_ids mapping rows to texts)")
+    elif text_ids.numel():
+        lo, hi = int(text_ids.min()), int(text_ids.max())
+        if lo < 0 or hi >= len(texts):
+            raise ShapeError(f"texts has {len(texts)} entries but text_ids run from {lo} to {hi}: text_ids index "
+                             "texts, so give one string per sequence")
+    return list(texts)
+
+
+def check_vocab(vocab: Any) -> dict[str, str] | None:
+    """A token vocabulary {token id: token string} as the cache's vocab.json stores it (keys as strings)."""
+    if vocab is None:
+        return None
+    if not isinstance(vocab, Mapping):
+        raise DTypeError(f"vocab must be a dict {{token id: token string}}, got {type(vocab).__name__}")
+    for k, v in vocab.items():
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not isinstance(v, str):
+            raise DTypeError(f"vocab must map int token ids to strings, got {k!r}: {repr(v)[:40]}")
+    return {str(int(k)): v for k, v in vocab.items()}
+
+
+# ------------------------------------------------------------------------------- integrity of what is read
+_verified: dict[tuple[int, ...], str] = {}
+"""sha256 of shard files this process has hashed, keyed by the file's identity (device, inode, size, mtime,
+ctime): any change to the file changes its ctime, so a remembered hash is never that of older bytes."""
+_verified_guard = threading.Lock()
+
+
+def check_shard_file(path: Path, sha256: str) -> None:
+    """ChecksumError if the file's sha256 is not `sha256`; each file version is hashed once per process."""
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise CorruptFileError(f"shard {path.name} in {path.parent} cannot be read: {e}") from None
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    got = _verified.get(key)
+    if got is None:
+        try:
+            got = sha256_file(path)
+        except OSError as e:
+            raise CorruptFileError(f"shard {path.name} in {path.parent} cannot be read: {e}") from None
+        with _verified_guard:
+            _verified[key] = got
+    if got != sha256:
+        raise ChecksumError(
+            f"shard {path.name} in {path.parent} has sha256 {got[:16]}..., the manifest says {sha256[:16]}...: the "
+            "file is corrupt or was modified (re-harvest it, or open with verify=False to read it anyway)")
+
+
 def validate_manifest(m: Any, where: str = MANIFEST) -> dict[str, Any]:
     """Check every field a reader relies on; CorruptFileError naming the first bad one."""
 
@@ -94,7 +188,7 @@ def validate_manifest(m: Any, where: str = MANIFEST) -> dict[str, Any]:
         raise bad(f"d_model must be a positive int, got {m.get('d_model')!r}")
     if not _is_int(m.get("n_tokens"), 1):
         raise bad(f"n_tokens must be a positive int, got {m.get('n_tokens')!r}")
-    if m.get("dtype") not in STORE_DTYPES:
+    if not isinstance(m.get("dtype"), str) or m["dtype"] not in STORE_DTYPES:
         raise bad(f"dtype must be one of {tuple(STORE_DTYPES)}, got {m.get('dtype')!r}")
     shards = m.get("shards")
     if not isinstance(shards, list) or not shards:
@@ -126,13 +220,15 @@ class ActivationCache:
     """
 
     def __init__(self, folder: str | os.PathLike, manifest: dict[str, Any], test_frac: float = 0.1,
-                 split_seed: int = 0, split_unit: str = "token"):
+                 split_seed: int = 0, split_unit: str = "token", verify_reads: bool = True):
         self.folder = Path(folder)
+        self.verify_reads = bool(verify_reads)
+        """Check each shard's sha256 when it is first read (see the module docstring)."""
         self.manifest = manifest
         self.test_frac = _check_frac(test_frac)
         if not _is_int(split_seed):
             raise ConfigError(f"split_seed must be a non-negative int, got {split_seed!r}")
-        if split_unit not in SPLIT_UNITS:
+        if not isinstance(split_unit, str) or split_unit not in SPLIT_UNITS:
             raise ConfigError(f"split_unit must be one of {SPLIT_UNITS}, got {split_unit!r}")
         self.split_seed, self.split_unit = split_seed, split_unit
         self._texts: list[str] | None = None
@@ -140,37 +236,35 @@ class ActivationCache:
 
     # ------------------------------------------------------------------------------ opening
     @classmethod
-    def open(cls, folder: str | os.PathLike, verify: bool = False, test_frac: float = 0.1,
+    def open(cls, folder: str | os.PathLike, verify: bool | str = "on_read", test_frac: float = 0.1,
              split_seed: int = 0, split_unit: str = "token") -> ActivationCache:
-        """Open and validate a cache folder; `verify=True` also checks every shard's sha256."""
+        """Open and validate a cache folder.
+
+        verify: "on_read" (default) checks each shard's sha256 the first time this process reads it (no extra
+        pass: see the module docstring); True also checks every shard now; False never checks.
+        """
+        if not (verify is True or verify is False or (isinstance(verify, str) and verify == "on_read")):
+            raise ConfigError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
         folder = Path(folder)
         path = folder / MANIFEST
         if not path.is_file():
             raise CorruptFileError(
                 f"{path} is missing: {folder} is not an activation cache, or its harvest was interrupted"
             )
-        try:
-            manifest = json.loads(path.read_text("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CorruptFileError(f"{path} is not valid JSON: {e}") from e
+        manifest = read_json(path)
         validate_manifest(manifest, str(path))
         for s in manifest["shards"]:
             if not (folder / s["file"]).is_file():
                 raise CorruptFileError(f"shard {s['file']} listed in {path} is missing")
-        cache = cls(folder, manifest, test_frac, split_seed, split_unit)
-        if verify:
+        cache = cls(folder, manifest, test_frac, split_seed, split_unit, verify_reads=verify is not False)
+        if verify is True:
             cache.verify()
         return cache
 
     def verify(self) -> None:
-        """Recompute each shard's sha256; ChecksumError naming the first shard that differs."""
+        """Check every shard's sha256 now; ChecksumError naming the first shard that differs."""
         for s in self.shards:
-            got = sha256_file(self.folder / s["file"])
-            if got != s["sha256"]:
-                raise ChecksumError(
-                    f"shard {s['file']} in {self.folder} has sha256 {got[:16]}..., manifest says "
-                    f"{s['sha256'][:16]}...: the file is corrupt or was modified"
-                )
+            check_shard_file(self.folder / s["file"], s["sha256"])
 
     # ----------------------------------------------------------------------------- metadata
     @property
@@ -204,7 +298,11 @@ class ActivationCache:
 
     # ------------------------------------------------------------------------------ reading
     def _check_layer(self, layer: int | Sequence[int]) -> list[int]:
-        layers = [layer] if isinstance(layer, int) and not isinstance(layer, bool) else list(layer)
+        layers = [layer] if isinstance(layer, (int, np.integer)) else layer
+        if isinstance(layer, bool) or not isinstance(layers, Sequence) or isinstance(layers, str) \
+                or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in layers):
+            raise ConfigError(f"layer must be a layer number or a list of them, got {layer!r}")
+        layers = [int(v) for v in layers]
         missing = [v for v in layers if v not in self.manifest["layers"]]
         if missing or not layers:
             raise ConfigError(f"layer(s) {missing or layer!r} not in this cache (it holds {self.layers})")
@@ -213,6 +311,8 @@ class ActivationCache:
     def _read(self, shard: dict[str, Any], keys: Sequence[str]) -> dict[str, torch.Tensor]:
         """Read `keys` of one shard lazily, checking each tensor's shape against the manifest."""
         path = self.folder / shard["file"]
+        if self.verify_reads:
+            check_shard_file(path, shard["sha256"])
         out = {}
         k = "header"
         try:
@@ -232,7 +332,7 @@ class ActivationCache:
     def _split_keep(self, shard: dict[str, Any], split: str | None, test_frac: float | None,
                     text_ids: torch.Tensor | None = None) -> torch.Tensor | None:
         """Bool mask of the shard's rows in `split` (None = every row)."""
-        if split not in SPLITS:
+        if not (split is None or (isinstance(split, str) and split in SPLITS)):
             raise ConfigError(f"split must be 'train', 'test' or None, got {split!r}")
         if split is None:
             return None
@@ -287,14 +387,19 @@ class ActivationCache:
         token index (for `token_ids`, `token_strings`, hover text). dtype None keeps the stored dtype.
         """
         layers = self._check_layer(layer)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+        batch_size = check_positive_int(batch_size, "batch_size")
+        if test_frac is not None:
+            _check_frac(test_frac)
         if buffer_tokens is None:
             buffer_tokens = 4 * max(s["n_tokens"] for s in self.shards)
-        buffer_tokens = max(int(buffer_tokens), batch_size)
+        buffer_tokens = max(check_positive_int(buffer_tokens, "buffer_tokens"), batch_size)
+        if not _is_int(seed):
+            raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ConfigError(f"dtype must be a floating torch.dtype (e.g. torch.float32) or None, got {dtype!r}")
+        dev = check_device(device)
         gen = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(self.shards), generator=gen).tolist() if shuffle else range(len(self.shards))
-        dev = torch.device(device)
 
         def emit(x: torch.Tensor, idx: torch.Tensor, n: int):
             for s in range(0, n, batch_size):
@@ -336,6 +441,9 @@ class ActivationCache:
              max_bytes: int = 4 << 30) -> torch.Tensor:
         """The whole layer (or split) as one tensor, for small caches; refuses above `max_bytes`."""
         layers = self._check_layer(layer)
+        max_bytes = check_positive_int(max_bytes, "max_bytes")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ConfigError(f"dtype must be a floating torch.dtype (e.g. torch.float32) or None, got {dtype!r}")
         itemsize = torch.empty((), dtype=dtype or self.dtype).element_size()
         need = self.n_tokens * self.d_model * len(layers) * itemsize
         if need > max_bytes:
@@ -381,7 +489,10 @@ class ActivationCache:
     def texts(self) -> list[str] | None:
         """The harvested texts (None if the harvest ran with save_texts=False)."""
         if self._texts is None and (self.folder / "texts.json").is_file():
-            self._texts = json.loads((self.folder / "texts.json").read_text("utf-8"))
+            texts = read_json(self.folder / "texts.json")
+            if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+                raise CorruptFileError(f"{self.folder / 'texts.json'} is not a list of strings")
+            self._texts = texts
         return self._texts
 
     def token_strings(self, split: str | None = None, test_frac: float | None = None,
@@ -391,7 +502,10 @@ class ActivationCache:
             path = self.folder / "vocab.json"
             if not path.is_file():
                 raise CorruptFileError(f"{path} is missing: this cache stored no token strings")
-            self._vocab = json.loads(path.read_text("utf-8"))
+            vocab = read_json(path)
+            if not isinstance(vocab, dict) or not all(isinstance(v, str) for v in vocab.values()):
+                raise CorruptFileError(f"{path} is not an object of token strings")
+            self._vocab = vocab
         ids = self.token_ids(None if index is not None else split, test_frac)
         if index is not None:
             ids = ids[torch.as_tensor(index, dtype=torch.long)]
@@ -415,6 +529,8 @@ class Standardizer:
             test_frac: float | None = None) -> Standardizer:
         """Stream mean/std over `source`: a cache (its `split` of `layer`), a tensor [N, d] or an
         iterable of such batches. float64 accumulators, so float16 caches lose nothing."""
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+            raise ConfigError(f"eps must be a finite number >= 0, got {eps!r}")
         if isinstance(source, ActivationCache):
             if layer is None:
                 raise ConfigError("Standardizer.fit on a cache needs layer=")
@@ -424,23 +540,32 @@ class Standardizer:
             batches = [check_data(source, name="activations")]
         else:
             batches = source
-        n, mean, m2 = 0, None, None
+        moments = None
         for b in batches:
-            b = check_data(b, None if mean is None else mean.shape[0], name="activation batch").double()
-            nb = b.shape[0]
-            mb = b.mean(0)
-            m2b = ((b - mb) ** 2).sum(0)
-            if mean is None:
-                n, mean, m2 = nb, mb, m2b
-                continue
-            tot = n + nb
-            delta = mb - mean
-            mean = mean + delta * (nb / tot)
-            m2 = m2 + m2b + delta**2 * (n * nb / tot)
-            n = tot
-        if mean is None or n == 0:
+            b = check_data(b, None if moments is None else moments.mean.shape[0], name="activation batch")
+            part = Moments.of(b)
+            moments = part if moments is None else moments.merge(part)
+        if moments is None or moments.n == 0:
             raise EmptyDataError("no data to fit the Standardizer on")
-        return cls(mean=mean, std=torch.sqrt(m2 / n), eps=eps, n=n, layer=layer)
+        return cls.from_moments(moments, eps=eps, layer=layer)
+
+    @classmethod
+    def from_moments(cls, moments: Moments, *, eps: float = 1e-8, layer: int | None = None) -> Standardizer:
+        return cls(mean=moments.mean, std=torch.sqrt(moments.var), eps=eps, n=moments.n, layer=layer)
+
+    @property
+    def moments(self) -> Moments:
+        """The (count, mean, squared deviations) it was fitted from: what `merge` combines."""
+        return Moments.from_std(self.n, self.mean, self.std)
+
+    @classmethod
+    def merge(cls, parts: Iterable[Standardizer | None]) -> Standardizer:
+        """The standardiser fitted on the union of the parts' rows (e.g. one part per data-parallel rank)."""
+        parts = [p for p in parts if p is not None]
+        moments = Moments.combine(p.moments for p in parts)
+        if moments is None:
+            raise EmptyDataError("no training rows to fit the standardiser on")
+        return cls.from_moments(moments, eps=parts[0].eps, layer=parts[0].layer)
 
     def _check(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.shape[-1] != self.mean.shape[0]:
@@ -484,9 +609,4 @@ class Standardizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Standardizer:
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CorruptFileError(f"{path} is not valid JSON: {e}") from e
-        return cls.from_dict(d, str(path))
+        return cls.from_dict(read_json(path), str(path))

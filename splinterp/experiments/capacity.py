@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from splinterp.atomic import write_json, write_with
 from splinterp.errors import ConfigError
-from splinterp.experiments.registry import register, to_jsonable
+from splinterp.experiments.registry import RunSettings, register, to_jsonable
 
 log = logging.getLogger(__name__)
 
@@ -51,25 +51,37 @@ class CapacityConfig:
     mnist_root: str | None = None
     """Folder with full MNIST; None = the 5,000 offline digits (4,000 train / 1,000 test)."""
     n_train: int | None = None
+    """Training rows (None: the whole training split)."""
     n_test: int | None = None
+    """Test rows (None: the whole test split)."""
     kmeans_clusters: tuple[int, ...] = (64, 256, 512)
+    """Sizes (centroids = regions) of the k-means AEs."""
     kmeans_n_init: int = 3
+    """k-means++ restarts of every k-means fit; the best objective is kept."""
     kmeans_max_iter: int = 100
+    """Lloyd iterations per k-means restart."""
     local_pca_regions: tuple[int, ...] = (2, 8, 32)
+    """Region counts of the k-means + local-PCA AEs."""
     local_pca_rank: int | None = None
     """Rank of every local-PCA piece; None = the SAE's k (the rank of its pieces)."""
     sae_sizes: tuple[int, ...] = (64, 128, 256, 512)
     """d_sae of the TopK SAEs."""
     k: int = 15
+    """Active latents of every TopK SAE (and the default rank of the local-PCA pieces)."""
     sae_methods: tuple[str, ...] = ("sgd", "pam_sgd")
     """How the SAEs are trained: "sgd" (Adam on every parameter) and/or "pam_sgd"."""
     epochs: int = 20
+    """Training epochs of every SAE."""
     lr: float = 3e-3
+    """Adam learning rate of the SAEs' encoder (and decoder, for SGD)."""
     batch_size: int = 128
+    """Mini-batch rows of SAE training."""
     matched_sae_size: int = 256
     """The SAE of the matched-capacity table (must be in sae_sizes)."""
     seed: int = 0
+    """Seed of every random choice (initialisation, batch order, subsets, restarts)."""
     device: str = "cpu"
+    """Torch device the models train on."""
 
     def __post_init__(self) -> None:
         for name in ("kmeans_clusters", "local_pca_regions", "sae_sizes"):
@@ -236,7 +248,8 @@ def run_capacity(cfg: CapacityConfig | None = None, out_dir: str | Path | None =
 
 @register(JOB, "Capacity on MNIST: test mse of k-means AE, TopK SAE, local-PCA AE vs parameters and regions",
           outputs=[f"{JOB}.json", f"{JOB}.png"], quick_seconds=25)
-def capacity_job(out_dir: Path, quick: bool, seed: int, device: str) -> dict:
+def capacity_job(out_dir: Path, run: RunSettings) -> dict:
+    quick, seed, device = run.quick, run.seed, run.device
     cfg = CapacityConfig.quick(seed=seed, device=device) if quick else CapacityConfig(seed=seed, device=device)
     res = run_capacity(cfg, out_dir)
     m = res["matched"]

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from splinterp.atomic import write_json, write_with
 from splinterp.errors import ConfigError
-from splinterp.experiments.registry import register, to_jsonable
+from splinterp.experiments.registry import RunSettings, register, to_jsonable
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +61,21 @@ class E1Config:
     steps_per_record: int = 500
     """Steps per History record (one 'epoch' of the trainer = this many full-batch steps)."""
     lr: float = 1e-2
+    """Adam learning rate of the SAE restarts."""
     n_restarts: int = 4
     """Seeded SAE restarts; the one with the lowest training mse is kept."""
     kmeans_n_init: int = 10
+    """k-means++ restarts of every k-means fit (and of the local-PCA initialisation)."""
     paper_n_clusters: int = 3
     """k-means / local-PCA size of the authors' figure, reported as an extra baseline."""
     bounds: tuple[float, float, float, float] = (-2.0, 2.0, -2.0, 2.0)
+    """(xmin, xmax, ymin, ymax) of the figure panels, in data coordinates."""
     resolution: int = 300
     """Pixels along each side of the figure rasters (and of the grid on which regions in view are counted)."""
     seed: int = 0
+    """Seed of every random choice (initialisation, batch order, subsets, restarts)."""
     device: str = "cpu"
+    """Torch device the models train on."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form notes stored with the results."""
 
@@ -252,7 +257,8 @@ def run_e1(cfg: E1Config | None = None, out_dir: str | Path | None = None) -> di
 
 @register(JOB, "E1: k-means AE | TopK SAE (k=1, 3) | local-PCA AE on the 2-D toy, matched region count",
           outputs=[f"{JOB}.json", f"{JOB}_k1.png", f"{JOB}_k3.png"], quick_seconds=20)
-def e1_toy_job(out_dir: Path, quick: bool, seed: int, device: str) -> dict:
+def e1_toy_job(out_dir: Path, run: RunSettings) -> dict:
+    quick, seed, device = run.quick, run.seed, run.device
     cfg = E1Config.quick(seed=seed, device=device) if quick else E1Config(seed=seed, device=device)
     res = run_e1(cfg, out_dir)
     summary: dict[str, Any] = {"paper_baseline_kmeans_mse": res["paper_baseline"]["kmeans"]["train_mse"],

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from splinterp.experiments.registry import register
+from splinterp.experiments.registry import RunSettings, register
 from splinterp.viz.output import save_png, write_html
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,8 @@ def _polygon_agreement(pd, cells, bounds, n: int, seed: int) -> float:
 @register("power_diagrams", "Figures 5 and 6: Voronoi, 1-NN, k-means and power diagrams; Voronoi vs power vs "
           "2nd-order power (exact polygons)",
           outputs=["power_fig5_voronoi_to_power.png", "power_fig6_voronoi_power_order2.png"], quick_seconds=10)
-def power_diagrams(out_dir: Path, quick: bool, seed: int, device: str) -> dict:
+def power_diagrams(out_dir: Path, run: RunSettings) -> dict:
+    seed = run.seed
     from splinterp.geometry.power import PowerDiagram
     from splinterp.viz.power import fig5_voronoi_to_power, fig6_sites, fig6_voronoi_power_order2
 
@@ -64,7 +65,8 @@ def power_diagrams(out_dir: Path, quick: bool, seed: int, device: str) -> dict:
 @register("lifting", "Figure 7: a power diagram is the h = 0 section of the Voronoi diagram of lifted sites "
           "(c, sqrt(K - alpha)); static and interactive", outputs=["lift_fig7.png", "lift_fig7.html"],
           quick_seconds=10)
-def lifting(out_dir: Path, quick: bool, seed: int, device: str) -> dict:
+def lifting(out_dir: Path, run: RunSettings) -> dict:
+    seed = run.seed
     from splinterp.geometry.power import PowerDiagram
     from splinterp.viz.lift import default_K, fig7_sites, plot_lift_3d, plot_lift_plotly
 
@@ -86,18 +88,12 @@ def lifting(out_dir: Path, quick: bool, seed: int, device: str) -> dict:
 @register("llm_projection", "PCA of real MiniLM activations (offline text, middle block) coloured by TopK-SAE "
           "region and by most active latent; hover shows token, context, region and active latents",
           outputs=["llm_pca_regions.html", "llm_pca_top_latent_3d.html", "llm_pca_top_latent.png"],
-          quick_seconds=20)
-def llm_projection(out_dir: Path, quick: bool, seed: int, device: str) -> dict:
-    """Uses the LLM jobs' shared activation cache and per-layer SAE store (`experiments.e3_llm`), so the
+          quick_seconds=20, quick_threads=1, tags=("llm",))
+def llm_projection(out_dir: Path, run: RunSettings) -> dict:
+    """Uses the LLM jobs' shared activation cache and per-layer SAE store (`splinterp.llm`), so the
     harvest and the SAE are made once per output folder whichever LLM job runs first."""
-    from splinterp.experiments.e3_llm import (
-        LayerSAEConfig,
-        LLMContext,
-        LLMDataConfig,
-        layer_sae_name,
-        train_layers_sae,
-    )
     from splinterp.geometry import region_stats
+    from splinterp.llm import LayerSAEConfig, LLMContext, LLMDataConfig
     from splinterp.viz.llm import (
         activation_projection,
         plot_activation_projection,
@@ -105,12 +101,10 @@ def llm_projection(out_dir: Path, quick: bool, seed: int, device: str) -> dict:
         points_from_cache,
     )
 
-    ctx = LLMContext(out_dir, LLMDataConfig.preset(quick), seed=seed, device=device)
-    layer = ctx.pick_layer(None)
-    lcfg = LayerSAEConfig.preset(quick)
-    sae_cfg, train_cfg = lcfg.configs(ctx.d_model, seed, device)
-    trained = train_layers_sae(ctx, [layer], sae_cfg, train_cfg, name=layer_sae_name([layer], lcfg.architecture),
-                               eval_every=lcfg.eval_every)
+    quick, seed = run.quick, run.seed
+    ctx = LLMContext(out_dir, LLMDataConfig.preset(quick, **run.llm_data_changes()), seed=seed, device=run.device)
+    layer = ctx.pick_layer(run.layer)
+    trained = LayerSAEConfig.preset(quick).train(ctx, [layer], seed=seed)
     sae = trained.sae.cpu().eval()
     X, toks, ctx_txt = points_from_cache(ctx.cache, layer, n=1500 if quick else 4000, split="test", seed=seed)
     Xs = ctx.standardizer(layer).transform(X).to(sae.dtype)
@@ -146,7 +140,8 @@ def _toy_topk_sae(X: torch.Tensor, d_sae: int, k: int, seed: int, device: str, e
 @register("sae_power_cells", "A TopK SAE on the 2-D three-cluster toy: its regions drawn as the exact cells of "
           "its k-th order power diagram (with the ReLU null site) next to sae.encode's active set per pixel",
           outputs=["sae_topk_power_cells.png"], quick_seconds=12)
-def sae_power_cells(out_dir: Path, quick: bool, seed: int, device: str) -> dict:
+def sae_power_cells(out_dir: Path, run: RunSettings) -> dict:
+    quick, seed, device = run.quick, run.seed, run.device
     from splinterp.data.toy import make_three_clusters
     from splinterp.geometry import active_mask, power_diagram
     from splinterp.viz.power import plot_sae_power_cells
@@ -173,7 +168,8 @@ def sae_power_cells(out_dir: Path, quick: bool, seed: int, device: str) -> dict:
 @register("mnist_slices", "A plane through three MNIST digits (0, 1, 7) cut by a TopK SAE, a ReLU SAE (exact "
           "polygons), a k-means AE (exact) and a k-means + local PCA AE (raster), shaded by reconstruction error",
           outputs=["mnist_slice_partitions.png"], quick_seconds=30)
-def mnist_slices(out_dir: Path, quick: bool, seed: int, device: str) -> dict:
+def mnist_slices(out_dir: Path, run: RunSettings) -> dict:
+    quick, seed, device = run.quick, run.seed, run.device
     from splinterp import SAE, SAEConfig
     from splinterp.data.mnist import load_mnist
     from splinterp.geometry import plane_through

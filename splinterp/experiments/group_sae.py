@@ -31,15 +31,8 @@ import numpy as np
 
 from splinterp.atomic import write_json, write_text
 from splinterp.errors import ConfigError
-from splinterp.experiments.e3_llm import (
-    LayerSAEConfig,
-    LLMContext,
-    LLMDataConfig,
-    job_threads,
-    sae_train_flops,
-    torch_threads,
-)
-from splinterp.experiments.registry import register, to_jsonable
+from splinterp.experiments.registry import RunSettings, llm_config, register, to_jsonable
+from splinterp.llm import LayerSAEConfig, LLMContext, LLMDataConfig, sae_train_flops
 
 log = logging.getLogger(__name__)
 
@@ -49,19 +42,29 @@ class GroupSAEConfig:
     """Settings of the Group-SAE job. Defaults are the full run; `quick()` is the small preset."""
 
     data: LLMDataConfig = field(default_factory=LLMDataConfig)
+    """Which model, texts, layers and split the activations come from (see `splinterp.llm.LLMDataConfig`)."""
     sae: LayerSAEConfig = field(default_factory=LayerSAEConfig)
+    """How each per-layer or per-group SAE is trained (shared with the other LLM jobs, so the store trains it
+    once)."""
     center: bool = True
     """Centre each layer's activations (exact training-split mean) before measuring angles."""
     drop_last: bool = True
+    """Leave the last layer out of the clustering (it is far from the others; group-sae does the same)."""
     amad_threshold: float = 0.2
     """G is the smallest number of groups with AMAD <= this."""
     n_groups: tuple[int, ...] | None = None
     """Which G to train grouped SAEs for; None = every G from 1 to (clustered layers - 1)."""
     sampling: str = "uniform"
+    """How a group SAE sees its layers: 'uniform' (each batch row from a random layer of the group) or 'concat'
+    (every layer's rows, so len(group) times the data)."""
     distance_max_tokens: int | None = None
+    """Tokens used to measure the angular layer distances (None: the whole training split)."""
     seed: int = 0
+    """Seed of every random choice (text order, initialisation, batch order, subsets)."""
     device: str = "cpu"
+    """Torch device the model and the SAEs run on."""
     progress: bool = False
+    """Progress bars while training."""
 
     def __post_init__(self) -> None:
         if self.sampling not in ("uniform", "concat"):
@@ -191,10 +194,9 @@ def run_group_sae(cfg: GroupSAEConfig, out_dir: str | os.PathLike) -> dict[str, 
 @register("group_sae", "Group-SAE on MiniLM activations: angular layer distances, complete-linkage groups, AMAD "
           "per G, FVU of grouped vs per-layer TopK SAEs and the training time / FLOPs saved",
           outputs=["group_sae.json", "group_sae_groups.json", "group_sae_table.md", "group_sae.png"],
-          quick_seconds=20)
-def group_sae_job(out_dir: Path, quick: bool, seed: int, device: str) -> dict:
-    with torch_threads(job_threads(quick)):
-        res = run_group_sae(GroupSAEConfig.preset(quick, seed, device), out_dir)
+          quick_seconds=20, quick_threads=1, tags=("llm",))
+def group_sae_job(out_dir: Path, run: RunSettings) -> dict:
+    res = run_group_sae(llm_config(GroupSAEConfig.preset, run), out_dir)
     return {"chosen_G": res["chosen_G"], "amad": res["amad"],
             "mean_fvu": {r["label"]: r["mean_fvu"] for r in res["rows"]},
             "time_saved": {r["label"]: r["time_saved"] for r in res["rows"]}}

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +29,8 @@ import torch
 
 from splinterp.atomic import write_json, write_text
 from splinterp.errors import ConfigError
-from splinterp.experiments.e3_llm import LayerSAEConfig, LLMContext, LLMDataConfig, job_threads, torch_threads
-from splinterp.experiments.registry import register, to_jsonable
+from splinterp.experiments.registry import RunSettings, llm_config, register, to_jsonable
+from splinterp.llm import LayerSAEConfig, LLMContext, LLMDataConfig, SweepPointConfig, knob_name
 
 log = logging.getLogger(__name__)
 
@@ -48,25 +47,31 @@ class GeometryConfig:
     """Settings of the geometry job. Defaults are the full run; `quick()` is the small preset."""
 
     data: LLMDataConfig = field(default_factory=LLMDataConfig)
+    """Which model, texts, layers and split the activations come from (see `splinterp.llm.LLMDataConfig`)."""
     sae: LayerSAEConfig = field(default_factory=LayerSAEConfig)
+    """How each per-layer or per-group SAE is trained (shared with the other LLM jobs, so the store trains it
+    once)."""
     layers: tuple[int, ...] | None = None
     """Layers whose per-layer SAE is measured; None = every layer of the cache."""
     arch_layer: int | None = None
     """Block of the per-architecture SAEs; None = the middle block of the cache."""
     arch_knobs: dict[str, float] = field(default_factory=lambda: default_arch_knobs(False))
     """{architecture: knob} trained at `arch_layer` (k for topk/topk_abs, the sparsity coefficient otherwise)."""
-    arch_quick_settings: bool = False
-    """Train the per-architecture SAEs with the shrinkage job's quick (True) or full (False) settings
-    (d_sae, epochs, batch size, lr, JumpReLU bandwidth), so that the shrinkage job's SAEs are reused."""
+    arch_training: SweepPointConfig = field(default_factory=SweepPointConfig)
+    """How the per-architecture SAEs are trained: the shrinkage job's settings, so that its SAEs are reused."""
     orders: tuple[int, ...] = (1, 2, 4)
+    """Power-diagram orders whose cells are counted (order m: the set of the m largest encoder scores)."""
     seed: int = 0
+    """Seed of every random choice (text order, initialisation, batch order, subsets)."""
     device: str = "cpu"
+    """Torch device the model and the SAEs run on."""
     progress: bool = False
+    """Progress bars while training."""
 
     @classmethod
     def quick(cls, **changes: Any) -> GeometryConfig:
         base = cls(data=LLMDataConfig.preset(True), sae=LayerSAEConfig.preset(True),
-                   arch_knobs=default_arch_knobs(True), arch_quick_settings=True)
+                   arch_knobs=default_arch_knobs(True), arch_training=SweepPointConfig.preset(True))
         return dataclasses.replace(base, **changes)
 
     @classmethod
@@ -75,37 +80,21 @@ class GeometryConfig:
         return dataclasses.replace(c, seed=seed, device=device, **changes)
 
 
-def _id_stats(ids: torch.Tensor) -> dict[str, float]:
-    counts = torch.bincount(ids)
-    p = counts.double() / ids.numel()
-    ent = float(-(p * p.log()).sum())
-    return {"n_cells": int(counts.numel()), "perplexity": math.exp(ent)}
-
-
 @torch.no_grad()
 def geometry_row(sae: Any, X: torch.Tensor, orders: tuple[int, ...] = (1, 2, 4)) -> dict[str, Any]:
     """Region statistics and low-order power-cell statistics of `sae` on tokens X (see the module doc)."""
     from splinterp import metrics
-    from splinterp.geometry import power_diagram, region_stats
-    from splinterp.geometry.power import PowerDiagram
+    from splinterp.geometry import geometry_report
 
-    rs = region_stats(sae, X)
+    rep = geometry_report(sae, X, orders=orders)
     m = metrics.evaluate(sae, X)
-    n = rs["n_inputs"]
+    n = rep["n_inputs"]
     row: dict[str, Any] = {
-        "n_tokens": n, "l0": m["l0"], "fvu": m["fvu"], "n_regions": rs["n_regions"],
-        "regions_per_token": rs["n_regions"] / n, "region_perplexity": rs["region_perplexity"],
-        "largest_region_frac": rs["largest_region_frac"], "singleton_input_frac": rs["singleton_input_frac"],
+        "n_tokens": n, "l0": m["l0"], "fvu": m["fvu"], "n_regions": rep["n_regions"],
+        "regions_per_token": rep["regions_per_input"], "region_perplexity": rep["region_perplexity"],
+        "largest_region_frac": rep["largest_region_frac"], "singleton_input_frac": rep["singleton_input_frac"],
     }
-    pd = power_diagram(sae)
-    Xn = X.detach().double().cpu().numpy()
-    for order in orders:
-        if order > pd.n_sites:
-            continue
-        cells = PowerDiagram(pd.centers.copy(), pd.weights.copy(), order=order, signed_pairs=pd.signed_pairs).assign(Xn)
-        st = _id_stats(torch.from_numpy(cells))
-        row[f"order{order}_cells"] = st["n_cells"]
-        row[f"order{order}_perplexity"] = st["perplexity"]
+    row.update({k: v for k, v in rep.items() if k.startswith("order")})
     return row
 
 
@@ -128,7 +117,6 @@ def run_llm_geometry(cfg: GeometryConfig, out_dir: str | os.PathLike) -> dict[st
     """Train (or reuse) the SAEs, measure their geometry on held-out tokens, write JSON, table and figure."""
     from matplotlib.figure import Figure
 
-    from splinterp.experiments.shrinkage import ShrinkageConfig, knob_name, train_point
     from splinterp.viz.output import save_png
 
     out_dir = Path(out_dir)
@@ -144,9 +132,8 @@ def run_llm_geometry(cfg: GeometryConfig, out_dir: str | os.PathLike) -> dict[st
         rows.append({"sae": f"{cfg.sae.architecture} k={cfg.sae.k}", "kind": "per_layer", "layer": v,
                      **geometry_row(t.sae, ctx.test(v), cfg.orders)})
     # one layer, every architecture, with the shrinkage job's training settings (so its SAEs are reused)
-    sh = ShrinkageConfig.preset(cfg.arch_quick_settings, cfg.seed, cfg.device, data=cfg.data, progress=cfg.progress)
     for arch, knob in cfg.arch_knobs.items():
-        t = train_point(ctx, sh, arch, knob, cfg.arch_layer)
+        t = cfg.arch_training.train(ctx, arch, knob, cfg.arch_layer, seed=cfg.seed, progress=cfg.progress)
         rows.append({"sae": f"{arch} {knob_name(arch)}={knob:g}", "kind": "architecture", "layer": cfg.arch_layer,
                      **geometry_row(t.sae, ctx.test(cfg.arch_layer), cfg.orders)})
     # figure: per-layer regions/token and order-m perplexities; per-architecture the same
@@ -184,9 +171,9 @@ def run_llm_geometry(cfg: GeometryConfig, out_dir: str | os.PathLike) -> dict[st
 
 @register("llm_geometry", "Region statistics (n_regions, perplexity, power-diagram cells of order 1/2/4) of "
           "trained SAEs on held-out MiniLM tokens, per layer and per architecture",
-          outputs=["llm_geometry.json", "llm_geometry_table.md", "llm_geometry.png"], quick_seconds=20)
-def llm_geometry_job(out_dir: Path, quick: bool, seed: int, device: str) -> dict:
-    with torch_threads(job_threads(quick)):
-        res = run_llm_geometry(GeometryConfig.preset(quick, seed, device), out_dir)
+          outputs=["llm_geometry.json", "llm_geometry_table.md", "llm_geometry.png"], quick_seconds=20,
+          quick_threads=1, tags=("llm",))
+def llm_geometry_job(out_dir: Path, run: RunSettings) -> dict:
+    res = run_llm_geometry(llm_config(GeometryConfig.preset, run), out_dir)
     return {"rows": [{k: r[k] for k in ("sae", "layer", "l0", "n_regions", "regions_per_token", "region_perplexity")}
                      for r in res["rows"]]}

@@ -36,8 +36,8 @@ from typing import Any
 
 from splinterp.atomic import write_json, write_text
 from splinterp.errors import ConfigError
-from splinterp.experiments.e3_llm import LLMContext, LLMDataConfig, job_threads, torch_threads, train_layers_sae
-from splinterp.experiments.registry import register, to_jsonable
+from splinterp.experiments.registry import RunSettings, llm_config, register, to_jsonable
+from splinterp.llm import LLMContext, LLMDataConfig, SweepPointConfig, knob_name
 
 log = logging.getLogger(__name__)
 
@@ -60,31 +60,26 @@ class ShrinkageConfig:
     """Settings of the shrinkage job. Defaults are the full run; `quick()` is the small preset."""
 
     data: LLMDataConfig = field(default_factory=LLMDataConfig)
+    """Which model, texts, layers and split the activations come from (see `splinterp.llm.LLMDataConfig`)."""
     layer: int | None = None
     """Block the SAEs are trained on and spliced after; None = the middle block of the cache."""
-    d_sae: int = 512
     target_l0: float = 32.0
     """The L0 at which architectures are compared (the nearest sweep point of each)."""
     sweeps: dict[str, tuple[float, ...]] = field(default_factory=lambda: default_sweeps(False))
     """{architecture: sparsity knob values}: l1 (relu, gated), L0 coefficient (jumprelu), k (topk)."""
-    sparse_start: bool = True
-    """Start relu / gated / jumprelu SAEs at L0 = target_l0 (`e3_llm.sparse_start`); otherwise they start
-    with about half the latents active and a short run cannot bring L0 down (biases move ~lr per step)."""
-    epochs: int = 5
-    batch_size: int = 256
-    lr: float = 2e-3
-    jumprelu_bandwidth: float = 0.05
-    """STE kernel width, on the scale of the pre-activations of standardised inputs (see train.jumprelu)."""
-    jumprelu_init_threshold: float = 0.001
-    """Initial JumpReLU threshold when sparse_start is off (Gemma Scope's 0.001)."""
+    training: SweepPointConfig = field(default_factory=SweepPointConfig)
+    """How each sweep point is trained (its `sparse_start_l0` should be `target_l0`)."""
     loss_metric: str = "auto"
     """"embedding" (sentence-embedding loss recovered), "ce" (causal LMs) or "auto": CE when the model has
     an LM head, the embedding version otherwise (the offline MiniLM)."""
     embedding_distance: str = "mse"
-    eval_every: int = 50
+    """Distance between sentence embeddings of the embedding loss recovered: 'mse' or 'cos'."""
     seed: int = 0
+    """Seed of every random choice (text order, initialisation, batch order, subsets)."""
     device: str = "cpu"
+    """Torch device the model and the SAEs run on."""
     progress: bool = False
+    """Progress bars while training."""
 
     def __post_init__(self) -> None:
         unknown = set(self.sweeps) - set(ARCHS) - {"topk_abs"}
@@ -97,56 +92,14 @@ class ShrinkageConfig:
 
     @classmethod
     def quick(cls, **changes: Any) -> ShrinkageConfig:
-        base = cls(data=LLMDataConfig.preset(True), d_sae=128, target_l0=8.0, sweeps=default_sweeps(True),
-                   epochs=3, batch_size=128, eval_every=5)
+        base = cls(data=LLMDataConfig.preset(True), target_l0=8.0, sweeps=default_sweeps(True),
+                   training=SweepPointConfig.preset(True))
         return dataclasses.replace(base, **changes)
 
     @classmethod
     def preset(cls, quick: bool, seed: int = 0, device: str = "cpu", **changes: Any) -> ShrinkageConfig:
         c = cls.quick() if quick else cls()
         return dataclasses.replace(c, seed=seed, device=device, **changes)
-
-
-def sae_and_train_config(arch: str, value: float, d_in: int, d_sae: int, *, epochs: int, batch_size: int, lr: float,
-                         seed: int, device: str, bandwidth: float = 0.05, init_threshold: float = 0.1,
-                         progress: bool = False):
-    """(SAEConfig, SGDConfig) of one sweep point: `value` is k for TopK, the sparsity coefficient otherwise."""
-    import splinterp.train.gated  # noqa: F401  (registers the gated loss)
-    import splinterp.train.jumprelu  # noqa: F401  (registers the jumprelu loss)
-    from splinterp import SAEConfig
-    from splinterp.train import SGDConfig
-
-    kw: dict[str, Any] = {}
-    coef = 0.0
-    loss_kwargs: dict[str, Any] = {}
-    if arch in ("topk", "topk_abs"):
-        kw["k"] = int(value)
-    else:
-        coef = float(value)
-        if arch == "relu":
-            loss_kwargs = {"l1_decoder_norm": True}
-        elif arch == "jumprelu":
-            kw["jumprelu_init_threshold"] = float(init_threshold)
-            loss_kwargs = {"bandwidth": float(bandwidth), "l0_coefficient": coef}
-    sae_cfg = SAEConfig(d_in=d_in, d_sae=d_sae, architecture=arch, seed=seed, device=device, **kw)
-    train_cfg = SGDConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, eval_train=False,
-                          l1_coefficient=coef, loss_kwargs=loss_kwargs, progress=progress)
-    return sae_cfg, train_cfg
-
-
-def knob_name(arch: str) -> str:
-    return "k" if arch.startswith("topk") else ("l0_coefficient" if arch == "jumprelu" else "l1_coefficient")
-
-
-def train_point(ctx: LLMContext, cfg: ShrinkageConfig, arch: str, value: float, layer: int):
-    """Train (or fetch from the store) the SAE of one sweep point; returns the `TrainedSAE`."""
-    sae_cfg, train_cfg = sae_and_train_config(
-        arch, value, ctx.d_model, cfg.d_sae, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
-        device=cfg.device, bandwidth=cfg.jumprelu_bandwidth, init_threshold=cfg.jumprelu_init_threshold,
-        progress=cfg.progress)
-    start = cfg.target_l0 if cfg.sparse_start and arch in ("relu", "gated", "jumprelu") else None
-    return train_layers_sae(ctx, [layer], sae_cfg, train_cfg, name=f"{arch}_L{layer}_{value:g}",
-                            eval_every=cfg.eval_every, sparse_start_l0=start)
 
 
 class LossRecovered:
@@ -215,7 +168,7 @@ def run_shrinkage(cfg: ShrinkageConfig, out_dir: str | os.PathLike) -> dict[str,
     points: dict[str, list[dict[str, Any]]] = {}
     for arch, values in cfg.sweeps.items():
         for v in values:
-            t = train_point(ctx, cfg, arch, v, cfg.layer)
+            t = cfg.training.train(ctx, arch, v, cfg.layer, seed=cfg.seed, progress=cfg.progress)
             m = t.final[str(cfg.layer)]
             lr_res = lr_eval(t.sae, cfg.layer)
             p = {"architecture": arch, "knob": knob_name(arch), "value": float(v),
@@ -261,13 +214,13 @@ def run_shrinkage(cfg: ShrinkageConfig, out_dir: str | os.PathLike) -> dict[str,
             ylabel="gamma", title=f"at L0 near {cfg.target_l0:g}")
     fig.tight_layout()
     save_png(fig, out_dir / "shrinkage_gamma.png")
-    md = (f"Layer {cfg.layer}, d_sae {cfg.d_sae}, held-out tokens; loss recovered = `{lr_eval.key}`"
+    md = (f"Layer {cfg.layer}, d_sae {cfg.training.d_sae}, held-out tokens; loss recovered = `{lr_eval.key}`"
           f"{' (sentence-embedding version)' if lr_eval.kind == 'embedding' else ''}.\n\n"
           f"At L0 near {cfg.target_l0:g}:\n\n" + _md_table(matched, lr_eval.key)
           + "\nFull sweep (Pareto):\n\n" + _md_table(sorted(all_rows, key=lambda r: (r["architecture"], r["l0"])),
                                                     lr_eval.key))
     write_text(out_dir / "shrinkage_table.md", md)
-    res = {"layer": cfg.layer, "d_sae": cfg.d_sae, "target_l0": cfg.target_l0, "loss_metric": lr_eval.key,
+    res = {"layer": cfg.layer, "d_sae": cfg.training.d_sae, "target_l0": cfg.target_l0, "loss_metric": lr_eval.key,
            "model": cfg.data.model or "minilm", "matched": matched, "sweep": all_rows,
            "config": dataclasses.asdict(cfg)}
     write_json(out_dir / "shrinkage.json", to_jsonable(res))
@@ -277,10 +230,9 @@ def run_shrinkage(cfg: ShrinkageConfig, out_dir: str | os.PathLike) -> dict[str,
 @register("shrinkage", "Shrinkage: relu vs gated vs jumprelu vs topk at similar L0 on MiniLM activations: gamma "
       "(relative reconstruction bias), L0, FVU, loss recovered (sentence-embedding version); Pareto sweep",
       outputs=["shrinkage.json", "shrinkage_table.md", "shrinkage_pareto.png", "shrinkage_gamma.png"],
-      quick_seconds=40)
-def shrinkage_job(out_dir: Path, quick: bool, seed: int, device: str) -> dict:
-    with torch_threads(job_threads(quick)):
-        res = run_shrinkage(ShrinkageConfig.preset(quick, seed, device), out_dir)
+      quick_seconds=40, quick_threads=1, tags=("llm",))
+def shrinkage_job(out_dir: Path, run: RunSettings) -> dict:
+    res = run_shrinkage(llm_config(ShrinkageConfig.preset, run), out_dir)
     return {"loss_metric": res["loss_metric"], "target_l0": res["target_l0"],
             "matched": {r["architecture"]: {k: r[k] for k in ("value", "l0", "fvu", "gamma", "loss_recovered")}
                         for r in res["matched"]}}

@@ -22,8 +22,8 @@ from typing import Any
 
 from splinterp.atomic import write_json, write_text
 from splinterp.errors import ConfigError
-from splinterp.experiments.e3_llm import LayerSAEConfig, LLMContext, LLMDataConfig, job_threads, torch_threads
-from splinterp.experiments.registry import register, to_jsonable
+from splinterp.experiments.registry import RunSettings, llm_config, register, to_jsonable
+from splinterp.llm import LayerSAEConfig, LLMContext, LLMDataConfig
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +33,24 @@ class TransferConfig:
     """Settings of the transfer job. Defaults are the full run; `quick()` is the small preset."""
 
     data: LLMDataConfig = field(default_factory=LLMDataConfig)
+    """Which model, texts, layers and split the activations come from (see `splinterp.llm.LLMDataConfig`)."""
     sae: LayerSAEConfig = field(default_factory=LayerSAEConfig)
+    """How each per-layer or per-group SAE is trained (shared with the other LLM jobs, so the store trains it
+    once)."""
     targets: tuple[int, ...] | None = None
     """Layers to transfer into; None = the layers with both neighbours in the cache (see max_targets)."""
     max_targets: int | None = None
     """With targets=None, keep at most this many of them, the most central ones."""
     directions: tuple[str, ...] = ("forward", "backward")
+    """Transfer directions measured: 'forward' (layer l starts from the SAE of l-1) and/or 'backward' (from l+1)."""
     target_slack: float = 0.05
     """Target FVU = scratch final FVU * (1 + target_slack)."""
     seed: int = 0
+    """Seed of every random choice (text order, initialisation, batch order, subsets)."""
     device: str = "cpu"
+    """Torch device the model and the SAEs run on."""
     progress: bool = False
+    """Progress bars while training."""
 
     def __post_init__(self) -> None:
         if any(d not in ("forward", "backward") for d in self.directions) or not self.directions:
@@ -151,9 +158,9 @@ def run_transfer(cfg: TransferConfig, out_dir: str | os.PathLike) -> dict[str, A
 
 @register("transfer", "Layer-wise SAE transfer on MiniLM activations: steps to a target FVU when layer l starts "
           "from the SAE of layer l-1 (forward) or l+1 (backward), vs from scratch",
-          outputs=["transfer.json", "transfer_table.md", "transfer_curves.png"], quick_seconds=20)
-def transfer_job(out_dir: Path, quick: bool, seed: int, device: str) -> dict:
-    with torch_threads(job_threads(quick)):
-        res = run_transfer(TransferConfig.preset(quick, seed, device), out_dir)
+          outputs=["transfer.json", "transfer_table.md", "transfer_curves.png"], quick_seconds=20, quick_threads=1,
+          tags=("llm",))
+def transfer_job(out_dir: Path, run: RunSettings) -> dict:
+    res = run_transfer(llm_config(TransferConfig.preset, run), out_dir)
     return {"rows": [{k: v for k, v in r.items() if k.endswith("steps") or k in ("layer", "target_fvu")}
                      for r in res["rows"]]}

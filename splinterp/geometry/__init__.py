@@ -26,6 +26,7 @@ from splinterp.geometry.regions import (
     region_index,
     region_stats,
 )
+from splinterp.geometry.report import geometry_report, order_cell_stats
 from splinterp.geometry.segments import Segment, segment_regions
 from splinterp.geometry.slice import Plane, Slice2D, plane_through, slice_2d
 
@@ -48,7 +49,9 @@ __all__ = [
     "boundary_distance",
     "diagram_from_affine",
     "enumerate_regions",
+    "geometry_report",
     "local_complexity",
+    "order_cell_stats",
     "piece_rank",
     "plane_through",
     "power_diagram",

@@ -360,7 +360,7 @@ def region_is_nonempty(sae: SAE, mask, signs=None, bounds=None, *, tol: float = 
     if res.nonempty:
         x = torch.as_tensor(res.witness, dtype=sae.dtype, device=sae.device)
         u = sae.pre_acts(x[None])
-        got = sae.select(u)[0].cpu()
+        got = sae.select(u, x[None])[0].cpu()
         ok = torch.equal(got, mask.cpu())
         if ok and sg is not None:
             ok = bool(((u[0].cpu().double().numpy() > 0) == (sg > 0))[m_np].all())

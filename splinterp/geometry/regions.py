@@ -39,7 +39,7 @@ def input_chunks(sae: SAE, X, batch_size: int):
 @torch.no_grad()
 def active_mask(sae: SAE, X, batch_size: int = DEFAULT_BATCH) -> torch.Tensor:
     """bool [N, d_sae]: which latents fire on each input (the mask `encode` uses)."""
-    out = [sae.select(checked_scores(sae, xb, start)) for start, xb in input_chunks(sae, X, batch_size)]
+    out = [sae.select(checked_scores(sae, xb, start), xb) for start, xb in input_chunks(sae, X, batch_size)]
     return torch.cat(out).cpu()
 
 
@@ -66,7 +66,7 @@ def _region_keys(sae: SAE, xb: torch.Tensor, start: int = 0) -> torch.Tensor:
         else:
             key = torch.where(active, idx, torch.full_like(idx, sae.cfg.d_sae))
         return torch.sort(key, dim=-1).values
-    return _pack_bits(sae.select(u))
+    return _pack_bits(sae.select(u, xb))
 
 
 _HASH_SEED = 0x5EED5

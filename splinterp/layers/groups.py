@@ -351,13 +351,20 @@ class GroupBatches:
 
 
 def group_metadata(layers: Sequence[int], sampling: str, cache: Any = None) -> dict[str, Any]:
-    """SAE metadata recording the layers a (group) SAE covers, SAELens style."""
+    """SAE metadata recording what a (group) SAE was trained on, with SAELens's keys: the layers it covers, and
+    from the cache the model (`model_name`), the TransformerLens hook name(s) next to the Hugging Face module
+    path(s) (`hook_name` / `hf_hook_name` for one layer, `hook_names` / `hf_hook_names` for all), and the texts
+    (`dataset_path`: the harvest's `dataset`, else its text source)."""
+    from splinterp.data.harvest import sae_metadata
+
     meta: dict[str, Any] = {"layers": [int(v) for v in layers], "group_sampling": sampling}
     if cache is not None:
-        meta["model_name"] = cache.model_name
-        hooks = cache.manifest.get("hook_names") or {}
-        meta["hook_names"] = [hooks.get(str(v), f"layer_{v}") for v in layers]
+        per_layer = [sae_metadata(cache, int(v)) for v in layers]
+        meta.update({k: v for k, v in per_layer[0].items() if k not in ("hook_name", "hf_hook_name")})
+        meta["hook_names"] = [p.get("hook_name", f"layer_{v}") for p, v in zip(per_layer, layers)]
+        meta["hf_hook_names"] = [p.get("hf_hook_name") for p in per_layer]
         meta["hook_name"] = meta["hook_names"][0] if len(layers) == 1 else None
+        meta["hf_hook_name"] = meta["hf_hook_names"][0] if len(layers) == 1 else None
     return meta
 
 

@@ -5,7 +5,10 @@ b_dec`, exactly like an SAE. Only the encoders differ. Keeping that in one base 
 for `splinterp.SAE` (which only calls `encode`/`decode`) run on them unchanged.
 
 Numerics: fits work on data centred by its training mean (k-means, k-flats and PCA are translation invariant,
-and centring keeps the |x|^2 - 2 x.c + |c|^2 expansion accurate in float32). Distances are computed in row
+and centring keeps the |x|^2 - 2 x.c + |c|^2 expansion accurate in float32), and scaled by a power of two
+(`scale_exponent`) so that its largest entry is about 1: the objectives are scale-free, scaling by 2^e is
+exact in floating point (the same fit, to the last bit, wherever nothing overflowed before), and squared
+distances of data at 1e19 or 1e-30 no longer overflow to inf or underflow to 0. Distances are computed in row
 chunks whose temporaries hold at most `_BUDGET` elements, so memory stays bounded for any N.
 """
 
@@ -18,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from splinterp.errors import ConfigError, CorruptFileError, DTypeError, NotFittedError, ShapeError
-from splinterp.validation import as_tensor, check_data
+from splinterp.errors import ConfigError, CorruptFileError, DTypeError, NonFiniteError, NotFittedError, ShapeError
+from splinterp.validation import all_finite, as_tensor, check_data
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,44 @@ def chunk_rows(n_cols: int, chunk_size: int | None = None) -> int:
     if chunk_size is not None:
         return max(1, int(chunk_size))
     return max(1, _BUDGET // max(1, n_cols))
+
+
+def scale_exponent(*tensors: torch.Tensor) -> int:
+    """e with max |entry| * 2^-e in [1, 2) over `tensors` (0 if all are zero or empty), clamped so that 2^-e and
+    2^e are normal numbers of the dtype. Multiplying by 2^-e is exact, so it changes no result, only the range."""
+    m = max((float(t.abs().max()) for t in tensors if t.numel()), default=0.0)
+    if m == 0.0 or not math.isfinite(m):
+        return 0
+    lim = math.frexp(torch.finfo(tensors[0].dtype).max)[1] - 2  # 126 for float32, 1022 for float64
+    return max(-lim, min(lim, math.frexp(m)[1] - 1))
+
+
+def times_pow2(t: torch.Tensor, e: int) -> torch.Tensor:
+    """t * 2^e, exact (no rounding) while the result stays in the dtype's normal range; t itself when e == 0."""
+    return t if e == 0 else t * (2.0**e)
+
+
+def scale_back(t: torch.Tensor, e: int) -> tuple[torch.Tensor, bool]:
+    """(t * 2^e, whether that was exact): it is not where results fall among the subnormal numbers (data near
+    1e-40 in float32) or overflow, and then the stored model is not quite the fitted one."""
+    out = times_pow2(t, e)
+    return out, e == 0 or torch.equal(times_pow2(out, -e), t)
+
+
+def times_4_pow(value: float, e: int) -> float:
+    """A sum of squares computed at scale 2^-e, back in the data's units (value * 4^e); inf where the true value
+    exceeds the float64 range (data near 1e200), like any float64 overflow, never an OverflowError."""
+    return value * 2.0**e * 2.0**e
+
+
+def check_sq_norms(x_sq: torch.Tensor, what: str) -> None:
+    """NonFiniteError naming the first row of X whose squared distance to the model overflows its dtype (rows far
+    beyond the fitted data, at the model's scale); a silent inf would give that row an arbitrary region."""
+    if all_finite(x_sq):
+        return
+    row = int((~torch.isfinite(x_sq)).nonzero()[0, 0])
+    raise NonFiniteError(f"X row {row} is so far from the {what} that its squared distance overflows {x_sq.dtype}; "
+                         "encode it in float64 (model.double() and X.double()) or rescale it")
 
 
 def center(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -346,6 +387,10 @@ class ReferenceAE(nn.Module):
         self._fitted = True
         self._dtype = X.dtype
         self._d_in = X.shape[1]
+
+    def _sq_error_sum(self, X: torch.Tensor) -> float:
+        """Sum of squared reconstruction errors of the stored model on X, in float64 (the objective it achieves)."""
+        return float(((X.double() - self.forward(X).double()) ** 2).sum())
 
     # ------------------------------------------------------------------ the autoencoder
     def fit(self, X, **kwargs) -> ReferenceAE:

@@ -20,14 +20,19 @@ from splinterp.errors import ConfigError, DTypeError, ShapeError
 from splinterp.reference._base import (
     ReferenceAE,
     center,
+    check_sq_norms,
     chunk_rows,
     cluster_sums,
     exact_sq_errors,
     kmeans_plusplus,
     nearest_centres,
+    scale_back,
+    scale_exponent,
+    times_4_pow,
+    times_pow2,
     tqdm_disable,
 )
-from splinterp.validation import as_tensor, check_positive_int
+from splinterp.validation import as_tensor, check_dataclass_types, check_device, check_finite, check_positive_int
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +60,8 @@ class KMeansConfig:
     better than Lloyd alone. False gives plain Lloyd k-means (what LocalPCAAE at rank 0 does)."""
 
     def __post_init__(self) -> None:
+        check_dataclass_types(self, "KMeansAE")  # wrong types (seed=1.5, tol="x", progress="yes") before meaning
+        check_device(self.device)
         check_positive_int(self.n_clusters, "n_clusters")
         check_positive_int(self.n_init, "n_init")
         check_positive_int(self.max_iter, "max_iter")
@@ -285,7 +292,8 @@ class KMeansAE(ReferenceAE):
         k = cfg.n_clusters
         if k > N:
             raise ConfigError(f"n_clusters={k} is larger than the number of points N={N}")
-        offset, Xc, x_sq = center(X)
+        e = scale_exponent(X)  # fit on X * 2^-e (exact; squared distances stay finite), scale back at the end
+        offset, Xc, x_sq = center(times_pow2(X, -e))
         tol_abs = float(cfg.tol * Xc.var(0).mean()) if N > 1 else 0.0
         gen = torch.Generator(device=X.device).manual_seed(cfg.seed)
         if init is not None:
@@ -294,7 +302,8 @@ class KMeansAE(ReferenceAE):
                 raise ShapeError(f"init must have shape [n_clusters={k}, d={d}], got {tuple(C0.shape)}")
             if C0.dtype != X.dtype:
                 raise DTypeError(f"init has dtype {C0.dtype} but X has {X.dtype}; convert it explicitly")
-            C0 = (C0 - offset)[None]
+            check_finite(C0, "init")
+            C0 = (times_pow2(C0, -e) - offset)[None]
         elif cfg.init == "k-means++":
             C0 = kmeans_plusplus(Xc, x_sq, k, cfg.n_init, gen)
         else:  # random distinct points
@@ -321,12 +330,15 @@ class KMeansAE(ReferenceAE):
             best_inertia = float(
                 exact_sq_errors(Xc, best_labels, centres, chunk_size=cfg.chunk_size).sum(dtype=torch.float64)
             )
-        self._offset = offset
-        self._centres = centres.contiguous()
+        self._offset, exact_offset = scale_back(offset, e)
+        stored, exact_centres = scale_back(centres, e)
+        self._centres = stored.contiguous()
         self.labels_ = best_labels.contiguous()
-        self.inertia_ = best_inertia
+        self.inertia_ = times_4_pow(best_inertia, e)
         self.n_iter_ = int(n_iter[best])
         self._mark_fitted(X)
+        if not (exact_offset and exact_centres):  # subnormal data: report what the stored centroids achieve
+            self.inertia_ = self._sq_error_sum(X)
         if int(torch.bincount(self.labels_, minlength=k).eq(0).sum()) > 0:
             log.warning("k-means: some clusters are empty at the end (fewer distinct points than n_clusters?)")
         log.info(
@@ -335,8 +347,11 @@ class KMeansAE(ReferenceAE):
         return self
 
     def _labels(self, X: torch.Tensor) -> torch.Tensor:
-        Xc = X - self._offset
-        labels, _ = nearest_centres(Xc, (Xc * Xc).sum(1), self._centres[None], self.cfg.chunk_size)
+        e = scale_exponent(self._offset, self._centres)  # the model's scale, as in fit: same labels, no overflow
+        Xc = times_pow2(X, -e) - times_pow2(self._offset, -e)
+        x_sq = (Xc * Xc).sum(1)
+        check_sq_norms(x_sq, "centroids")
+        labels, _ = nearest_centres(Xc, x_sq, times_pow2(self._centres, -e)[None], self.cfg.chunk_size)
         return labels[0]
 
     def _encode(self, X: torch.Tensor) -> torch.Tensor:

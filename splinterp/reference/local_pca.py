@@ -26,15 +26,20 @@ from splinterp.errors import ConfigError, DTypeError, ShapeError
 from splinterp.reference._base import (
     ReferenceAE,
     center,
+    check_sq_norms,
     chunk_rows,
     cluster_sums,
     exact_sq_errors,
     nearest_centres,
+    scale_back,
+    scale_exponent,
+    times_4_pow,
+    times_pow2,
     top_directions,
     tqdm_disable,
 )
 from splinterp.reference.kmeans import KMeansAE
-from splinterp.validation import as_tensor, check_positive_int
+from splinterp.validation import as_tensor, check_dataclass_types, check_device, check_finite, check_positive_int
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +62,8 @@ class LocalPCAConfig:
     """tqdm bars; None shows them only for big fits."""
 
     def __post_init__(self) -> None:
+        check_dataclass_types(self, "LocalPCAAE")  # wrong types (seed=1.5, tol="x", progress="yes") before meaning
+        check_device(self.device)
         check_positive_int(self.n_regions, "n_regions")
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
             raise ConfigError(f"rank must be an integer >= 0, got {self.rank!r}")
@@ -272,7 +279,8 @@ class LocalPCAAE(ReferenceAE):
             raise ConfigError(f"n_regions={m} is larger than the number of points N={N}")
         if r > d:
             raise ConfigError(f"rank={r} is larger than the data dimension d={d}")
-        offset, Xc, x_sq = center(X)
+        e = scale_exponent(X)  # fit on X * 2^-e (exact; squared errors stay finite), scale back at the end
+        offset, Xc, x_sq = center(times_pow2(X, -e))
         zero_bases = Xc.new_zeros(m, d, r)
         if init is not None:
             M0 = as_tensor(init, "init").to(device=X.device)
@@ -280,7 +288,8 @@ class LocalPCAAE(ReferenceAE):
                 raise ShapeError(f"init must have shape [n_regions={m}, d={d}], got {tuple(M0.shape)}")
             if M0.dtype != X.dtype:
                 raise DTypeError(f"init has dtype {M0.dtype} but X has {X.dtype}; convert it explicitly")
-            starts = [M0 - offset]
+            check_finite(M0, "init")
+            starts = [times_pow2(M0, -e) - offset]
         else:
             starts = []
             for i in range(cfg.n_init):
@@ -293,7 +302,7 @@ class LocalPCAAE(ReferenceAE):
                     chunk_size=cfg.chunk_size,
                     progress=cfg.progress,
                 ).fit(X)
-                starts.append(km.cluster_centers_ - offset)
+                starts.append(times_pow2(km.cluster_centers_, -e) - offset)
         best = None
         for i, M0 in enumerate(starts):
             disable = tqdm_disable(cfg.progress, float(N) * d * m * (1 + r) * 20)
@@ -302,20 +311,28 @@ class LocalPCAAE(ReferenceAE):
             if best is None or out[3] < best[3]:
                 best = out
         means, bases, labels, obj, history, n_iter = best
-        self._offset = offset
-        self._means = means.contiguous()
-        self.bases_ = bases.contiguous()
+        self._offset, exact_offset = scale_back(offset, e)
+        stored, exact_means = scale_back(means, e)
+        self._means = stored.contiguous()
+        self.bases_ = bases.contiguous()  # orthonormal: scale-free
         self.labels_ = labels
-        self.objective_ = obj
-        self.objective_history_ = history
+        self.objective_ = times_4_pow(obj, e)
+        self.objective_history_ = [times_4_pow(v, e) for v in history]
         self.n_iter_ = n_iter
         self._mark_fitted(X)
+        if not (exact_offset and exact_means):  # subnormal data: report what the stored flats achieve
+            self.objective_ = self._sq_error_sum(X)
         return self
 
     # ------------------------------------------------------------------ the autoencoder
     def _assign(self, X: torch.Tensor):
-        Xc = X - self._offset
-        return assign_to_flats(Xc, (Xc * Xc).sum(1), self._means, self.bases_, self.cfg.chunk_size)
+        """(labels, squared errors, coefficients) in X's units, computed at the model's scale as in fit."""
+        e = scale_exponent(self._offset, self._means)
+        Xc = times_pow2(X, -e) - times_pow2(self._offset, -e)
+        x_sq = (Xc * Xc).sum(1)
+        check_sq_norms(x_sq, "region means")
+        labels, err, coefs = assign_to_flats(Xc, x_sq, times_pow2(self._means, -e), self.bases_, self.cfg.chunk_size)
+        return labels, times_pow2(times_pow2(err, e), e), times_pow2(coefs, e)
 
     def _encode(self, X: torch.Tensor) -> torch.Tensor:
         labels, _, coefs = self._assign(X)

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from splinterp.errors import ConfigError
-from splinterp.reference._base import ReferenceAE, center, top_directions
+from splinterp.reference._base import ReferenceAE, center, scale_exponent, times_pow2, top_directions
+from splinterp.validation import check_dataclass_types, check_device
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,8 @@ class PCAConfig:
     chunk_size: int | None = None
 
     def __post_init__(self) -> None:
+        check_dataclass_types(self, "PCAAE")  # wrong types (seed=1.5, tol="x", progress="yes") before meaning
+        check_device(self.device)
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
             raise ConfigError(f"rank must be an integer >= 0, got {self.rank!r}")
 
@@ -84,11 +87,12 @@ class PCAAE(ReferenceAE):
         N, d = X.shape
         if self.cfg.rank > d:
             raise ConfigError(f"rank={self.cfg.rank} is larger than the data dimension d={d}")
-        offset, Xc, _ = center(X)
+        e = scale_exponent(X)  # on X * 2^-e (exact): the float64 scatter matrix of huge data stays finite
+        offset, Xc, _ = center(times_pow2(X, -e))
         U, s = top_directions(Xc, self.cfg.rank, self.cfg.chunk_size)
-        self.mean_ = offset
+        self.mean_ = times_pow2(offset, e)
         self.components_ = U.T.contiguous()
-        self.singular_values_ = s
+        self.singular_values_ = times_pow2(s, e)
         self._n_samples = N
         self._mark_fitted(X)
         log.info(

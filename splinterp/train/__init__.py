@@ -5,14 +5,12 @@
     hist["test_mse"]
 """
 
-from splinterp.train import gated as _gated  # noqa: F401  (registers the gated loss)
-from splinterp.train import jumprelu as _jumprelu  # noqa: F401  (registers the jumprelu loss)
 from splinterp.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from splinterp.train.config import PAMConfig, SGDConfig
 from splinterp.train.decoder import DecoderAccumulator, SparseCodes, solve_decoder
 from splinterp.train.engine import TrainEvent, encoder_parameter_names
 from splinterp.train.history import History
-from splinterp.train.losses import get_loss, register_loss, registered_losses
+from splinterp.train.loss_registry import get_loss, register_loss, registered_losses, unregister_loss
 from splinterp.train.pam import PAMTrainer, train_pam_sgd
 from splinterp.train.sgd import SGDTrainer, train_sgd
 
@@ -20,4 +18,5 @@ __all__ = [
     "DecoderAccumulator", "History", "PAMConfig", "PAMTrainer", "SGDConfig", "SGDTrainer", "SparseCodes",
     "TrainEvent", "encoder_parameter_names", "get_loss", "latest_checkpoint", "list_checkpoints",
     "load_checkpoint", "register_loss", "registered_losses", "solve_decoder", "train_pam_sgd", "train_sgd",
+    "unregister_loss",
 ]

@@ -9,10 +9,15 @@ A checkpoint is a folder ``<checkpoint_dir>/ckpt-e<epochs done>-b<batches done i
 - ``state.json``         counters, configs, the History so far, python's RNG state.
 The folder is built under a temporary name and swapped in whole (`atomic_dir`); ``latest.json`` is then
 rewritten atomically to point at it, so a kill at any moment leaves the previous checkpoint usable.
+
+One writer per checkpoint_dir: a training run holds an OS lock on it from start to end (`hold_checkpoint_dir`),
+and `save_checkpoint` takes the same lock. A second run into the same folder is refused before it trains, and
+the clean-up of temporaries left by killed writers can never delete a live run's checkpoint in the making.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -26,10 +31,11 @@ import numpy as np
 import torch
 
 from splinterp import __version__
-from splinterp.atomic import atomic_dir, write_json
-from splinterp.errors import CorruptFileError, NotAnSAEFolderError
+from splinterp.atomic import FolderLock, atomic_dir, hold_folder, write_json
+from splinterp.errors import CorruptFileError, NotAnSAEFolderError, PathNotFoundError
 from splinterp.io import load as load_sae_folder
 from splinterp.io import save as save_sae_folder
+from splinterp.validation import read_json
 
 log = logging.getLogger(__name__)
 
@@ -70,25 +76,38 @@ def restore_rng(tensors: dict[str, Any], meta: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------- write
+def hold_checkpoint_dir(checkpoint_dir: str | Path | None) -> FolderLock | contextlib.nullcontext:
+    """Lock `checkpoint_dir` for a training run (a no-op for None): create it, refuse a file or an unwritable
+    folder, and refuse a second writer (`FolderInUseError` naming the holder's pid). Hold it from before the
+    first epoch to the end, so every refusal comes before any training."""
+    if checkpoint_dir is None:
+        return contextlib.nullcontext()
+    return hold_folder(checkpoint_dir, name="checkpoint_dir", purpose="writing training checkpoints")
+
+
 def save_checkpoint(checkpoint_dir: str | Path, sae, tensors: dict[str, Any], state: dict[str, Any],
                     keep: int = 2) -> Path:
-    """Write one checkpoint folder atomically, point latest.json at it, drop all but the `keep` newest."""
+    """Write one checkpoint folder atomically, point latest.json at it, drop all but the `keep` newest.
+
+    Holds the checkpoint_dir lock while it writes (re-entrant: a run that holds it already just continues).
+    """
     checkpoint_dir = Path(checkpoint_dir)
     name = checkpoint_name(state["epoch"], state["batch"])
     state = {"format": FORMAT_VERSION, "splinterp_version": __version__, **state}
-    # temporary folders / files left by a writer that was killed mid-write (atomic_dir / atomic_path names)
-    if checkpoint_dir.is_dir():
+    with hold_checkpoint_dir(checkpoint_dir):
+        # temporary folders / files left by a writer that was killed mid-write (atomic_dir / atomic_path names);
+        # under the lock no live writer can own them
         for junk in [*checkpoint_dir.glob(".ckpt-*.tmp"), *checkpoint_dir.glob(".ckpt-*.old"),
                      *checkpoint_dir.glob(f".{LATEST}.*.tmp")]:
             shutil.rmtree(junk, ignore_errors=True) if junk.is_dir() else junk.unlink(missing_ok=True)
-    with atomic_dir(checkpoint_dir / name) as tmp:
-        save_sae_folder(sae, tmp / SAE_DIR)
-        torch.save(tensors, tmp / STATE_PT)
-        (tmp / STATE_JSON).write_text(json.dumps(state) + "\n")
-    write_json(checkpoint_dir / LATEST, {"checkpoint": name, "epoch": state["epoch"], "batch": state["batch"],
-                                         "step": state["step"]})
-    for old in list_checkpoints(checkpoint_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        with atomic_dir(checkpoint_dir / name) as tmp:
+            save_sae_folder(sae, tmp / SAE_DIR)
+            torch.save(tensors, tmp / STATE_PT)
+            (tmp / STATE_JSON).write_text(json.dumps(state) + "\n")
+        write_json(checkpoint_dir / LATEST, {"checkpoint": name, "epoch": state["epoch"], "batch": state["batch"],
+                                             "step": state["step"]})
+        for old in list_checkpoints(checkpoint_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
     log.info("checkpoint written: %s", checkpoint_dir / name)
     return checkpoint_dir / name
 
@@ -112,10 +131,10 @@ def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
     pointer = d / LATEST
     if pointer.exists():
         try:
-            target = d / json.loads(pointer.read_text())["checkpoint"]
+            target = d / read_json(pointer)["checkpoint"]
             if target.is_dir():
                 return target
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        except (CorruptFileError, KeyError, TypeError):
             log.warning("%s is unreadable; looking for checkpoint folders instead", pointer)
     found = list_checkpoints(d)
     return found[-1] if found else None
@@ -140,16 +159,16 @@ def resolve_checkpoint(path: str | Path) -> Path:
         found = latest_checkpoint(p)
         if found is not None:
             return found
-    raise FileNotFoundError(f"no training checkpoint at {p} (expected a folder with {STATE_JSON}, or a "
-                            f"checkpoint_dir holding {LATEST})")
+    raise PathNotFoundError(f"no training checkpoint at {p} (resume_from / checkpoint_dir: expected a folder with "
+                            f"{STATE_JSON}, or a checkpoint_dir holding {LATEST})")
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
     """Read a checkpoint folder; CorruptFileError if any part is missing or unreadable."""
     p = resolve_checkpoint(path)
     try:
-        state = json.loads((p / STATE_JSON).read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        state = read_json(p / STATE_JSON)
+    except OSError as e:
         raise CorruptFileError(f"{p / STATE_JSON} is unreadable: {e}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         raise CorruptFileError(f"{p / STATE_JSON}: not a splinterp checkpoint of format {FORMAT_VERSION}")

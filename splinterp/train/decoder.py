@@ -18,13 +18,22 @@ Only these sufficient statistics are needed, so they are accumulated over batche
 (`DecoderAccumulator`) and the solve is exact however the data are split. Sparse codes (k non-zeros per
 row) make G cost O(N k^2) by scattering the k x k outer products instead of O(N d_sae^2) by a dense
 matmul; S_zx costs O(N k d_in). Statistics are kept in float64: G's condition number is the square of Z's.
+
+Weight scales (`scale=`): "absolute" takes alpha, beta, mu, nu as the numbers in the objective above.
+"relative" reads them in units of the problem: alpha and mu are multiplied by g = trace(G) / d_sae (the
+data weight sum_r z_ri^2 of an average latent), beta and nu by N (the data weight of the bias). Then the
+step is equivariant under rescaling: for any c != 0 and s, codes c Z, data s X and anchors (s/c) W_prev,
+s b_prev give (s/c) W and s b, because every term of the objective scales by s^2 (g by c^2). With c = s:
+the same W and a b scaled by c. In absolute units the same ridge means more or less depending on the
+scale of the codes, which is how a fixed 1e-6 ridge can be negligible on one data set and not on another.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
+import threading
 from dataclasses import dataclass
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -41,14 +50,20 @@ _MAX_COND = 1e13
 
 _SPLIT_MIN_ROWS = 4096
 _SPLIT_MAX_BYTES = 1 << 30
-_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+WORKER_THREAD_NAME = "splinterp-decoder"
+"""Name of the helper thread that scatters half of a large CPU batch; it lives only during that update."""
+
+Scale = Literal["absolute", "relative"]
+SCALES = ("absolute", "relative")
 
 
-def _worker() -> concurrent.futures.ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None:
-        _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="splinterp-decoder")
-    return _POOL
+class DecoderWeights(NamedTuple):
+    """The weights of the decoder objective in absolute units (the numbers the solve uses)."""
+
+    alpha: float
+    beta: float
+    mu: float
+    nu: float
 
 
 def _scatter_sparse(bufs: tuple[torch.Tensor, ...], vals: torch.Tensor, idx: torch.Tensor, X: torch.Tensor) -> None:
@@ -247,9 +262,24 @@ class DecoderAccumulator:
             self._aux = tuple(torch.zeros_like(t) for t in main)
         h = n // 2
         if torch.get_num_threads() > 1:
-            job = _worker().submit(_scatter_sparse, self._aux, vals[h:], idx[h:], X[h:])
-            _scatter_sparse(main, vals[:h], idx[:h], X[:h])
-            job.result()
+            # a thread scoped to this call (no pool outlives it); starting one costs microseconds, the
+            # scatter of >= 2048 rows milliseconds
+            err: list[BaseException] = []
+
+            def second_half() -> None:
+                try:
+                    _scatter_sparse(self._aux, vals[h:], idx[h:], X[h:])
+                except BaseException as e:  # re-raised in the caller's thread below
+                    err.append(e)
+
+            t = threading.Thread(target=second_half, name=WORKER_THREAD_NAME, daemon=True)
+            t.start()
+            try:
+                _scatter_sparse(main, vals[:h], idx[:h], X[:h])
+            finally:
+                t.join()
+            if err:
+                raise err[0]
         else:
             _scatter_sparse(main, vals[:h], idx[:h], X[:h])
             _scatter_sparse(self._aux, vals[h:], idx[h:], X[h:])
@@ -262,31 +292,51 @@ class DecoderAccumulator:
             self._aux = None
 
     # ------------------------------------------------------------------ solve
+    def latent_energy(self) -> float:
+        """g = trace(G) / d_sae = sum_r |z_r|^2 / d_sae: the data weight of an average latent in the
+        objective (the unit of alpha and mu under scale="relative")."""
+        self._fold()
+        return float(2.0 * self._P.diagonal().sum() + self._g_diag.sum()) / self.d_sae
+
+    def weights(self, alpha: float = 0.0, beta: float = 0.0, mu: float = 0.0, nu: float = 0.0,
+                scale: Scale = "absolute") -> DecoderWeights:
+        """The objective's weights in absolute units: as given ("absolute"), or alpha, mu times
+        `latent_energy()` and beta, nu times N ("relative"; see the module docstring)."""
+        for name, v in (("alpha", alpha), ("beta", beta), ("mu", mu), ("nu", nu)):
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0 or v == float("inf"):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {v!r}")
+        if scale not in SCALES:
+            raise ConfigError(f"scale must be one of {SCALES}, got {scale!r}")
+        if scale == "absolute":
+            return DecoderWeights(float(alpha), float(beta), float(mu), float(nu))
+        g, n = self.latent_energy(), float(self.n)
+        return DecoderWeights(float(alpha) * g, float(beta) * n, float(mu) * g, float(nu) * n)
+
     def solve(self, alpha: float = 0.0, beta: float = 0.0, mu: float = 0.0, nu: float = 0.0,
               W_prev: torch.Tensor | None = None, b_prev: torch.Tensor | None = None,
-              out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact joint minimiser (W_dec [d_sae, d_in], b_dec [d_in]) of the accumulated problem.
+              out_dtype: torch.dtype | None = None, *, scale: Scale = "absolute") -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact joint minimiser (W_dec [d_sae, d_in], b_dec [d_in]) of the accumulated problem, with the
+        weights read in `scale` units (see `weights`).
 
         Latents that never fired carry no data term: with alpha + mu = 0 their rows are undetermined, so
         they keep W_prev's row (zero without W_prev) and the rest is solved exactly. A system that is
         still singular or badly conditioned falls back to an eigendecomposition (minimum-norm solution)
         with a logged warning.
         """
-        for name, v in (("alpha", alpha), ("beta", beta), ("mu", mu), ("nu", nu)):
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0 or v == float("inf"):
-                raise ConfigError(f"{name} must be a finite number >= 0, got {v!r}")
         self._fold()
         if self.n == 0:
             raise EmptyDataError("the decoder accumulator has seen no rows; cannot solve")
         if not (all_finite(self._s_z) and all_finite(self._g_diag)):
             raise NonFiniteError("the codes contain NaN or inf (an encoder that diverged?); cannot solve")
+        asked = (alpha, beta, mu, nu)
+        alpha, beta, mu, nu = self.weights(alpha, beta, mu, nu, scale)
         d, n_in = self.d_sae, self.d_in
         out_dtype = out_dtype or torch.float32
         Wp = _check_prev(W_prev, (d, n_in), "W_prev", self.device, self.dtype)
         bp = _check_prev(b_prev, (n_in,), "b_prev", self.device, self.dtype)
-        if mu > 0 and Wp is None:
+        if asked[2] > 0 and Wp is None:
             raise ConfigError("mu > 0 pulls W_dec towards W_prev, which was not given")
-        if nu > 0 and bp is None:
+        if asked[3] > 0 and bp is None:
             raise ConfigError("nu > 0 pulls b_dec towards b_prev, which was not given")
 
         ridge = float(alpha) + float(mu)
@@ -353,9 +403,10 @@ def _spd_solve(M: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
 def solve_decoder(Z: torch.Tensor | SparseCodes, X: torch.Tensor, alpha: float = 0.0, beta: float = 0.0,
                   mu: float = 0.0, nu: float = 0.0, W_prev: torch.Tensor | None = None,
                   b_prev: torch.Tensor | None = None, *, method: str = "auto",
-                  batch_size: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+                  batch_size: int = 65536, scale: Scale = "absolute") -> tuple[torch.Tensor, torch.Tensor]:
     """Exact joint minimiser (W_dec [d_sae, d_in], b_dec [d_in]) of
-    sum_r |x_r - z_r W - b|^2 + alpha|W|^2 + beta|b|^2 + mu|W - W_prev|^2 + nu|b - b_prev|^2.
+    sum_r |x_r - z_r W - b|^2 + alpha|W|^2 + beta|b|^2 + mu|W - W_prev|^2 + nu|b - b_prev|^2,
+    the weights read in `scale` units ("absolute": as given; "relative": see the module docstring).
 
     Z: dense [N, d_sae], a torch sparse tensor, or `SparseCodes` (values/indices [N, k]). Computed in
     float64 and returned in X's dtype. `method`: "sparse" (scatter, O(N k^2)), "dense" (BLAS Gram matrix)
@@ -376,4 +427,4 @@ def solve_decoder(Z: torch.Tensor | SparseCodes, X: torch.Tensor, alpha: float =
     acc = DecoderAccumulator(d_sae, X.shape[1], device=X.device, method=method)
     for s in range(0, X.shape[0], batch_size):
         acc.update(Z[s:s + batch_size], X[s:s + batch_size])
-    return acc.solve(alpha, beta, mu, nu, W_prev, b_prev, out_dtype=X.dtype)
+    return acc.solve(alpha, beta, mu, nu, W_prev, b_prev, out_dtype=X.dtype, scale=scale)

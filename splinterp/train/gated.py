@@ -14,7 +14,7 @@ weighted by the decoder row norms so shrinking the gate while growing the decode
 Scale: mse here is the mean over all elements (as every splinterp loss); the paper sums over the d_in
 coordinates, so the paper's lambda equals d_in * l1_coefficient. Settings: `cfg.l1_coefficient`, and
 `cfg.loss_kwargs["gated_aux_coefficient"]` (default 1, the paper's).
-Registered as the loss of architecture "gated" on import (`import splinterp.train.gated`).
+The loss of architecture "gated" (`splinterp.train.loss_registry.BUILTIN_LOSSES`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from splinterp.train.losses import loss_kwargs, reconstruction_mse, register_loss
+from splinterp.train.losses import loss_kwargs, reconstruction_mse
 
 
 def gated_paths(sae: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,5 +49,3 @@ def gated_loss(sae: Any, x: torch.Tensor, cfg: Any) -> tuple[torch.Tensor, dict[
     return loss, {"mse": mse.detach(), "l1": l1.detach(), "aux": aux.detach(),
                   "l0": (f > 0).sum(-1).float().mean().detach()}
 
-
-register_loss("gated", gated_loss)

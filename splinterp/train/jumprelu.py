@@ -23,7 +23,7 @@ Choices (documented because they decide whether JumpReLU trains at all):
   scale it to about 0.001 * s.
 - l0_coefficient: `cfg.loss_kwargs["l0_coefficient"]` if given, else `cfg.l1_coefficient` (the trainers'
   one sparsity knob). As mse is the mean over elements, the paper's lambda equals d_in * l0_coefficient.
-Registered as the loss of architecture "jumprelu" on import (`import splinterp.train.jumprelu`).
+The loss of architecture "jumprelu" (`splinterp.train.loss_registry.BUILTIN_LOSSES`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from splinterp.errors import ConfigError
-from splinterp.train.losses import loss_kwargs, reconstruction_mse, register_loss
+from splinterp.train.losses import loss_kwargs, reconstruction_mse
 
 DEFAULT_BANDWIDTH = 1e-3
 
@@ -104,5 +104,3 @@ def jumprelu_loss(sae: Any, x: torch.Tensor, cfg: Any) -> tuple[torch.Tensor, di
     loss = mse + coef * l0 if coef else mse
     return loss, {"mse": mse.detach(), "l0": l0.detach()}
 
-
-register_loss("jumprelu", jumprelu_loss)

@@ -1,17 +1,16 @@
-"""Training losses, looked up by architecture in a small open registry.
+"""The built-in training losses and the pieces custom losses share.
 
 A loss is ``fn(sae, x, cfg) -> (loss, parts)``: `loss` a scalar tensor to back-propagate, `parts` a dict of
 named pieces for logging (floats or 0-dim tensors; the trainers average them over an epoch). `cfg` is the
 trainer config; architecture-specific settings travel in ``cfg.loss_kwargs`` (a free dict), so a new loss
-(the Gated SAE auxiliary loss, a JumpReLU straight-through L0 loss, ...) needs no change to the trainers:
-
-    from splinterp.train.losses import register_loss
-    register_loss("gated", my_gated_loss)
+needs no change to the trainers. Which loss trains which architecture is decided in one place,
+`splinterp.train.loss_registry` (the built-in table, and `register_loss` for your own).
 
 Built-in conventions: mse is the mean over all elements of (x - x_hat)^2 (the paper's scripts, and
 `splinterp.metrics.mse`); the ReLU sparsity term is l1_coefficient * mean_r sum_i |z_ri|, optionally with
 each |z_i| weighted by |W_dec[i]| (``loss_kwargs={"l1_decoder_norm": True}``, SAELens's standard SAE), which
-stops the trivial "shrink the code, grow the decoder" escape from the penalty.
+stops the trivial "shrink the code, grow the decoder" escape from the penalty. x_hat and the code come from
+the model's own pass (`SAE.reconstruct`), never re-assembled here.
 """
 
 from __future__ import annotations
@@ -22,37 +21,8 @@ from typing import Any
 import torch
 
 from splinterp import kernels
-from splinterp.errors import ConfigError
 
 LossFn = Callable[[Any, torch.Tensor, Any], tuple[torch.Tensor, dict[str, Any]]]
-
-_REGISTRY: dict[str, LossFn] = {}
-
-
-def register_loss(architecture: str, fn: LossFn, *, overwrite: bool = False) -> None:
-    """Make `fn` the training loss of SAEs with this architecture."""
-    if not isinstance(architecture, str) or not architecture:
-        raise ConfigError(f"architecture must be a non-empty string, got {architecture!r}")
-    if not callable(fn):
-        raise ConfigError(f"loss for {architecture!r} must be callable, got {type(fn).__name__}")
-    if architecture in _REGISTRY and not overwrite and _REGISTRY[architecture] is not fn:
-        raise ConfigError(f"a loss is already registered for {architecture!r}; pass overwrite=True to replace it")
-    _REGISTRY[architecture] = fn
-
-
-def get_loss(architecture: str) -> LossFn:
-    """The registered loss of `architecture`; ConfigError naming the registered ones otherwise."""
-    try:
-        return _REGISTRY[architecture]
-    except KeyError:
-        raise ConfigError(
-            f"no training loss registered for architecture {architecture!r} (registered: {sorted(_REGISTRY)}); "
-            "register one with splinterp.train.losses.register_loss"
-        ) from None
-
-
-def registered_losses() -> list[str]:
-    return sorted(_REGISTRY)
 
 
 def loss_kwargs(cfg: Any) -> dict[str, Any]:
@@ -65,19 +35,16 @@ def reconstruction_mse(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.mse_loss(x_hat, x)
 
 
-def encode_decode(sae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(x_hat, code values, code indices or None) through the SAE's sparse kernels when it has them
-    (TopK: cost B*k*d_in instead of B*d_sae*d_in), else the dense code."""
-    a, idx = sae._code(x)
-    if idx is None:
-        return a @ sae.W_dec + sae.b_dec, a, None
-    return kernels.decode(a, idx, sae.W_dec, sae.b_dec), a, idx
+def reconstruction_loss(sae, x: torch.Tensor):
+    """(mse, the `Reconstruction` it was computed from): the one piece every reconstruction loss starts with,
+    for callers that need the code as well (AuxK's dead-latent counters, the L1 term)."""
+    rec = sae.reconstruct(x)
+    return reconstruction_mse(x, rec.x_hat), rec
 
 
 def mse_loss(sae, x: torch.Tensor, cfg: Any) -> tuple[torch.Tensor, dict[str, Any]]:
     """Plain reconstruction loss (TopK SAEs: sparsity comes from the activation)."""
-    x_hat, _, _ = encode_decode(sae, x)
-    m = reconstruction_mse(x, x_hat)
+    m, _ = reconstruction_loss(sae, x)
     return m, {"mse": m.detach()}
 
 
@@ -102,18 +69,13 @@ def auxk_loss(sae, x: torch.Tensor, x_hat: torch.Tensor, dead: torch.Tensor, aux
 
 def relu_l1_loss(sae, x: torch.Tensor, cfg: Any) -> tuple[torch.Tensor, dict[str, Any]]:
     """mse + l1_coefficient * mean_r sum_i |z_ri| (optionally times |W_dec[i]|)."""
-    x_hat, a, idx = encode_decode(sae, x)
-    m = reconstruction_mse(x, x_hat)
+    m, rec = reconstruction_loss(sae, x)
     coef = float(getattr(cfg, "l1_coefficient", 0.0) or 0.0)
-    mag = a.abs()
+    mag = rec.values.abs()
     if loss_kwargs(cfg).get("l1_decoder_norm", False):
         norms = sae.W_dec.norm(dim=1)
-        mag = mag * (norms if idx is None else norms[idx])
+        mag = mag * (norms[rec.indices] if rec.is_sparse else norms)
     l1 = mag.sum(-1).mean()
     loss = m + coef * l1 if coef else m
     return loss, {"mse": m.detach(), "l1": l1.detach()}
 
-
-register_loss("relu", relu_l1_loss)
-register_loss("topk", mse_loss)
-register_loss("topk_abs", mse_loss)

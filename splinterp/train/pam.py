@@ -60,7 +60,7 @@ class PAMTrainer(Trainer):
             acc.update(SparseCodes(vals, idx, sae.cfg.d_sae), x, check=False)  # data validated up front
         self.reduce_decoder_statistics(acc)
         W, b = acc.solve(c.alpha, c.beta, c.mu_dec, c.nu_dec, W_prev=sae.W_dec, b_prev=sae.b_dec,
-                         out_dtype=sae.dtype)
+                         out_dtype=sae.dtype, scale=c.decoder_scale)
         sae.W_dec.copy_(W)
         sae.b_dec.copy_(b)
 

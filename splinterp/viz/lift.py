@@ -121,7 +121,8 @@ def lift_scene(pd, bounds, K: float | None = None, n_probes: int = 3, seed: int 
     d2 = ((probes[:, None, :] - lifted[None, :, :2]) ** 2).sum(-1) + lifted[None, :, 2] ** 2
     nearest = d2.argmin(1)
     # the exactness the picture claims: nearest lifted site == power cell of the probe
-    assert np.array_equal(nearest, pd.keys(probes)[:, 0]), "lifted nearest site disagrees with the power cell"
+    if not np.array_equal(nearest, pd.keys(probes)[:, 0]):  # would draw a false picture: a bug, not bad input
+        raise RuntimeError("the lifted nearest site disagrees with the power cell of a probe point")
     return {"K": K, "lifted": lifted, "cells3d": cells3d, "cells": cells, "probes": probes, "nearest": nearest,
             "top": top}
 

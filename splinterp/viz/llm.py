@@ -59,12 +59,11 @@ def points_from_cache(cache, layer: int, n: int = 3000, split: str | None = "tes
     X = cache.load(layer, split=split)
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(X.shape[0], generator=g)[: min(n, X.shape[0])].sort().values
-    try:
-        toks_all = cache.token_strings(split)
-        text_ids = cache.text_ids(split)
-        pos = cache.positions(split)
-    except Exception:  # noqa: BLE001 - a cache without token strings still gets a picture
+    if not (cache.folder / "vocab.json").is_file():  # a cache without token strings still gets a picture
         return X[pick], [f"#{int(i)}" for i in pick], ["" for _ in pick]
+    toks_all = cache.token_strings(split)
+    text_ids = cache.text_ids(split)
+    pos = cache.positions(split)
     toks = [toks_all[i] for i in pick.tolist()]
     ctx = []
     for i in pick.tolist():

@@ -8,15 +8,34 @@ from the plotly CDN (tiny files, needs network to view).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from splinterp.atomic import write_text, write_with
+from splinterp.errors import ConfigError
 
 PLOTLYJS_MODES = ("directory", "inline", "cdn")
 PLOTLY_BUNDLE = "plotly.min.js"
 DEFAULT_PLOTLYJS = "directory"
-"""Mode used when `write_html` gets plotlyjs=None (`splinterp reproduce --plotlyjs` sets it)."""
+"""Mode used when `write_html` gets plotlyjs=None outside a `plotlyjs_mode` block."""
+_MODE: contextvars.ContextVar[str | None] = contextvars.ContextVar("splinterp_plotlyjs", default=None)
+
+
+@contextlib.contextmanager
+def plotlyjs_mode(mode: str | None) -> Iterator[None]:
+    """`write_html(..., plotlyjs=None)` inside the block uses `mode` (None: unchanged). Scoped to the block
+    and the current thread/task, so no module default is ever changed."""
+    if mode is not None and mode not in PLOTLYJS_MODES:
+        raise ConfigError(f"plotlyjs must be one of {PLOTLYJS_MODES}, got {mode!r}")
+    token = _MODE.set(mode) if mode is not None else None
+    try:
+        yield
+    finally:
+        if token is not None:
+            _MODE.reset(token)
 
 
 def save_png(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
@@ -28,10 +47,10 @@ def save_png(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
 
 def write_html(fig, path: str | os.PathLike, plotlyjs: str | None = None) -> Path:
     """Save a plotly figure as a standalone HTML page, atomically (see the module doc for `plotlyjs`;
-    None means `DEFAULT_PLOTLYJS`)."""
-    plotlyjs = plotlyjs or DEFAULT_PLOTLYJS
+    None means the mode of the enclosing `plotlyjs_mode` block, else `DEFAULT_PLOTLYJS`)."""
+    plotlyjs = plotlyjs or _MODE.get() or DEFAULT_PLOTLYJS
     if plotlyjs not in PLOTLYJS_MODES:
-        raise ValueError(f"plotlyjs must be one of {PLOTLYJS_MODES}, got {plotlyjs!r}")
+        raise ConfigError(f"plotlyjs must be one of {PLOTLYJS_MODES}, got {plotlyjs!r}")
     path = Path(path)
     page = fig.to_html(include_plotlyjs={"inline": True}.get(plotlyjs, plotlyjs), full_html=True)
     if plotlyjs == "directory":

@@ -59,7 +59,8 @@ def pixel_centers(bounds: Sequence[float], shape: tuple[int, int]) -> np.ndarray
         raise ValueError(f"a raster needs at least 2 x 2 pixels, got shape {shape}")
     hx, hy = 0.5 * (xmax - xmin) / W, 0.5 * (ymax - ymin) / H
     pts, grid_shape = make_grid((xmin + hx, xmax - hx, ymin + hy, ymax - hy), (W, H), dtype=torch.float64)
-    assert grid_shape == (H, W)
+    if tuple(grid_shape) != (H, W):  # make_grid's layout changed under us: a bug, not bad input
+        raise RuntimeError(f"make_grid returned a {tuple(grid_shape)} grid for a {(H, W)} raster")
     return pts.numpy()
 
 
