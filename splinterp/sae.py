@@ -34,6 +34,7 @@ torch.topk picks from the same scores) and its active sets equal the library's o
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
@@ -45,7 +46,9 @@ from splinterp.errors import ConfigError, CorruptFileError, NonFiniteError, Shap
 from splinterp.sae_state import DTYPES, check_tensors, dtype_name, expected_shapes, state_from_weights
 from splinterp.validation import check_batch, check_dataclass_types, check_finite
 
-ARCHITECTURES = ("relu", "topk", "topk_abs", "jumprelu", "gated")
+Architecture = Literal["relu", "topk", "topk_abs", "jumprelu", "gated"]
+DType = Literal["float32", "float64", "float16", "bfloat16"]
+ARCHITECTURES = typing.get_args(Architecture)
 SCORE_ORDERS = ("matmul", "linear")
 RESHAPES = ("none", "hook_z")
 TOPK_ARCHITECTURES = ("topk", "topk_abs")
@@ -56,8 +59,11 @@ class SAEConfig:
     """Everything needed to rebuild an SAE. Field names follow SAELens where SAELens has the field."""
 
     d_in: int
+    """Input width: the activation size the SAE reads (e.g. the model's d_model at the hook)."""
     d_sae: int
-    architecture: str = "topk"
+    """Dictionary size: the number of latents."""
+    architecture: Architecture = "topk"
+    """Selection rule: relu, topk (TopK then ReLU), topk_abs (signed top-|u|), jumprelu or gated."""
     k: int | None = None
     """Number of active latents (topk and topk_abs only)."""
     tied: bool = False
@@ -65,9 +71,13 @@ class SAEConfig:
     apply_b_dec_to_input: bool = False
     """Encode x - b_dec instead of x (SAELens option)."""
     seed: int = 0
-    dtype: str = "float32"
+    """Seed of the initial weights (a private generator; the global RNG is never touched)."""
+    dtype: DType = "float32"
+    """Parameter dtype; float16/bfloat16 SAEs train in mixed precision (see SGDConfig)."""
     device: str = "cpu"
+    """Device of the parameters ("cpu", "cuda", "cuda:1", "mps")."""
     jumprelu_init_threshold: float = 0.001
+    """Initial threshold theta of every latent (jumprelu only)."""
     metadata: dict[str, Any] = field(default_factory=dict)
     """Free-form provenance: model_name, hook_name, layers, ... (SAELens `metadata`)."""
     score_order: Literal["matmul", "linear"] = "matmul"

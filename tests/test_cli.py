@@ -344,7 +344,9 @@ def test_train_bad_args(tmp_path, capsys):
     assert "pam_sgd" in capsys.readouterr().err
     assert main(base) == 2
     assert "--k" in capsys.readouterr().err
-    assert main(base + ["--architecture", "softmax"]) == 2
+    with pytest.raises(SystemExit) as exit_:  # argparse: the Literal type of SAEConfig.architecture
+        main(base + ["--architecture", "softmax"])
+    assert exit_.value.code == 2 and "choose from 'relu', 'topk'" in capsys.readouterr().err
     assert main(base + ["--k", "2", "--epochs", "-1"]) == 2
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "f").write_text("x")
@@ -407,6 +409,17 @@ def test_help_lists_the_allowed_values_of_choices(capsys):
         main(["train", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "--method {sgd,pam_sgd}" in out and "One of: sgd, pam_sgd" in out
+    # every closed set of a config field is listed, from the field's Literal type (checked against the
+    # constants the configs validate with)
+    from splinterp.sae import ARCHITECTURES
+    from splinterp.train.config import OPTIMIZERS, ORDERS
+
+    for flag, values in [("--architecture", ARCHITECTURES), ("--optimizer", OPTIMIZERS), ("--order", ORDERS),
+                         ("--dtype", ("float32", "float64", "float16", "bfloat16")),
+                         ("--decoder-method", ("auto", "sparse", "dense")), ("--grad-clip-scope", ("encoder", "all")),
+                         ("--decoder-scale", ("relative", "absolute"))]:
+        assert f"{flag} {{{','.join(values)}}}" in out, flag
+    assert "--score-order" not in out and "--w-enc-layout" not in out  # interop fields, set by the loaders
 
 
 def _npy(tmp_path, X, name="x.npy"):

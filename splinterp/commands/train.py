@@ -291,8 +291,10 @@ def _train_groups() -> tuple[FlagGroup, ...]:
     from splinterp.sae import SAEConfig
     from splinterp.train import PAMConfig
 
-    return (FlagGroup("model (SAEConfig)", SAEConfig, "sae", frozenset({"d_in", "d_sae", "seed", "device",
-                                                                         "metadata"})),
+    # the interop fields (score rounding, memory layout, tie rule, hook_z shapes) are set by the loaders
+    interop = {"score_order", "w_enc_layout", "topk_ties", "reshape_activations"}
+    return (FlagGroup("model (SAEConfig)", SAEConfig, "sae",
+                      frozenset({"d_in", "d_sae", "seed", "device", "metadata", *interop})),
             FlagGroup("training (SGDConfig; the PAMConfig ones need --method pam_sgd)", PAMConfig, "training",
                       frozenset({"seed", "device", "progress", "loss_kwargs"})))
 

@@ -11,7 +11,9 @@ on MNIST this makes the fit a little better than scikit-learn's at the same n_in
 from __future__ import annotations
 
 import logging
+import typing
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -36,21 +38,27 @@ from splinterp.validation import as_tensor, check_dataclass_types, check_device,
 
 log = logging.getLogger(__name__)
 
-INITS = ("k-means++", "random")
+Init = Literal["k-means++", "random"]
+INITS = typing.get_args(Init)
 
 
 @dataclass
 class KMeansConfig:
     n_clusters: int
+    """Number of centroids (= regions of the k-means autoencoder)."""
     n_init: int = 10
     """Independent restarts; the one with the lowest inertia is kept."""
     max_iter: int = 300
+    """Most Lloyd iterations per restart."""
     tol: float = 1e-4
     """Stop when the total squared centroid shift is <= tol * mean feature variance (scikit-learn's rule),
     or when no label changes."""
-    init: str = "k-means++"
+    init: Init = "k-means++"
+    """Seeding of the centroids: "k-means++" (D^2 sampling) or "random" rows."""
     seed: int = 0
+    """Seed of the restarts (a private generator; the global RNG is never touched)."""
     device: str = "cpu"
+    """Device the fit runs on."""
     chunk_size: int | None = None
     """Rows per distance chunk; None picks one that keeps temporaries under 64 MiB."""
     progress: bool | None = None

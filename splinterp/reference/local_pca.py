@@ -47,17 +47,25 @@ log = logging.getLogger(__name__)
 @dataclass
 class LocalPCAConfig:
     n_regions: int
+    """Number of regions (clusters), each with its own affine piece."""
     rank: int
+    """Dimension of each region's PCA subspace (0: k-means)."""
     n_init: int = 1
     """Restarts, restart i initialised from KMeansAE(seed=seed + i); the lowest objective is kept."""
     max_iter: int = 100
+    """Most alternations of assignment and per-region PCA."""
     tol: float = 1e-6
     """Stop when no label changes or the objective falls by <= tol * objective in one iteration."""
     kmeans_n_init: int = 10
+    """Restarts of the k-means that initialises the regions."""
     kmeans_max_iter: int = 300
+    """Most Lloyd iterations of that k-means."""
     seed: int = 0
+    """Seed of the k-means initialisation (a private generator)."""
     device: str = "cpu"
+    """Device the fit runs on."""
     chunk_size: int | None = None
+    """Rows per distance chunk; None picks one that keeps temporaries under 64 MiB."""
     progress: bool | None = None
     """tqdm bars; None shows them only for big fits."""
 

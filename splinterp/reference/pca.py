@@ -22,10 +22,13 @@ log = logging.getLogger(__name__)
 @dataclass
 class PCAConfig:
     rank: int
+    """Number of principal components kept."""
     seed: int = 0
     """Unused (PCA is exact and deterministic); kept so every reference AE takes a seed."""
     device: str = "cpu"
+    """Device the fit runs on."""
     chunk_size: int | None = None
+    """Rows per chunk of the scatter-matrix pass; None picks one that keeps temporaries under 64 MiB."""
 
     def __post_init__(self) -> None:
         check_dataclass_types(self, "PCAAE")  # wrong types (seed=1.5, tol="x", progress="yes") before meaning

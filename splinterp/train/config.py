@@ -13,14 +13,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from splinterp.errors import ConfigError
 from splinterp.train.decoder import SCALES
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
-ORDERS = ("encoder_first", "decoder_first")
+Optimizer = Literal["adam", "adamw", "sgd"]
+Order = Literal["encoder_first", "decoder_first"]
+ClipScope = Literal["encoder", "all"]
+DecoderMethod = Literal["auto", "sparse", "dense"]
+OPTIMIZERS = typing.get_args(Optimizer)
+ORDERS = typing.get_args(Order)
 
 # fields that may change between a checkpoint and its resumption without changing the trajectory
 RESUME_MUTABLE = frozenset({
@@ -50,28 +55,36 @@ class SGDConfig:
     """
 
     epochs: int = 10
+    """Passes over the training data (0: only evaluate)."""
     batch_size: int = 128
+    """Rows per mini-batch."""
     lr: float = 1e-3
-    optimizer: str = "adam"
+    """Learning rate of the optimiser."""
+    optimizer: Optimizer = "adam"
     """"adam" (coupled L2 weight decay, as torch.optim.Adam), "adamw" (decoupled) or "sgd"; torch's fused
     implementation where it has one for the device (the same update, fewer passes over memory)."""
     weight_decay: float = 0.0
+    """Weight decay of the optimiser (L2 for adam and sgd, decoupled for adamw)."""
     l1_coefficient: float = 0.0
     """Sparsity penalty weight of the relu loss (ignored by TopK losses)."""
     sgd_updates_per_batch: int = 1
     """Optimiser steps taken on each mini-batch before moving to the next."""
     grad_clip: float | None = None
     """Clip the gradient norm of the clipped parameters (see grad_clip_scope) to this value."""
-    grad_clip_scope: str = "encoder"
+    grad_clip_scope: ClipScope = "encoder"
     """"encoder": clip the encoder parameters' gradient only; "all": every parameter being optimised."""
     shuffle: bool = True
+    """Reshuffle the rows every epoch (from `seed`); False keeps the data order."""
     eval_train: bool = True
     """Recompute train metrics in a full pass at each epoch end (same definition for every trainer)."""
     eval_batch_size: int = 4096
+    """Rows per batch of the metric passes (memory only; the numbers do not depend on it)."""
     seed: int = 0
+    """Seed of the batch order (a private generator; the global RNG is never touched)."""
     device: str | None = None
     """None: the SAE's device. Tensor data stay where they are and batches are moved here."""
     checkpoint_dir: str | None = None
+    """Folder for resumable checkpoints (weights, optimiser, RNG, history); None: no checkpoints."""
     checkpoint_every: int = 1
     """Write a checkpoint every this many epochs (and after the last); 0 = only after the last."""
     checkpoint_every_steps: int | None = None
@@ -83,6 +96,7 @@ class SGDConfig:
     resume_from: str | None = None
     """Continue from this checkpoint folder (or a checkpoint_dir holding latest.json); it must exist."""
     progress: bool = True
+    """Show a tqdm bar over epochs and batches."""
     aux_k: int = 0
     """TopK only: the AuxK loss (Gao et al. 2024) lets the aux_k highest-scoring *dead* latents reconstruct
     the residual x - x_hat, which gives dead latents a gradient back into use. 0 = off; d_in // 2 is usual."""
@@ -180,11 +194,11 @@ class PAMConfig(SGDConfig):
     step, so codes and data multiplied by a constant c (and the previous b_dec with them) give the same
     W_dec and c * b_dec: the step does not depend on the units of the data. "absolute": the raw weights
     of the sum (the authors')."""
-    order: str = "encoder_first"
+    order: Order = "encoder_first"
     """"encoder_first" (Algorithm C.1, the MNIST script) or "decoder_first" (the LLM script)."""
     decoder_batch_size: int = 8192
     """Rows per batch when accumulating the decoder statistics (tensor data); the solve stays exact."""
-    decoder_method: str = "auto"
+    decoder_method: DecoderMethod = "auto"
     """"sparse", "dense" or "auto" (see `solve_decoder`)."""
 
     def __post_init__(self) -> None:
