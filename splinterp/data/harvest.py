@@ -369,8 +369,11 @@ def harvest(
     out = _check_out(out, overwrite)
     if dataset is not None and not isinstance(dataset, str):
         raise ConfigError(f"dataset must be a string (a name for the texts), got {dataset!r}")
-    torch.manual_seed(seed)
-    mod, tok, name = load_model(model, dev)
+    # a checkpoint without some weights (a pooler, a head) gets them initialised from torch's global generator:
+    # seeded for reproducible runs, and the caller's random stream restored afterwards
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)
+        mod, tok, name = load_model(model, dev)
     block_name, block_list = find_blocks(mod, blocks)
     points = resolve_hook_points(mod, block_name, len(block_list), layers, site)
     keys = cache_keys(points)

@@ -28,10 +28,19 @@ from splinterp.validation import check_data
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CacheBatches", "TensorBatches", "epoch_seed"]
+__all__ = ["CacheBatches", "TensorBatches", "epoch_order", "epoch_seed"]
 
 TRAIN_BATCHES = 5
 """Batch-sized tensors a training step holds at once, counted by `CacheBatches.peak_bytes`."""
+
+
+def epoch_order(n: int, generator: torch.Generator | None) -> torch.Tensor | None:
+    """The order of the rows in one epoch: one randperm(n) drawn from `generator` (None: in order).
+
+    The one shuffle rule of the trainers (`BatchSource.epoch`, a generator seeded once from the config's seed)
+    and of `TensorBatches`, whose ranks cut the batches of this same order: why data-parallel training
+    equals one process."""
+    return None if generator is None else torch.randperm(n, generator=generator)
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
@@ -336,10 +345,10 @@ class TensorBatches:
             self._next_draw = 0
         n = self.X.shape[0]
         while self._next_draw < epoch:
-            torch.randperm(n, generator=self._gen)
+            epoch_order(n, self._gen)
             self._next_draw += 1
         self._next_draw += 1
-        return torch.randperm(n, generator=self._gen)
+        return epoch_order(n, self._gen)
 
     def n_batches(self) -> int:
         n, b = self.X.shape[0], self.batch_size

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from splinterp.data.streaming import epoch_order
 from splinterp.errors import ConfigError, EmptyDataError
 from splinterp.validation import check_data
 
@@ -54,7 +55,7 @@ class BatchSource:
         """Training batches of one epoch (shuffled by `generator` if given), from batch `start_batch` on."""
         if self.tensor is not None:
             n = self.tensor.shape[0]
-            order = torch.randperm(n, generator=generator) if generator is not None else None
+            order = epoch_order(n, generator)
             for b, s in enumerate(range(0, n, batch_size)):
                 if b < start_batch:
                     continue
