@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from splinterp.errors import ConfigError, DTypeError, EmptyDataError, NotAModelError, ShapeError
+from splinterp.moments import Moments
 from splinterp.validation import as_tensor, check_data, check_device, check_finite
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,7 @@ class MetricAccumulator:
         self.d_in: int | None = None
         self.d_sae: int | None = None
         self._sse = 0.0
-        self._mean: torch.Tensor | None = None  # running per-feature mean of x (float64)
-        self._m2 = 0.0  # sum_r |x_r - mean|^2 (merged with Chan et al.'s parallel update)
+        self._moments: Moments | None = None  # per-feature mean and m2 of x (float64), for the variance
         self._cos = 0.0
         self._l2r = 0.0
         self._l2r_n = 0
@@ -81,16 +81,8 @@ class MetricAccumulator:
             raise ShapeError(f"batch has d_in={x.shape[1]}, earlier batches had {self.d_in}")
         xd, xhd = x.to(_F64), x_hat.to(_F64)
         self._sse += float(((xd - xhd) ** 2).sum())
-        bmean = xd.mean(0)
-        bm2 = float(((xd - bmean) ** 2).sum())
-        if self._mean is None:
-            self._mean, self._m2 = bmean, bm2
-        else:
-            n0 = self.n
-            delta = bmean - self._mean.to(bmean.device)
-            tot = n0 + b
-            self._m2 += bm2 + float((delta ** 2).sum()) * n0 * b / tot
-            self._mean = self._mean.to(bmean.device) + delta * (b / tot)
+        batch = Moments.of(xd)
+        self._moments = batch if self._moments is None else self._moments.merge(batch)
         nx, nxh = xd.norm(dim=1), xhd.norm(dim=1)
         dots = (xd * xhd).sum(1)
         self._cos += float((dots / (nx * nxh).clamp_min(1e-8)).sum())
@@ -133,7 +125,7 @@ class MetricAccumulator:
 
     def merge(self, other: MetricAccumulator) -> MetricAccumulator:
         """Add the rows `other` saw (e.g. another process's share): the same metrics as one stream over
-        both, up to rounding. Moments merge by Chan et al.'s parallel update."""
+        both, up to rounding (the moments merge exactly, `splinterp.moments`)."""
         if not isinstance(other, MetricAccumulator):
             raise TypeError(f"can only merge a MetricAccumulator, got {type(other).__name__}")
         if other.n == 0:
@@ -145,16 +137,12 @@ class MetricAccumulator:
         if other.d_in != self.d_in or other.d_sae != self.d_sae:
             raise ShapeError(f"cannot merge accumulators of (d_in, d_sae) = {(other.d_in, other.d_sae)} into "
                              f"{(self.d_in, self.d_sae)}")
-        n0, n1 = self.n, other.n
-        tot = n0 + n1
-        delta = other._mean.to(self._mean.device) - self._mean
-        self._m2 += other._m2 + float((delta ** 2).sum()) * n0 * n1 / tot
-        self._mean = self._mean + delta * (n1 / tot)
+        self._moments = self._moments.merge(other._moments)
         for k in ("_sse", "_cos", "_l2r", "_l2r_n", "_xhat2", "_xdot", "_l0", "_l1"):
             setattr(self, k, getattr(self, k) + getattr(other, k))
         if self._fires is not None:
             self._fires = self._fires + other._fires.to(self._fires.device)
-        self.n = tot
+        self.n += other.n
         return self
 
     def feature_density(self) -> torch.Tensor:
@@ -167,7 +155,8 @@ class MetricAccumulator:
         if self.n == 0:
             raise EmptyDataError("no rows were accumulated; metrics are undefined")
         n, d = self.n, self.d_in
-        ev = 1.0 - self._sse / self._m2 if self._m2 > 0 else math.nan
+        m2 = float(self._moments.m2.sum()) if self._moments is not None else 0.0
+        ev = 1.0 - self._sse / m2 if m2 > 0 else math.nan
         out = {
             "mse": self._sse / (n * d),
             "mse_per_token": self._sse / n,

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from splinterp.data.cache import Standardizer
 from splinterp.metrics import MetricAccumulator
+from splinterp.moments import Moments
 from splinterp.parallel.group import rank_world
 from splinterp.train.decoder import DecoderAccumulator
 
@@ -86,6 +87,8 @@ def merge_metrics(acc: MetricAccumulator, group=None) -> MetricAccumulator:
     for k, v in vars(cpu).items():
         if isinstance(v, torch.Tensor):
             setattr(cpu, k, v.detach().cpu())
+        elif isinstance(v, Moments):
+            setattr(cpu, k, Moments(v.n, v.mean.cpu(), v.m2.cpu()))
     parts: list[Any] = [None] * world
     dist.all_gather_object(parts, cpu, group=group)
     out = MetricAccumulator()
