@@ -44,10 +44,11 @@ def test_witnesses_reproduce_observed_patterns(arch, b_dec_in):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_random_patterns_witnesses_are_valid(arch):
-    """On arbitrary (mostly impossible) patterns: whenever the LP says yes, the witness proves it."""
+    """On arbitrary (mostly impossible) patterns: whenever the LP says yes, the witness proves it, and its
+    yes/no answers equal those of an independent LP (scipy, inequalities written from the raw parameters)."""
     sae = random_sae(arch, d_in=3, d_sae=12, k=3, dtype="float64")
     g = torch.Generator().manual_seed(1)
-    n_yes = 0
+    n_yes, patterns = 0, []
     for _ in range(25):
         if arch in ("topk", "topk_abs"):
             mask = torch.zeros(12, dtype=torch.bool)
@@ -55,13 +56,54 @@ def test_random_patterns_witnesses_are_valid(arch):
         else:
             mask = torch.rand(12, generator=g) < 0.4
         signs = (torch.rand(12, generator=g) < 0.5) if arch == "topk_abs" else None
+        patterns.append((mask, signs))
         ok, w = region_is_nonempty(sae, mask, signs=signs)
         if ok:
             n_yes += 1
             assert _reproduces(sae, w, mask, signs)
         else:
             assert w is None
-    assert n_yes < 25  # in 3-D most random patterns of 12 latents are impossible
+    assert n_yes == sum(_independent_lp(sae, m, s) for m, s in patterns)  # and every "no" is right too
+    assert 0 < n_yes < 25  # both answers occur: the comparison above tests each
+
+
+def _raw_scores(sae):
+    """(W [d, m], b [m], theta [m]) of the decision scores, read off the raw parameters (not encoder_affine)."""
+    W = sae.W_enc.detach().double().numpy()
+    shift = sae.b_dec.detach().double().numpy() @ W if sae.cfg.apply_b_dec_to_input else 0.0
+    arch = sae.cfg.architecture
+    b = (sae.b_gate if arch == "gated" else sae.b_enc).detach().double().numpy() - shift
+    theta = sae.threshold.detach().double().numpy() if arch == "jumprelu" else np.zeros(W.shape[1])
+    return W, b, theta
+
+
+def _independent_lp(sae, mask, signs=None) -> bool:
+    """Whether the pattern has an interior point, by scipy's linprog on inequalities written here from the
+    raw parameters: maximise t subject to every defining inequality holding with slack t, x in a big box."""
+    from scipy.optimize import linprog
+
+    W, b, theta = _raw_scores(sae)
+    m, rows = mask.numpy(), []  # each row (a, c): a @ x + c >= t
+    arch = sae.cfg.architecture
+    if arch in ("topk", "topk_abs"):
+        s = np.where(signs.numpy(), 1.0, -1.0) if arch == "topk_abs" else np.ones(len(m))
+        for i in np.flatnonzero(m):
+            rows.append((s[i] * W[:, i], s[i] * b[i]))  # selected and positive (signed for topk_abs)
+            for j in np.flatnonzero(~m):
+                rows.append((s[i] * W[:, i] - W[:, j], s[i] * b[i] - b[j]))
+                if arch == "topk_abs":
+                    rows.append((s[i] * W[:, i] + W[:, j], s[i] * b[i] + b[j]))
+    else:
+        for i in range(len(m)):
+            sign = 1.0 if m[i] else -1.0
+            rows.append((sign * W[:, i], sign * (b[i] - theta[i])))
+    A = np.array([r[0] for r in rows])
+    c = np.array([r[1] for r in rows])
+    d = W.shape[0]
+    # variables (x, t): minimise -t s.t. -A x + t <= c, t <= 1, |x| <= 1e3
+    res = linprog(np.r_[np.zeros(d), -1.0], A_ub=np.c_[-A, np.ones(len(A))], b_ub=c,
+                  bounds=[(-1e3, 1e3)] * d + [(None, 1.0)], method="highs")
+    return res.status == 0 and -res.fun > 1e-9
 
 
 def test_lp_agrees_with_the_exact_2d_partition():

@@ -344,7 +344,7 @@ def test_top_directions_rank_deficient_gives_zero_columns():
 # ---------------------------------------------------------------------- shared API
 @pytest.mark.parametrize("make", [lambda: KMeansAE(3, seed=0), lambda: LocalPCAAE(3, 1, seed=0), lambda: PCAAE(2)])
 def test_metrics_evaluate_runs_on_reference_models(make):
-    metrics = pytest.importorskip("splinterp.metrics")
+    from splinterp import metrics
     X, _ = blobs(dtype=torch.float32)
     model = make().fit(X)
     out = metrics.evaluate(model, X)

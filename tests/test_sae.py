@@ -43,12 +43,20 @@ def test_encode_matches_longhand_rules(arch, b_dec_in):
 
 
 def test_gated_equals_its_jumprelu_form():
+    """Gated (Rajamanoharan et al. 2024) from its definition, in float64 from the raw parameters:
+    z = 1[x W_enc + b_gate > 0] * relu(x (W_enc exp(r_mag)) + b_mag). Both `encode` and the folded
+    JumpReLU form u * (u > theta) that the geometry uses must equal it."""
     sae = random_sae("gated")
+    x = torch.randn(500, 6, generator=torch.Generator().manual_seed(4))
+    P = {n: p.detach().double() for n, p in sae.named_parameters()}
+    xd = x.double()
+    gate = (xd @ P["W_enc"] + P["b_gate"]) > 0
+    z_ref = gate * torch.relu(xd @ (P["W_enc"] * torch.exp(P["r_mag"])) + P["b_mag"])
+    assert 0.2 < float((z_ref != 0).double().mean()) < 0.8  # both cases occur
+    torch.testing.assert_close(sae.encode(x).double(), z_ref, rtol=1e-5, atol=1e-5)
     W, b = sae.encoder_affine()
-    theta = sae.thresholds()
-    x = torch.randn(500, 6)
-    u = x @ W + b
-    torch.testing.assert_close(sae.encode(x), u * (u > theta))
+    u = (x @ W + b).double()
+    torch.testing.assert_close(u * (u > sae.thresholds().double()), z_ref, rtol=1e-5, atol=1e-5)
 
 
 def test_parameter_names_and_shapes_follow_saelens():

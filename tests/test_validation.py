@@ -170,10 +170,26 @@ def test_every_config_dataclass_of_the_package_resolves():
     assert found >= 30
 
 
+# A value of the wrong type for each kind of annotation (written by hand, not derived from the checker).
+_WRONG = {"d_in": "5", "d_sae": 2.0, "architecture": "softmax", "k": 1.5, "tied": "yes",
+          "apply_b_dec_to_input": 1, "seed": 0.5, "dtype": "float8", "device": 3, "jumprelu_init_threshold": "x",
+          "metadata": [], "score_order": "both", "w_enc_layout": 0, "topk_ties": None, "reshape_activations": 2}
+
+
 @settings(max_examples=25, deadline=None)
-@given(cfg=sae_configs())
-def test_every_generated_config_passes_the_type_check(cfg):
+@given(cfg=sae_configs(), field=st.sampled_from(sorted(_WRONG)))
+def test_the_type_check_passes_valid_configs_and_refuses_one_wrong_field(cfg, field):
+    """Every valid generated config passes; the same config with one field set to a value of the wrong
+    type (as a JSON file could hold it) is refused with an error naming that field."""
     check_dataclass_types(cfg)
+    bad = dataclasses.replace(cfg)  # a copy whose field is then set without running __post_init__
+    object.__setattr__(bad, field, _WRONG[field])
+    with pytest.raises(ConfigError, match=field):
+        check_dataclass_types(bad)
+
+
+def test_the_wrong_values_cover_every_field():
+    assert set(_WRONG) == {f.name for f in dataclasses.fields(sp.SAEConfig)}
 
 
 # ------------------------------------------------------------------------------------ SAEConfig
