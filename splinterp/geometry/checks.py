@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from splinterp.errors import ConfigError, DTypeError, NonFiniteError, ShapeError
+from splinterp.validation import as_tensor, check_finite
 
 
 def _numbers(value, name: str) -> np.ndarray:
@@ -113,3 +114,17 @@ def check_count(value, name: str, minimum: int = 1) -> int:
     if value < minimum:
         raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
+
+
+def input_point(x, d: int, name: str) -> torch.Tensor:
+    """One finite floating input [d_in] (a [1, d_in] row is accepted) as float64 on the CPU: the points that
+    define slices and segments."""
+    t = as_tensor(x, name)
+    if t.ndim == 2 and t.shape[0] == 1:
+        t = t[0]
+    if t.ndim != 1 or t.shape[0] != d:
+        raise ShapeError(f"{name} must have shape [d_in={d}], got {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise DTypeError(f"{name} must be floating point, got {t.dtype}")
+    check_finite(t, name)
+    return t.detach().cpu().double()

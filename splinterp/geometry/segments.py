@@ -20,11 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from splinterp.errors import DTypeError, ShapeError
+from splinterp.geometry.checks import input_point
 from splinterp.geometry.halfspaces import site_form
 from splinterp.geometry.scores import check_score_gaps, encoder_f64
 from splinterp.sae import SAE
-from splinterp.validation import as_tensor, check_finite
 
 _CHUNK_ELEMS = 1 << 22
 
@@ -87,17 +86,6 @@ class Segment:
         return self.points((self.starts + self.ends) / 2)
 
 
-def _endpoint(x, d: int, name: str) -> torch.Tensor:
-    t = as_tensor(x, name)
-    if t.ndim == 2 and t.shape[0] == 1:
-        t = t[0]
-    if t.ndim != 1 or t.shape[0] != d:
-        raise ShapeError(f"{name} must have shape [d_in={d}], got {tuple(t.shape)}")
-    if not t.is_floating_point():
-        raise DTypeError(f"{name} must be floating point, got {t.dtype}")
-    check_finite(t, name)
-    return t.detach().cpu().double()
-
 
 def _kset_events(p: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
     """Times in (0, 1) where the k highest of the lines p + t q change (a kinetic sweep; ties at t = 0 and at
@@ -151,7 +139,7 @@ def segment_regions(sae: SAE, x0, x1) -> Segment:
     topk_abs), and per breakpoint the latents that entered, left or changed sign. See the module docstring.
     """
     d = sae.cfg.d_in
-    a, b = _endpoint(x0, d, "x0"), _endpoint(x1, d, "x1")
+    a, b = input_point(x0, d, "x0"), input_point(x1, d, "x1")
     enc = encoder_f64(sae)
     A = a.numpy()
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported just below, by name

@@ -21,27 +21,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from splinterp.errors import ConfigError, DTypeError, ShapeError
-from splinterp.geometry.checks import check_bounds
+from splinterp.errors import ConfigError, ShapeError
+from splinterp.geometry.checks import check_bounds, input_point
 from splinterp.geometry.polygons import polygon_areas
 from splinterp.geometry.power import PowerDiagram, diagram_from_affine
 from splinterp.geometry.regions import affine_map
 from splinterp.geometry.scores import check_scores
 from splinterp.geometry.signed_sites import signed_site, split_signed_mask
 from splinterp.sae import SAE
-from splinterp.validation import as_tensor, check_finite
+from splinterp.validation import as_tensor
 
 _COLLINEAR_ULPS = 1e3  # a plane spanned by less than this many rounding steps of its points is noise
 
-
-def _vec(x, d: int, name: str) -> torch.Tensor:
-    t = as_tensor(x, name)
-    if t.ndim != 1 or t.shape[0] != d:
-        raise ShapeError(f"{name} must have shape [d_in={d}], got {tuple(t.shape)}")
-    if not t.is_floating_point():
-        raise DTypeError(f"{name} must be floating point, got {t.dtype}")
-    check_finite(t, name)
-    return t.detach().cpu().double()
 
 
 @dataclass(frozen=True)
@@ -80,7 +71,7 @@ def plane_through(x0, x1, x2) -> Plane:
     d = x0.shape[-1] if x0.ndim == 1 else -1
     dtypes = [as_tensor(x, f"x{i}").dtype for i, x in enumerate((x0, x1, x2))]
     eps = max(torch.finfo(t).eps if t.is_floating_point else 0.0 for t in dtypes)
-    x0, x1, x2 = (_vec(x, d, f"x{i}") for i, x in enumerate((x0, x1, x2)))
+    x0, x1, x2 = (input_point(x, d, f"x{i}") for i, x in enumerate((x0, x1, x2)))
     noise = _COLLINEAR_ULPS * eps * max(float(x0.norm() + x1.norm() + x2.norm()), 1e-300)
     e1 = x1 - x0
     n1 = float(e1.norm())
@@ -245,7 +236,7 @@ def slice_2d(
     elif u is None or v is None:
         raise ConfigError("slice_2d needs a Plane, or origin, u and v")
     bounds = check_bounds((-1.0, 1.0, -1.0, 1.0) if bounds is None else bounds)
-    o, uu, vv = _vec(origin, d, "origin"), _vec(u, d, "u"), _vec(v, d, "v")
+    o, uu, vv = input_point(origin, d, "origin"), input_point(u, d, "u"), input_point(v, d, "v")
     W, b = sae.encoder_affine()
     W, b = W.detach().cpu().double(), b.detach().cpu().double()
     W2 = torch.stack([uu @ W, vv @ W])  # [2, d_sae]
