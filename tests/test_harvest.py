@@ -561,3 +561,30 @@ def test_bad_devices_are_named_before_any_work(minilm, tmp_path, device):
     with pytest.raises(DeviceError, match="device="):
         harvest(minilm, TEXTS[:1], layers=0, out=tmp_path / "c", device=device, progress=False)
     assert not (tmp_path / "c").exists()
+
+
+def test_max_length_beyond_the_models_positions_is_refused_up_front(minilm, tmp_path):
+    """MiniLM embeds 512 positions (its config says so); a longer max_length would fail inside the model
+    with an index error on the first long text, after a partial harvest."""
+    model, tok = minilm
+    assert model.config.max_position_embeddings == 512
+    with pytest.raises(ConfigError, match="max_length=600 is more than the 512 positions"):
+        harvest((model, tok), ["a " * 700], layers=1, out=tmp_path / "c", max_length=600, progress=False)
+    assert not (tmp_path / "c").exists()
+    harvest((model, tok), ["a " * 700], layers=1, out=tmp_path / "c", max_length=512, progress=False)
+
+
+def test_float16_storage_refuses_activations_beyond_its_range(tiny_gpt2, tmp_path):
+    """GPT-2's residual stream is not normalised: with embeddings scaled by 1e7 its activations pass
+    float16's largest value 65504; a float16 cache would hold inf. Refused, naming the hook, no folder left."""
+    model, tok = tiny_gpt2
+    big = copy.deepcopy(model)
+    with torch.no_grad():
+        big.transformer.wte.weight.mul_(1e7)
+    with pytest.raises(ConfigError, match="blocks.0.hook_resid_pre.*beyond the largest float16"):
+        harvest((big, tok), TEXTS[:2], layers=0, site="resid_pre", out=tmp_path / "c", dtype="float16",
+                progress=False)
+    assert not (tmp_path / "c").exists()
+    ok = harvest((big, tok), TEXTS[:2], layers=0, site="resid_pre", out=tmp_path / "c", dtype="float32",
+                 progress=False)
+    assert float(ok.load(0).abs().max()) > 65504

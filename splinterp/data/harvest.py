@@ -226,6 +226,16 @@ def _manifest_head() -> dict[str, Any]:
     return {"format": CACHE_FORMAT, "format_version": CACHE_FORMAT_VERSION, "splinterp_version": __version__}
 
 
+def max_positions(model: Any) -> int | None:
+    """The longest input the model embeds (learned absolute positions), None when its config sets no limit."""
+    cfg = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
 def _length_order(tok: Any, texts: Sequence[str], max_length: int, chunk: int = 1024) -> list[int]:
     """Text indices sorted (stably) by truncated token length."""
     lengths: list[int] = []
@@ -374,6 +384,10 @@ def harvest(
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed)
         mod, tok, name = load_model(model, dev)
+    positions = max_positions(mod)
+    if positions is not None and max_length > positions:
+        raise ConfigError(f"max_length={max_length} is more than the {positions} positions model {name!r} has; "
+                          f"use max_length <= {positions}")
     block_name, block_list = find_blocks(mod, blocks)
     points = resolve_hook_points(mod, block_name, len(block_list), layers, site)
     keys = cache_keys(points)
@@ -387,7 +401,6 @@ def harvest(
                         device=str(dev))
     texts, text_source = resolve_texts(texts, seed)
 
-    store_dtype = STORE_DTYPES[dtype]
     t0 = time.perf_counter()
     d_model = None
     vocab_ids: set[int] = set()
@@ -421,7 +434,7 @@ def harvest(
                         raise ShapeError(f"{hp.hook_name} has width {h.shape[-1]}, the other hook points "
                                          f"{d_model}: harvest them into separate caches")
                     d_model = h.shape[-1]
-                    rows[f"layer_{key}"] = h.to(store_dtype)
+                    rows[f"layer_{key}"] = to_storage(h, dtype, f"the activations at {hp.hook_name}")
                 ids = batch["input_ids"][keep]
                 vocab_ids.update(ids.tolist())
                 rows["token_ids"] = ids
