@@ -308,3 +308,33 @@ def test_torchrun_cli_trains_like_the_single_process_twin(tmp_path):
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(got.state_dict()[k], v, rtol=1e-9, atol=1e-9)
     assert (tmp_path / "sae" / "history.json").is_file()
+
+
+@pytest.mark.slow
+def test_torchrun_cli_with_a_locked_out_is_refused_on_every_rank(tmp_path):
+    """Rank 0 alone takes the --out lock; when another run holds it, every rank must stop with the error
+    (before, rank 1 went on into training and waited in its first collective forever)."""
+    from splinterp.atomic import hold_output
+    from splinterp.parallel import free_port
+
+    write_cache(tmp_path / "cache", torch.randn(200, D, generator=torch.Generator().manual_seed(5)),
+                shard_tokens=50)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom splinterp.atomic import hold_output\n"
+                               "lock = hold_output(sys.argv[1])\nprint('held', flush=True)\ntime.sleep(300)",
+                               str(tmp_path / "sae")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        port = free_port()
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "splinterp", "train",
+               "--data", str(tmp_path / "cache"), "--layer", "0", "--out", str(tmp_path / "sae"),
+               "--d-sae", "16", "--k", "3", "--epochs", "1", "--no-progress"]
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        assert p.returncode != 0
+        assert f"pid {holder.pid}" in p.stderr and "rank 0 failed" in p.stderr, p.stderr[-3000:]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (tmp_path / "sae").exists()
+    assert hold_output(tmp_path / "sae") is not None  # the dead holder left the lock free

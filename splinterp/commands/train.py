@@ -223,6 +223,7 @@ def run_train(o: TrainOptions) -> int:
     import splinterp
     from splinterp.atomic import atomic_dir, hold_output, write_json
     from splinterp.parallel import DistConfig, init_distributed, launched_by_torchrun, train_distributed
+    from splinterp.parallel.group import run_agreed
     from splinterp.train import train_pam_sgd, train_sgd
     from splinterp.validation import check_device
 
@@ -232,12 +233,19 @@ def run_train(o: TrainOptions) -> int:
     stack = contextlib.ExitStack()
     try:
         rank = info.rank if info is not None else 0
-        device = str(info.device) if info is not None else str(check_device(o.device or "cpu", "--device"))
-        if rank == 0:
-            stack.enter_context(hold_output(out, name="--out", purpose="splinterp train"))
-            check_out(out)
-        _check_checkpoint_dir(o.training.get("checkpoint_dir"))
         progress = o.progress and rank == 0
+
+        def claim_output() -> str:
+            device = str(info.device) if info is not None else str(check_device(o.device or "cpu", "--device"))
+            if rank == 0:
+                stack.enter_context(hold_output(out, name="--out", purpose="splinterp train"))
+                check_out(out)
+            _check_checkpoint_dir(o.training.get("checkpoint_dir"))
+            return device
+
+        # all ranks agree on the output before reading data (whose streaming readers run collectives): a refusal
+        # (rank 0's output lock, a bad checkpoint_dir) is raised on every rank, none left waiting in a collective
+        device = run_agreed(claim_output)
         batch_size = int(o.training.get("batch_size", 128))
         if o.data == "mnist":
             X, Xt, std, provenance = _mnist(o)
