@@ -44,7 +44,7 @@ from torch import nn
 from splinterp import kernels, memory
 from splinterp.errors import ConfigError, CorruptFileError, NonFiniteError, ShapeError, SplinterpError
 from splinterp.sae_state import DTYPES, check_tensors, dtype_name, expected_shapes, state_from_weights
-from splinterp.validation import check_batch, check_dataclass_types, check_finite
+from splinterp.validation import check_batch, check_dataclass_types, check_device, check_finite
 
 Architecture = Literal["relu", "topk", "topk_abs", "jumprelu", "gated"]
 DType = Literal["float32", "float64", "float16", "bfloat16"]
@@ -126,6 +126,8 @@ class SAEConfig:
         except (RuntimeError, TypeError) as e:
             raise ConfigError(f"device {self.device!r} is not a valid torch device: {e}") from None
         check_dataclass_types(self, "SAEConfig")  # the remaining fields (tied, seed, metadata, ...)
+        if not 0 <= self.seed < 2**64:  # torch.Generator's range
+            raise ConfigError(f"seed must be in [0, 2**64), got {self.seed}")
         self.check_fits("cpu")  # refuse a model this machine cannot build before `SAE(cfg)` allocates anything
 
     def parameter_bytes(self) -> int:
@@ -215,6 +217,12 @@ def topk_indices(scores: torch.Tensor, k: int, ties: str = "lowest_index") -> to
     return kernels.topk_select(flat, k, ties).view(*scores.shape[:-1], k)
 
 
+def _flag(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 class SAE(nn.Module):
     """A sparse autoencoder with SAELens parameter names: W_enc [d_in, d_sae], b_enc [d_sae],
     W_dec [d_sae, d_in], b_dec [d_in]; `threshold` (jumprelu); `b_gate`, `b_mag`, `r_mag` (gated, which
@@ -222,6 +230,9 @@ class SAE(nn.Module):
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
+        if not isinstance(cfg, SAEConfig):
+            raise ConfigError(f"SAE(cfg) takes an SAEConfig, got {type(cfg).__name__}")
+        check_device(cfg.device, "SAEConfig.device")  # a device this process has, before allocating
         self.cfg = cfg
         d_in, d_sae = cfg.d_in, cfg.d_sae
         gen = torch.Generator().manual_seed(cfg.seed)
@@ -508,7 +519,7 @@ class SAE(nn.Module):
 
     def encode(self, x: torch.Tensor, dense: bool = False) -> torch.Tensor:
         """Dense code z [..., d_sae]: z_i = u_i on active latents, 0 elsewhere."""
-        return self._encode(self._check(x), dense)
+        return self._encode(self._check(x), _flag(dense, "dense"))
 
     def encode_sparse(self, x: torch.Tensor, dense: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Sparse code (values [..., m], indices [..., m]), differentiable in values.
@@ -517,7 +528,7 @@ class SAE(nn.Module):
         a selected latent with u <= 0 has value 0. Threshold rules: m = the most active latents in a
         row, shorter rows padded with index 0 and value 0.
         """
-        x = self._check(x)
+        x, dense = self._check(x), _flag(dense, "dense")
         x2 = x.reshape(-1, self.cfg.d_in)
         W, b = self.encoder_weights()
         if x2.shape[0] == 0:  # empty batch: k columns for TopK, none for threshold rules

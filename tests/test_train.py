@@ -360,7 +360,7 @@ def test_bad_inputs():
         train_sgd(sae, _data(), _cfg(device="cuda"))
     with pytest.raises(DTypeError):
         train_sgd(sae, _data(), _cfg(), eval_data=_data().double())
-    with pytest.raises(TypeError):
+    with pytest.raises(ConfigError, match="cfg must be a PAMConfig"):
         train_pam_sgd(sae, _data(), _cfg())  # an SGDConfig
 
 

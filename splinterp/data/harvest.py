@@ -284,15 +284,35 @@ def write_cache(
         if x.shape[0] != n:
             raise ShapeError(f"acts[{v}] has {x.shape[0]} rows but acts[{layer_ids[0]}] has {n}")
 
+    if model_name is not None and not isinstance(model_name, str):
+        raise ConfigError(f"model_name must be a string or None, got {model_name!r}")
+    if not isinstance(site, str):
+        raise ConfigError(f"site must be a string, got {site!r}")
+    if metadata is not None:
+        if not isinstance(metadata, dict) or not all(isinstance(k, str) for k in metadata):
+            raise ConfigError(f"metadata must be a dict with string keys, got {type(metadata).__name__}")
+        try:
+            json.dumps(metadata, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"metadata must hold JSON values (finite numbers, strings, lists, dicts): {e}") from None
+
     def index(t: torch.Tensor | None, default: torch.Tensor, name: str) -> torch.Tensor:
         if t is None:
             return default
-        t = torch.as_tensor(t)
+        try:
+            t = torch.as_tensor(t)
+        except (TypeError, ValueError, RuntimeError):
+            raise ShapeError(f"{name} must be an integer tensor [N={n}], got {type(t).__name__}") from None
         if t.shape != (n,) or t.is_floating_point():
             raise ShapeError(f"{name} must be an integer tensor [N={n}], got {tuple(t.shape)} {t.dtype}")
         return t.long()
 
-    rows = {f"layer_{v}": to_storage(acts[v], dtype, f"acts[{v}]") for v in layer_ids}
+    rows, storages = {}, set()
+    for v in layer_ids:
+        t = to_storage(acts[v], dtype, f"acts[{v}]")
+        ptr = t.untyped_storage().data_ptr()
+        rows[f"layer_{v}"] = t.clone() if ptr in storages else t  # one tensor given for two layers: own copies
+        storages.add(ptr)
     rows["token_ids"] = index(token_ids, torch.full((n,), -1, dtype=torch.long), "token_ids")
     rows["text_ids"] = index(text_ids, torch.arange(n), "text_ids")
     rows["positions"] = index(positions, torch.zeros(n, dtype=torch.long), "positions")

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-from splinterp.errors import ConfigError, DTypeError, NonFiniteError, ShapeError
+from splinterp.errors import ConfigError, DTypeError, NonFiniteError, NotAModelError, ShapeError
 from splinterp.validation import as_tensor, check_finite
 
 
@@ -128,3 +128,12 @@ def input_point(x, d: int, name: str) -> torch.Tensor:
         raise DTypeError(f"{name} must be floating point, got {t.dtype}")
     check_finite(t, name)
     return t.detach().cpu().double()
+
+
+def check_sae(sae, name: str = "sae") -> None:
+    """NotAModelError unless `sae` is a splinterp SAE (the geometry reads its encoder_affine and thresholds)."""
+    from splinterp.sae import SAE
+
+    if not isinstance(sae, SAE):
+        raise NotAModelError(f"{name} must be a splinterp SAE, got {type(sae).__name__}; an SAE from SAELens, "
+                             "sparsify or dictionary_learning converts with splinterp.as_sae(obj)")

@@ -37,7 +37,7 @@ import torch
 
 from splinterp.errors import ConfigError, DTypeError, PrecisionError, ShapeError
 from splinterp.geometry import cells2d
-from splinterp.geometry.checks import check_bounds, check_count, check_index_set, check_nonneg_float
+from splinterp.geometry.checks import check_bounds, check_count, check_index_set, check_nonneg_float, check_sae
 from splinterp.geometry.lp import LP_TOL, RegionCheck, RegionCheckWithMargin, pattern_lp
 from splinterp.geometry.polygons import polygon_area
 from splinterp.geometry.signed_sites import SignedMasks, interleave, split_signed_mask
@@ -364,7 +364,14 @@ def _shift_box(bounds, ref: np.ndarray) -> np.ndarray:
 def section_weights(heights, plane_height: float = 0.0) -> np.ndarray:
     """Weights of the power diagram cut by the plane {h = plane_height} from the Voronoi diagram of points
     at these heights: alpha_i = -(h_i - plane_height)^2 (any common constant may be added)."""
-    h = np.asarray(heights, dtype=np.float64)
+    try:
+        h = np.asarray(heights.detach().cpu() if isinstance(heights, torch.Tensor) else heights, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ConfigError(f"heights must be a 1-D array of numbers, got {heights!r}") from None
+    if h.ndim != 1 or not np.isfinite(h).all():
+        raise ConfigError(f"heights must be a 1-D array of finite numbers, got shape {h.shape}")
+    if isinstance(plane_height, bool) or not isinstance(plane_height, (int, float)) or not np.isfinite(plane_height):
+        raise ConfigError(f"plane_height must be a finite number, got {plane_height!r}")
     return -((h - float(plane_height)) ** 2)
 
 
@@ -401,6 +408,7 @@ def diagram_from_affine(W, b, architecture: str, k: int | None = None, threshold
 @torch.no_grad()
 def power_diagram(sae: SAE) -> PowerDiagram:
     """The SAE's power diagram (see the module docstring for what it means per architecture)."""
+    check_sae(sae)
     W, b = sae.encoder_affine()
     th = sae.thresholds()
     return diagram_from_affine(

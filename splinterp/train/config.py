@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from splinterp.errors import ConfigError
 from splinterp.train.decoder import SCALES
+from splinterp.validation import check_dataclass_types, check_device
 
 Optimizer = Literal["adam", "adamw", "sgd"]
 Order = Literal["encoder_first", "decoder_first"]
@@ -108,6 +110,12 @@ class SGDConfig:
     """Free settings for the registered loss of the architecture (e.g. {"l1_decoder_norm": True})."""
 
     def __post_init__(self) -> None:
+        for name in ("checkpoint_dir", "resume_from"):  # a path object is a path: kept as its string
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, os.fspath(getattr(self, name)))
+        check_dataclass_types(self, type(self).__name__)  # shuffle="no", checkpoint_dir=3, ... named up front
+        if self.device is not None:
+            check_device(self.device, f"{type(self).__name__}.device")
         _pos_int(self.epochs, "epochs", allow_zero=True)
         _pos_int(self.batch_size, "batch_size")
         _pos_int(self.sgd_updates_per_batch, "sgd_updates_per_batch")

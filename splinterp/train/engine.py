@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from splinterp import metrics
-from splinterp.errors import ConfigError, DeviceError, NonFiniteError
+from splinterp.errors import ConfigError, DeviceError, NonFiniteError, NotAModelError
 from splinterp.sae import SAE
 from splinterp.train import checkpoint as ckpt
 from splinterp.train import losses
@@ -108,7 +108,8 @@ class Trainer:
 
     def __init__(self, sae: SAE, data, cfg: SGDConfig, eval_data=None, callback: Callback | None = None):
         if not isinstance(sae, SAE):
-            raise TypeError(f"the trainers train a splinterp SAE, got {type(sae).__name__}")
+            raise NotAModelError(f"sae: the trainers train a splinterp SAE, got {type(sae).__name__} (an SAE from "
+                                 "SAELens, sparsify or dictionary_learning: convert it with splinterp.as_sae)")
         self.sae, self.cfg, self.callback = sae, cfg, callback
         self.device = _resolve_device(sae, cfg.device)
         self.loss_fn = get_loss(sae.architecture)
@@ -223,7 +224,7 @@ class Trainer:
         self.run_count += 1
         with torch.no_grad():
             for k, v in (("loss", loss), *parts.items()):
-                v = v.to(torch.float64) if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=torch.float64)
+                v = torch.as_tensor(v.detach() if isinstance(v, torch.Tensor) else float(v), dtype=torch.float64)
                 self.run_sums[k] = self.run_sums[k] + v.to(self.device) if k in self.run_sums else v.to(self.device)
 
     def _topk_loss_with_aux(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:

@@ -104,5 +104,5 @@ def train_pam_sgd(sae: SAE, data, cfg: PAMConfig | None = None, *, eval_data=Non
     """Train an untied `sae` in place with PAM-SGD; same inputs and History as `train_sgd`."""
     cfg = cfg if cfg is not None else PAMConfig()
     if not isinstance(cfg, PAMConfig):
-        raise TypeError(f"cfg must be a PAMConfig, got {type(cfg).__name__}")
+        raise ConfigError(f"cfg must be a PAMConfig, got {type(cfg).__name__}")
     return PAMTrainer(sae, data, cfg, eval_data=eval_data, callback=callback).run()

@@ -3,6 +3,7 @@ architecture's registered loss."""
 
 from __future__ import annotations
 
+from splinterp.errors import ConfigError
 from splinterp.sae import SAE
 from splinterp.train.config import SGDConfig
 from splinterp.train.engine import Callback, Trainer
@@ -22,5 +23,5 @@ def train_sgd(sae: SAE, data, cfg: SGDConfig | None = None, *, eval_data=None,
     """
     cfg = cfg if cfg is not None else SGDConfig()
     if not isinstance(cfg, SGDConfig):
-        raise TypeError(f"cfg must be an SGDConfig, got {type(cfg).__name__}")
+        raise ConfigError(f"cfg must be an SGDConfig, got {type(cfg).__name__}")
     return SGDTrainer(sae, data, cfg, eval_data=eval_data, callback=callback).run()
