@@ -407,6 +407,29 @@ def test_metrics_and_save_take_library_objects(saelens, tmp_path):
     assert_same(load(tmp_path / "sae"), ref.encode, ref.forward, x, "float32")
 
 
+def test_geometry_takes_library_objects_directly(saelens, sparsify):
+    """Every public geometry function accepts another library's SAE object as it is: the active sets are the
+    library's own (nonzero codes), and each answer equals the one for the converted SAE."""
+    from splinterp import geometry as G
+    from splinterp.errors import NotAModelError
+
+    x = data("float32", n=64)
+    for ref, encode in [(saelens_sae(saelens, "jumprelu", "float32", seed=3), None),
+                        (saelens_sae(saelens, "topk", "float32", seed=4), None),
+                        (sparsify_sae(sparsify, torch.float32, seed=5), _sparsify_fns)]:
+        ours = sp.as_sae(ref)
+        with torch.no_grad():
+            z = encode(ref)[0](x) if encode else ref.encode(x)
+        assert torch.equal(G.active_mask(ref, x), z != 0)
+        assert torch.equal(G.region_ids(ref, x), G.region_ids(ours, x))
+        torch.testing.assert_close(G.affine_map(ref, z[0] != 0)[0], G.affine_map(ours, z[0] != 0)[0])
+        plane = G.plane_through(x[0], x[1], x[2])
+        assert torch.equal(G.slice_2d(ref, plane).masks, G.slice_2d(ours, plane).masks)
+        assert G.region_is_nonempty(ref, z[0] != 0)[0]
+    with pytest.raises(NotAModelError, match="sae must be a splinterp SAE, got str"):
+        G.region_ids("not an SAE", x)
+
+
 # ================================================================================================ sparsify
 def sparsify_sae(sparsify, dtype: torch.dtype, seed: int = 0, **cfg_kw):
     from sparsify import SparseCoder, SparseCoderConfig

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from splinterp.geometry.checks import takes_sae
 from splinterp.geometry.halfspaces import nearest_hyperplane, point_patterns, site_form
 from splinterp.geometry.regions import DEFAULT_BATCH, input_chunks
 from splinterp.geometry.scores import check_score_gaps, encoder_f64
@@ -36,6 +37,7 @@ class BoundaryDistance(NamedTuple):
     partner: torch.Tensor
 
 
+@takes_sae
 @torch.no_grad()
 def boundary_distance(sae: SAE, X, batch_size: int = DEFAULT_BATCH) -> BoundaryDistance:
     """Exact distance from each input (rows of X [N, d_in]) to the boundary of its region; see the module

@@ -7,6 +7,7 @@ parsed as four numbers, no NaN tolerance that silently drops every cell).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -128,6 +129,26 @@ def input_point(x, d: int, name: str) -> torch.Tensor:
         raise DTypeError(f"{name} must be floating point, got {t.dtype}")
     check_finite(t, name)
     return t.detach().cpu().double()
+
+
+def takes_sae(fn):
+    """Decorator of the public geometry functions: their first argument may be our SAE or an SAE object of
+    SAELens, sparsify or dictionary_learning (converted by `splinterp.as_sae`, which keeps the library's score
+    order, so the active sets are the library's; convert once yourself to reuse it across many calls)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from splinterp.io.objects import as_sae_if_foreign
+
+        if args:
+            args = (as_sae_if_foreign(args[0]), *args[1:])
+            check_sae(args[0])
+        elif "sae" in kwargs:
+            kwargs["sae"] = as_sae_if_foreign(kwargs["sae"])
+            check_sae(kwargs["sae"])
+        return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def check_sae(sae, name: str = "sae") -> None:

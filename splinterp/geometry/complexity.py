@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from splinterp.errors import ShapeError
-from splinterp.geometry.checks import check_nonneg_float
+from splinterp.geometry.checks import check_nonneg_float, takes_sae
 from splinterp.geometry.halfspaces import hyperplanes_within, point_patterns, site_form
 from splinterp.geometry.regions import DEFAULT_BATCH, input_chunks
 from splinterp.geometry.scores import check_score_gaps, encoder_f64
@@ -40,6 +40,7 @@ class LocalComplexity(NamedTuple):
     boundaries: list | None
 
 
+@takes_sae
 @torch.no_grad()
 def local_complexity(sae: SAE, X, radius, batch_size: int = DEFAULT_BATCH,
                      return_boundaries: bool = False) -> LocalComplexity:

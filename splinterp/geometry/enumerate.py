@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from splinterp.errors import TooLargeError
-from splinterp.geometry.checks import check_box, check_count
+from splinterp.geometry.checks import check_box, check_count, takes_sae
 from splinterp.geometry.halfspaces import SiteForm, mask_patterns, site_form
 from splinterp.geometry.lp import LP_TOL, solve_pattern
 from splinterp.geometry.scores import encoder_f64
@@ -88,6 +88,7 @@ def _key(mask: np.ndarray, signs: np.ndarray | None) -> bytes:
     return np.packbits(mask).tobytes() + (b"" if signs is None else np.packbits(signs & mask).tobytes())
 
 
+@takes_sae
 @torch.no_grad()
 def enumerate_regions(sae: SAE, bounds, max_regions: int = 10_000, *, max_lps: int = 1_000_000,
                       tol: float = LP_TOL) -> RegionEnumeration:

@@ -33,7 +33,7 @@ import torch
 from scipy.optimize import linprog
 
 from splinterp.errors import ConfigError, PrecisionError, ShapeError
-from splinterp.geometry.checks import check_box, check_nonneg_float
+from splinterp.geometry.checks import check_box, check_nonneg_float, takes_sae
 from splinterp.geometry.halfspaces import (
     Pattern,
     SiteForm,
@@ -324,6 +324,7 @@ def _latent_signs(signs, d_sae: int) -> np.ndarray:
     return v
 
 
+@takes_sae
 @torch.no_grad()
 def region_is_nonempty(sae: SAE, mask, signs=None, bounds=None, *, tol: float = LP_TOL, return_margin: bool = False):
     """Does any input produce the activation pattern `mask` (bool [d_sae])? -> RegionCheck(nonempty, witness).

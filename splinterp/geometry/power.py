@@ -37,7 +37,14 @@ import torch
 
 from splinterp.errors import ConfigError, DTypeError, PrecisionError, ShapeError
 from splinterp.geometry import cells2d
-from splinterp.geometry.checks import check_bounds, check_count, check_index_set, check_nonneg_float, check_sae
+from splinterp.geometry.checks import (
+    check_bounds,
+    check_count,
+    check_index_set,
+    check_nonneg_float,
+    check_sae,
+    takes_sae,
+)
 from splinterp.geometry.lp import LP_TOL, RegionCheck, RegionCheckWithMargin, pattern_lp
 from splinterp.geometry.polygons import polygon_area
 from splinterp.geometry.signed_sites import SignedMasks, interleave, split_signed_mask
@@ -405,6 +412,7 @@ def diagram_from_affine(W, b, architecture: str, k: int | None = None, threshold
     raise ConfigError(f"unknown architecture {architecture!r}")
 
 
+@takes_sae
 @torch.no_grad()
 def power_diagram(sae: SAE) -> PowerDiagram:
     """The SAE's power diagram (see the module docstring for what it means per architecture)."""

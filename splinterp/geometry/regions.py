@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from splinterp.errors import ConfigError
-from splinterp.geometry.checks import check_count, check_sae
+from splinterp.geometry.checks import check_count, check_sae, takes_sae
 from splinterp.geometry.scores import checked_scores
 from splinterp.geometry.signed_sites import signed_site, site_latent, site_positive
 from splinterp.sae import SAE, TOPK_ARCHITECTURES
@@ -37,6 +37,7 @@ def input_chunks(sae: SAE, X, batch_size: int):
         yield start, X[start : start + batch_size].to(sae.device, non_blocking=True)
 
 
+@takes_sae
 @torch.no_grad()
 def active_mask(sae: SAE, X, batch_size: int = DEFAULT_BATCH) -> torch.Tensor:
     """bool [N, d_sae]: which latents fire on each input (the mask `encode` uses)."""
@@ -158,6 +159,7 @@ def _region_table(sae: SAE, X, batch_size: int) -> tuple[torch.Tensor, torch.Ten
     return rank[ids], uniq.cpu()[order]
 
 
+@takes_sae
 @torch.no_grad()
 def region_ids(sae: SAE, X, batch_size: int = DEFAULT_BATCH) -> torch.Tensor:
     """int64 [N]: equal exactly when two inputs lie in the same linear region.
@@ -205,6 +207,7 @@ class RegionIndex:
         return self.masks[self._check(region)]
 
 
+@takes_sae
 @torch.no_grad()
 def region_index(sae: SAE, X, batch_size: int = DEFAULT_BATCH) -> RegionIndex:
     """`region_ids` of X plus the active set (and, for topk_abs, the signs) of every region met."""
@@ -240,6 +243,7 @@ def _first_appearance_rank(ids: torch.Tensor, n: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ statistics
+@takes_sae
 def region_stats(sae: SAE, X, batch_size: int = DEFAULT_BATCH) -> dict:
     """Statistics of how inputs fall into regions.
 
@@ -277,6 +281,7 @@ def _masks_to_padded_indices(masks: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return idx, vals.bool()
 
 
+@takes_sae
 @torch.no_grad()
 def affine_maps(sae: SAE, masks) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched affine pieces: masks bool [R, d_sae] -> (A [R, d_in, d_in], c [R, d_in]).
@@ -297,6 +302,7 @@ def affine_maps(sae: SAE, masks) -> tuple[torch.Tensor, torch.Tensor]:
     return A, c
 
 
+@takes_sae
 def affine_map(sae: SAE, mask) -> tuple[torch.Tensor, torch.Tensor]:
     """The affine piece on one region: mask bool [d_sae] -> (A [d_in, d_in], c [d_in]), sae(x) = x @ A + c."""
     mask = check_mask(mask, sae.cfg.d_sae)
@@ -306,6 +312,7 @@ def affine_map(sae: SAE, mask) -> tuple[torch.Tensor, torch.Tensor]:
     return A[0], c[0]
 
 
+@takes_sae
 @torch.no_grad()
 def piece_rank(sae: SAE, masks, rtol: float | None = None) -> torch.Tensor:
     """int64 [R]: rank of the linear part W[:, S] @ W_dec[S] of each piece (at most |S|).

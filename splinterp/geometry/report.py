@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from splinterp.errors import ConfigError
+from splinterp.geometry.checks import takes_sae
 from splinterp.geometry.power import PowerDiagram, power_diagram
 from splinterp.geometry.regions import region_stats
 
@@ -29,6 +30,7 @@ def _key_stats(keys: np.ndarray) -> tuple[int, float]:
     return int(counts.size), math.exp(float(-(p * np.log(p)).sum()))
 
 
+@takes_sae
 def order_cell_stats(sae, X, orders: Sequence[int] = (1, 2, 4), batch_size: int = 8192) -> dict[str, float]:
     """For each order m: `order{m}_cells`, the distinct order-m power cells the rows of X fall in, and
     `order{m}_perplexity`, the effective number of those cells. Orders above the number of sites are left out."""
@@ -49,6 +51,7 @@ def order_cell_stats(sae, X, orders: Sequence[int] = (1, 2, 4), batch_size: int 
     return out
 
 
+@takes_sae
 def geometry_report(sae, X, orders: Sequence[int] = (1, 2, 4), batch_size: int = 8192) -> dict:
     """`region_stats` (the 10 largest region sizes only) plus `order_cell_stats` of `sae` on X, one flat dict."""
     stats = region_stats(sae, X, batch_size=batch_size)

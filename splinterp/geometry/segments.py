@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from splinterp.geometry.checks import input_point
+from splinterp.geometry.checks import input_point, takes_sae
 from splinterp.geometry.halfspaces import site_form
 from splinterp.geometry.scores import check_score_gaps, encoder_f64
 from splinterp.sae import SAE
@@ -131,6 +131,7 @@ def _select(sae: SAE, U: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]
     return torch.cat(masks), (torch.cat(signs) if sae.cfg.architecture == "topk_abs" else None)
 
 
+@takes_sae
 @torch.no_grad()
 def segment_regions(sae: SAE, x0, x1) -> Segment:
     """The exact regions crossed by the segment x0 -> x1, in any dimension and for every architecture.

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from splinterp.errors import ConfigError, ShapeError
-from splinterp.geometry.checks import check_bounds, input_point
+from splinterp.geometry.checks import check_bounds, input_point, takes_sae
 from splinterp.geometry.polygons import polygon_areas
 from splinterp.geometry.power import PowerDiagram, diagram_from_affine
 from splinterp.geometry.regions import affine_map
@@ -204,6 +204,7 @@ class Slice2D:
         return slice_adjacency(self)
 
 
+@takes_sae
 @torch.no_grad()
 def slice_2d(
     sae: SAE,
