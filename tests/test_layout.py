@@ -145,3 +145,20 @@ def test_every_command_option_can_be_given_on_the_command_line():
 
     build_parser()  # raises TypeError for an option type the generator cannot express
     assert set(commands()) >= {"reproduce", "figure", "list", "train", "harvest", "geometry"}
+
+
+def test_the_readme_layout_matches_the_tree():
+    """Every module and package of splinterp/ is in the README's layout list, and every name listed exists."""
+    import re
+
+    text = (ROOT.parent / "README.md").read_text()
+    block = re.search(r"```\n(splinterp/\n.*?)```", text[text.index("## Layout"):], re.S).group(1)
+    listed = set()
+    for line in block.splitlines():
+        if re.match(r"  \S", line):  # an entry of splinterp/: names before the two-space gap to its description
+            head = re.split(r"\s{2,}", line[2:].rstrip(), maxsplit=1)[0]
+            listed |= {n.strip() for n in head.split(",")}
+    actual = {p.name + "/" for p in ROOT.iterdir() if (p / "__init__.py").exists()}
+    actual |= {p.name for p in ROOT.glob("*.py") if p.name not in ("__init__.py", "__main__.py")}
+    assert not actual - listed, f"README layout does not list {sorted(actual - listed)}"
+    assert not listed - actual, f"README layout lists what does not exist: {sorted(listed - actual)}"
