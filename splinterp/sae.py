@@ -425,19 +425,26 @@ class SAE(nn.Module):
         """(u [..., d_sae], gate) for x [..., d_in]: the scores rounded as the SAE's library computes them, and
         for gated the gate path's bool mask (None otherwise)."""
         x2 = self.encoder_input(x.reshape(-1, self.cfg.d_in))
-        linear = self.cfg.score_order == "linear"
         if self.cfg.architecture == "gated":
-            if linear:  # dictionary_learning: one matmul shared by both paths, biases and exp(r_mag) after it
-                xe = x2 @ self.W_enc
-                gate = (xe + self.b_gate) > 0
-                u = torch.exp(self.r_mag) * xe + self.b_mag
-            else:  # SAELens: the magnitude path multiplies W_enc by exp(r_mag) first
-                gate = (x2 @ self.W_enc + self.b_gate) > 0
-                u = x2 @ (self.W_enc * torch.exp(self.r_mag)) + self.b_mag
+            pi_gate, u = self._gated_paths(x2)
             shape = (*x.shape[:-1], self.cfg.d_sae)
-            return u.reshape(shape), gate.reshape(shape)
-        u = kernels.affine_scores(x2, self.W_enc, self.b_enc, linear=linear)
+            return u.reshape(shape), (pi_gate > 0).reshape(shape)
+        u = kernels.affine_scores(x2, self.W_enc, self.b_enc, linear=self.cfg.score_order == "linear")
         return u.reshape(*x.shape[:-1], self.cfg.d_sae), None
+
+    def _gated_paths(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cfg.score_order == "linear":  # dictionary_learning: one matmul for both paths, biases after it
+            xe = x2 @ self.W_enc
+            return xe + self.b_gate, torch.exp(self.r_mag) * xe + self.b_mag
+        # SAELens: the magnitude path multiplies W_enc by exp(r_mag) first
+        return x2 @ self.W_enc + self.b_gate, x2 @ (self.W_enc * torch.exp(self.r_mag)) + self.b_mag
+
+    def gated_paths(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gated only: (pi_gate, pi_mag) [N, d_sae] of a batch x [N, d_in], with gradients (the gated loss needs
+        the gate scores themselves, not only their sign), rounded as the SAE's library computes them."""
+        if self.cfg.architecture != "gated":
+            raise ConfigError(f"gated_paths is for gated SAEs, not {self.cfg.architecture!r}")
+        return self._gated_paths(self.encoder_input(self._check(x)))
 
     def _pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         return self._scores(x)[0]

@@ -12,7 +12,7 @@ from splinterp import SAE, SAEConfig
 from splinterp.convert import gated_to_jumprelu, jumprelu_to_gated
 from splinterp.errors import ConfigError
 from splinterp.train import SGDConfig, get_loss, train_sgd
-from splinterp.train.gated import gated_loss, gated_paths
+from splinterp.train.gated import gated_loss
 from splinterp.train.jumprelu import jumprelu, jumprelu_loss, step
 
 D_IN, D_SAE = 6, 16
@@ -64,7 +64,7 @@ def test_gated_loss_pieces(data, apply_b_dec):
     torch.testing.assert_close(f, sae.encode(x).detach())  # the loss trains the model that encode runs
     with torch.no_grad():
         mse = ((f @ sae.W_dec + sae.b_dec - x) ** 2).mean()
-        gate_pre, _ = gated_paths(sae, x)
+        gate_pre, _ = sae.gated_paths(x)
         l1 = (torch.relu(gate_pre) * sae.W_dec.norm(dim=1)).sum(1).mean()
         aux = ((torch.relu(gate_pre) @ sae.W_dec + sae.b_dec - x) ** 2).mean()
     torch.testing.assert_close(loss.detach(), mse + 0.1 * l1 + aux)

@@ -26,17 +26,9 @@ import torch
 from splinterp.train.losses import loss_kwargs, reconstruction_mse
 
 
-def gated_paths(sae: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pi_gate, pi_mag) [N, d_sae] of a gated SAE, with gradients."""
-    x_in = x - sae.b_dec if sae.cfg.apply_b_dec_to_input else x
-    pi_gate = x_in @ sae.W_enc + sae.b_gate
-    pi_mag = x_in @ (sae.W_enc * torch.exp(sae.r_mag)) + sae.b_mag
-    return pi_gate, pi_mag
-
-
 def gated_loss(sae: Any, x: torch.Tensor, cfg: Any) -> tuple[torch.Tensor, dict[str, Any]]:
     """Gated SAE loss: mse + l1 on the norm-weighted gate activations + frozen-decoder aux reconstruction."""
-    pi_gate, pi_mag = gated_paths(sae, x)
+    pi_gate, pi_mag = sae.gated_paths(x)
     f = (pi_gate > 0).to(pi_mag.dtype) * torch.relu(pi_mag)
     w_dec = sae.W_dec
     mse = reconstruction_mse(x, f @ w_dec + sae.b_dec)
