@@ -496,26 +496,32 @@ class SAE(nn.Module):
             u, gate = self._scores(x)
             return self._mask(u, gate)
 
-    def _encode_dense(self, x: torch.Tensor) -> torch.Tensor:
-        u, gate = self._scores(x)
-        return u * self._mask(u.detach(), gate)
+    def _code(self, x: torch.Tensor, dense: bool = False,
+              sparse_out: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The one encoding path. Code of x [N, d_in]: (values, indices) when sparse, (z, None) when dense.
 
-    def _code(self, x: torch.Tensor, dense: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Code of x [N, d_in]: (values, indices) when sparse, (z, None) when dense.
-
-        TopK codes always go sparse (see splinterp.kernels); threshold codes only while sparse enough
-        to pay. `dense=True` or `kernels.dense_reference()` gives the plain formulas.
+        TopK codes always go sparse (see splinterp.kernels); threshold codes only while sparse enough to pay,
+        or always with `sparse_out` (encode_sparse). `dense=True` or `kernels.dense_reference()` computes with
+        the plain formulas (and with `sparse_out` reads the active entries off them).
         """
+        topk = self.cfg.architecture in TOPK_ARCHITECTURES
         if dense or not kernels.sparse_enabled() or x.shape[0] == 0:  # an empty batch needs no kernel
-            return self._encode_dense(x), None
-        arch = self.cfg.architecture
+            u, gate = self._scores(x)
+            if not sparse_out:
+                return u * self._mask(u.detach(), gate), None
+            if topk:
+                idx, live = self.select_topk(u.detach())
+            else:
+                idx, live = kernels.mask_to_padded(self._mask(u.detach(), gate))
+            return u.gather(-1, idx) * live, idx
         W, b = self.encoder_weights()
-        if arch in TOPK_ARCHITECTURES:
-            return kernels.encode_topk(self.encoder_input(x), W, b, self.cfg.k, absolute=arch == "topk_abs",
+        if topk:
+            return kernels.encode_topk(self.encoder_input(x), W, b, self.cfg.k,
+                                       absolute=self.cfg.architecture == "topk_abs",
                                        linear=self.cfg.score_order == "linear", ties=self.cfg.topk_ties)
         u, gate = self._scores(x)
         mask = self._mask(u.detach(), gate)
-        if kernels.is_sparse_enough(mask):
+        if sparse_out or kernels.is_sparse_enough(mask):
             return kernels.encode_masked(self.encoder_input(x), W, b, u.detach(), mask)
         return u * mask, None
 
@@ -537,28 +543,11 @@ class SAE(nn.Module):
         """
         x, dense = self._check(x), _flag(dense, "dense")
         x2 = x.reshape(-1, self.cfg.d_in)
-        W, b = self.encoder_weights()
         if x2.shape[0] == 0:  # empty batch: k columns for TopK, none for threshold rules
             m = self.cfg.k if self.cfg.architecture in TOPK_ARCHITECTURES else 0
-            vals = (x2 @ W[:, :m]).reshape(*x.shape[:-1], m)
+            vals = (x2 @ self.encoder_weights()[0][:, :m]).reshape(*x.shape[:-1], m)
             return vals, torch.zeros(vals.shape, dtype=torch.int64, device=x.device)
-        if self.cfg.architecture in TOPK_ARCHITECTURES:
-            if dense or not kernels.sparse_enabled():
-                u = self._scores(x2)[0]
-                idx, active = self.select_topk(u.detach())
-                vals = u.gather(-1, idx) * active
-            else:
-                vals, idx = kernels.encode_topk(self.encoder_input(x2), W, b, self.cfg.k,
-                                                absolute=self.cfg.architecture == "topk_abs",
-                                                linear=self.cfg.score_order == "linear", ties=self.cfg.topk_ties)
-        else:
-            u, gate = self._scores(x2)
-            mask = self._mask(u.detach(), gate)
-            if dense or not kernels.sparse_enabled():
-                idx, live = kernels.mask_to_padded(mask)
-                vals = u.gather(-1, idx) * live
-            else:
-                vals, idx = kernels.encode_masked(self.encoder_input(x2), W, b, u.detach(), mask)
+        vals, idx = self._code(x2, dense, sparse_out=True)
         if x.ndim == 2:  # the very indices tensor, so a later kernels.decode shares its sorted pattern
             return vals, idx
         return vals.reshape(*x.shape[:-1], vals.shape[-1]), idx.reshape(*x.shape[:-1], idx.shape[-1])
