@@ -1,0 +1,88 @@
+"""What the geometry figures draw (not only that they return): one polygon per exact cell, a label on every
+site and cell where the figure promises one, each circle in its own site's colour, legends that explain the
+marks, per-method colours from `viz.style`."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+from matplotlib.collections import PolyCollection
+from matplotlib.patches import Circle
+
+from splinterp.geometry import PowerDiagram
+from splinterp.viz import lift, power
+
+
+def _polys(ax) -> list[PolyCollection]:
+    return [c for c in ax.collections if isinstance(c, PolyCollection) and not hasattr(c, "get_offsets3d")]
+
+
+def _texts(ax) -> list[str]:
+    return [t.get_text() for t in ax.texts]
+
+
+def _circles(ax) -> list[Circle]:
+    return [p for p in ax.patches if isinstance(p, Circle)]
+
+
+def test_fig6_order2_panel_labels_every_cell_once_and_draws_no_circles():
+    centers, alpha = power.fig6_sites(42)
+    fig = power.fig6_voronoi_power_order2(centers=centers, weights=alpha)
+    ax = fig.axes[2]
+    cells = PowerDiagram(centers, alpha, order=2).cells_2d((-4, 4, -4, 4))
+    assert len(cells) == 11
+    (pc,) = _polys(ax)
+    assert len(pc.get_paths()) == len(cells)  # one polygon per exact cell
+    labels = [t for t in _texts(ax) if t.startswith("{")]
+    want = {"{" + ",".join(map(str, c.key)) + "}" for c in cells}
+    assert sorted(labels) == sorted(want)  # every 2-set labelled, exactly once
+    assert not _circles(ax)  # no circles clutter the 2nd-order panel
+    assert not [t for t in _texts(ax) if "α" in t]  # no alpha labels under the 2-set labels
+    # the first-order power panel: every site labelled with its alpha, one circle per positive weight
+    ax1 = fig.axes[1]
+    assert sorted(t for t in _texts(ax1) if "α" in t) == sorted(f"{i}: α={a:.2f}" for i, a in enumerate(alpha))
+    assert len(_circles(ax1)) == int((alpha > 0).sum())
+
+
+def test_fig5d_every_site_labelled_and_each_circle_in_its_sites_colour():
+    fig = power.fig5_voronoi_to_power(42, kmeans_centers=np.array([[-2.0, -2.0], [2.0, -2.0], [0.0, 2.0]]))
+    ax = fig.axes[3]
+    w = power.fig5_sites(42)["weights"]
+    assert sorted(t for t in _texts(ax) if "α" in t) == sorted(f"{i}: α={a:.2f}" for i, a in enumerate(w))
+    circ = _circles(ax)
+    assert len(circ) == 12
+    cols = power.site_colors(12)
+    C = power.fig5_sites(42)["sites"]
+    for c in circ:  # each circle sits on a site, has radius sqrt(alpha) and that site's colour
+        i = int(np.argmin(np.linalg.norm(C - np.asarray(c.center), axis=1)))
+        assert np.allclose(c.center, C[i]) and np.isclose(c.radius, np.sqrt(w[i]))
+        assert np.allclose(c.get_edgecolor()[:3], cols[i])
+    assert len({tuple(np.round(c.get_edgecolor()[:3], 3)) for c in circ}) == 12  # 12 different colours
+    assert ax.get_legend() is not None
+
+
+def test_sites_without_circle_are_hollow_and_explained():
+    pd = PowerDiagram(np.array([[0.0, 0.0], [1.0, 0.5], [-1.0, 0.3], [0.2, -1.0]]), np.array([0.3, -0.2, 0.0, 0.5]))
+    fig = power.plot_power_diagram(pd, (-2, 2, -2, 2), weight_labels=True, legend=True)
+    ax = fig.axes[0]
+    assert len(_circles(ax)) == 2
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert any("no circle (2 sites)" in t for t in legend)
+    hollow = [c for c in ax.collections if not isinstance(c, PolyCollection) and len(c.get_offsets())
+              and np.allclose(c.get_facecolor()[:, :3], 1.0)]
+    assert sum(len(c.get_offsets()) for c in hollow) == 2  # the two sites with alpha <= 0
+
+
+def test_lift_right_panel_shows_height_against_cell_area():
+    centers, alpha = lift.fig7_sites(42)
+    pd = PowerDiagram(centers, alpha)
+    fig = lift.plot_lift_3d(pd, (-2, 2, -2, 2))
+    ax2, ax3 = fig.axes[1], fig.axes[2]
+    assert sorted(t for t in _texts(ax2) if "α" in t) == sorted(f"{i}: α={a:.2f}" for i, a in enumerate(alpha))
+    assert any("probe" in t.get_text() for t in ax2.get_legend().get_texts())
+    K = lift.default_K(alpha)
+    xs = np.concatenate([c.get_offsets()[:, 0] for c in ax3.collections])
+    assert np.allclose(np.sort(xs), np.sort(np.sqrt(K - alpha)))  # one point per site at its lift height
+    rho = float(re.search(r"correlation ([+-][0-9.]+)", ax3.get_title()).group(1))
+    assert rho < 0  # the paper's message holds on these sites: higher site, smaller cell
