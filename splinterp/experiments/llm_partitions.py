@@ -17,7 +17,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from splinterp.experiments.registry import RunSettings, register
 from splinterp.viz.output import save_png, write_html
@@ -43,30 +42,6 @@ def pick_tokens(tokens: list[str], n: int = 3) -> list[int]:
     return [uniq[p] for p in pos]
 
 
-def pca_plane(X: torch.Tensor):
-    """The plane through the mean of X along its top-2 principal directions, as a `geometry.Plane` whose
-    (a, b) coordinates are the first two principal components; plus the explained-variance ratios."""
-    from splinterp.geometry import Plane
-
-    Xd = X.detach().cpu().double()
-    mu = Xd.mean(0)
-    _, S, Vt = torch.linalg.svd(Xd - mu, full_matrices=False)
-    u, v = Vt[0], Vt[1]
-    sign = torch.sign(u[u.abs().argmax()]), torch.sign(v[v.abs().argmax()])  # deterministic orientation
-    u, v = u * sign[0], v * sign[1]
-    coords = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
-    explained = (S[:2] ** 2 / (S**2).sum()).numpy()
-    return Plane(mu, u, v, coords), explained
-
-
-def data_bounds(ab: np.ndarray, lo: float = 5, hi: float = 95, pad: float = 0.1) -> tuple[float, ...]:
-    """A box around the central part of projected points (percentiles lo..hi, padded by `pad` of its side)."""
-    a0, b0 = np.percentile(ab, lo, axis=0)
-    a1, b1 = np.percentile(ab, hi, axis=0)
-    pa, pb = pad * (a1 - a0), pad * (b1 - b0)
-    return (float(a0 - pa), float(a1 + pa), float(b0 - pb), float(b1 + pb))
-
-
 @register("llm_partitions", "Exact region partitions (slice_2d) of planes through real MiniLM token activations "
           "(through three held-out tokens; through the mean along the top-2 principal directions), TopK vs ReLU SAE, "
           "held-out tokens projected; interactive pages hover regions (active latents) and tokens",
@@ -79,6 +54,8 @@ def llm_partitions(out_dir: Path, run: RunSettings) -> dict:
     from splinterp.llm import LLMContext, LLMDataConfig, SweepPointConfig
     from splinterp.viz.llm import points_from_cache
     from splinterp.viz.slices import (
+        data_bounds,
+        pca_plane,
         plot_slices,
         plot_slices_plotly,
         project_points,
@@ -113,7 +90,7 @@ def llm_partitions(out_dir: Path, run: RunSettings) -> dict:
     axis_tok = (f"a: along {labels[0]} → {labels[1]}", f"b: orthogonal, towards {labels[2]}")
     # plane 2: data mean, top-2 principal directions
     pplane, explained = pca_plane(Xs)
-    ab, _ = project_points(_PlaneOnly(pplane), Xs)
+    ab, _ = project_points(pplane, Xs)
     box_pca = data_bounds(ab)
     v_pca = slice_views(saes, pplane, box_pca, Xs, toks, contexts, anchor_labels=["mean"])
     axis_pca = (f"PC1 ({100 * explained[0]:.1f}% of variance)", f"PC2 ({100 * explained[1]:.1f}% of variance)")
@@ -143,10 +120,3 @@ def llm_partitions(out_dir: Path, run: RunSettings) -> dict:
     res["anchor_tokens"] = labels
     res["pca_explained"] = explained.round(4).tolist()
     return res
-
-
-class _PlaneOnly:
-    """A plane seen as the (origin, u, v) of a slice, for projecting points before slicing."""
-
-    def __init__(self, plane):
-        self.origin, self.u, self.v = plane.origin, plane.u, plane.v

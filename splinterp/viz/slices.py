@@ -85,7 +85,8 @@ def region_texts(sl, n_latents: int = 8) -> list[str]:
 
 @torch.no_grad()
 def project_points(sl, X: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """(ab [N, 2], distance to the plane [N]) of inputs X [N, d_in] (float64)."""
+    """(ab [N, 2], distance to the plane [N]) of inputs X [N, d_in] (float64) on the plane of `sl` (a
+    `Slice2D` or a `Plane`: anything with origin, u, v)."""
     D = X.detach().cpu().double() - sl.origin
     uv = torch.stack([sl.u, sl.v], 1)
     # u, v need not be orthonormal: least-squares coordinates in the plane
@@ -144,6 +145,30 @@ def slice_views(saes: Mapping[str, object], plane, bounds, X: torch.Tensor | Non
     return views
 
 
+def pca_plane(X: torch.Tensor):
+    """The plane through the mean of X along its top-2 principal directions, as a `geometry.Plane` whose
+    (a, b) coordinates are the first two principal components; plus the explained-variance ratios."""
+    from splinterp.geometry import Plane
+
+    Xd = X.detach().cpu().double()
+    mu = Xd.mean(0)
+    _, S, Vt = torch.linalg.svd(Xd - mu, full_matrices=False)
+    u, v = Vt[0], Vt[1]
+    sign = torch.sign(u[u.abs().argmax()]), torch.sign(v[v.abs().argmax()])  # deterministic orientation
+    u, v = u * sign[0], v * sign[1]
+    coords = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    explained = (S[:2] ** 2 / (S**2).sum()).numpy()
+    return Plane(mu, u, v, coords), explained
+
+
+def data_bounds(ab: np.ndarray, lo: float = 5, hi: float = 95, pad: float = 0.1) -> tuple[float, ...]:
+    """A box around the central part of projected points (percentiles lo..hi, padded by `pad` of its side)."""
+    a0, b0 = np.percentile(ab, lo, axis=0)
+    a1, b1 = np.percentile(ab, hi, axis=0)
+    pa, pb = pad * (a1 - a0), pad * (b1 - b0)
+    return (float(a0 - pa), float(a1 + pa), float(b0 - pb), float(b1 + pb))
+
+
 def _error_norm(views: Sequence[SliceView]):
     from matplotlib.colors import Normalize
 
@@ -153,13 +178,13 @@ def _error_norm(views: Sequence[SliceView]):
 
 
 def plot_slices(views: Sequence[SliceView], *, axis_labels: tuple[str, str] = ("a", "b"),
-                suptitle: str | None = None, ax_row=None) -> Figure:
+                suptitle: str | None = None, ax_row=None, points_label: str = "held-out points") -> Figure:
     """The panels side by side (matplotlib): exact region polygons (neighbours never share a colour), points
     at their projections coloured by relative reconstruction error (one scale for all panels), anchors as
     stars with their labels."""
     n = len(views)
     if ax_row is None:
-        fig = Figure(figsize=(5.6 * n + 1.0, 5.6), layout="constrained")
+        fig = Figure(figsize=(max(5.6 * n + 1.0, 8.5), 6.4), layout="constrained")
         axes = fig.subplots(1, n, squeeze=False)[0]
     else:
         axes = list(ax_row)
@@ -187,22 +212,22 @@ def plot_slices(views: Sequence[SliceView], *, axis_labels: tuple[str, str] = ("
         ax.set_ylabel(axis_labels[1], fontsize=9)
     if sc is not None:
         fig.colorbar(sc, ax=list(axes), shrink=0.85, label=ERROR_LABEL)
-    handles = slice_legend_handles(sc is not None)
+    handles = slice_legend_handles(sc is not None, points_label)
     if ax_row is None:
-        fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=9)
+        fig.legend(handles=handles, loc="outside lower center", ncols=len(handles) if n > 1 else 1, fontsize=9)
         if suptitle:
-            fig.suptitle(suptitle, fontsize=12)
+            fig.suptitle(suptitle, fontsize=12 if n > 1 else 10, wrap=True)
     return fig
 
 
-def slice_legend_handles(points: bool = True) -> list:
+def slice_legend_handles(points: bool = True, points_label: str = "held-out points") -> list:
     """Legend entries of `plot_slices`: anchors (stars) and projected points."""
     h = [Line2D([], [], marker="*", ls="", mfc="yellow", mec="k", ms=12, label="point(s) the plane passes through"),
          Line2D([], [], marker="s", ls="", mfc="0.85", mec="0.25", ms=10,
                 label="exact region (distinct active set; neighbours differ in colour)")]
     if points:
         h.append(Line2D([], [], marker="o", ls="", mfc="0.6", mec="k", ms=5,
-                        label="held-out points, projected onto the plane (colour: their error)"))
+                        label=f"{points_label}, projected onto the plane (colour: their error)"))
     return h
 
 
