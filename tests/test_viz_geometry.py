@@ -86,3 +86,99 @@ def test_lift_right_panel_shows_height_against_cell_area():
     assert np.allclose(np.sort(xs), np.sort(np.sqrt(K - alpha)))  # one point per site at its lift height
     rho = float(re.search(r"correlation ([+-][0-9.]+)", ax3.get_title()).group(1))
     assert rho < 0  # the paper's message holds on these sites: higher site, smaller cell
+
+
+# ------------------------------------------------------------------ figures of the exact region tools
+def _sae(arch: str, d_in: int = 5, d_sae: int = 12, seed: int = 0, k: int | None = None):
+    import torch
+
+    from splinterp import SAE, SAEConfig
+
+    sae = SAE(SAEConfig(d_in, d_sae, arch, k=k, seed=seed, dtype="float64"))
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed + 1)
+        sae.b_enc.copy_(0.4 * torch.randn(d_sae, generator=g, dtype=torch.float64))
+    return sae
+
+
+def test_segment_figure_draws_one_band_per_exact_piece_and_pieces_match_encode():
+    import torch
+    from matplotlib.patches import Rectangle
+
+    from splinterp.geometry import segment_regions
+    from splinterp.viz import tools
+
+    g = torch.Generator().manual_seed(2)
+    x0, x1 = (3 * torch.randn(5, generator=g, dtype=torch.float64) for _ in range(2))
+    segs = {}
+    for arch, k in (("topk", 3), ("relu", None)):
+        sae = _sae(arch, k=k)
+        seg = segment_regions(sae, x0, x1)
+        segs[arch] = (sae, seg, arch)
+        # brute force: active sets at 20,000 samples change only at the exact breaks, and every break is seen
+        t = np.linspace(0, 1, 20001)
+        act = (sae.encode(seg.points(t)) != 0).numpy()
+        changes = t[1:][(act[1:] != act[:-1]).any(1)]
+        assert len(changes) == len(seg.breaks)
+        assert np.allclose(changes, seg.breaks, atol=1e-4)
+    fig = tools.plot_segments(segs)
+    bands = [fig.axes[0], fig.axes[2]]
+    for ax, (_, seg, _) in zip(bands, segs.values()):
+        spans = [p for p in ax.patches if isinstance(p, Rectangle) or p.__class__.__name__ == "Polygon"]
+        assert len(spans) == len(seg)
+        assert f"{len(seg)} exact pieces" in ax.get_title(loc="left")
+    from matplotlib.colors import to_rgb
+
+    from splinterp.viz.style import style
+
+    assert to_rgb(fig.axes[1].lines[0].get_color()) == to_rgb(style("topk")["color"])
+    assert to_rgb(fig.axes[3].lines[0].get_color()) == to_rgb(style("relu")["color"])
+
+
+def test_boundary_histograms_one_outline_per_architecture_in_its_colour():
+    from matplotlib.colors import to_rgb
+
+    from splinterp.viz import tools
+    from splinterp.viz.style import style
+
+    rng = np.random.default_rng(0)
+    d = {"relu": rng.lognormal(0, 1, 200), "topk": rng.lognormal(1, 1, 200), "gated": rng.lognormal(-1, 1, 200)}
+    fig = tools.plot_boundary_histograms(d)
+    ax = fig.axes[0]
+    assert len(ax.patches) == 3
+    assert [to_rgb(p.get_edgecolor()) for p in ax.patches] == [to_rgb(style(k)["color"]) for k in d]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == [f"{style(k)['label']} (median {np.median(v):.3g})" for k, v in d.items()]
+
+
+def test_complexity_map_counts_relu_hyperplanes_in_reach():
+    import torch
+
+    from splinterp.geometry import plane_through, slice_2d
+    from splinterp.viz import raster, tools
+
+    sae = _sae("relu")
+    g = torch.Generator().manual_seed(3)
+    plane = plane_through(*(torch.randn(5, generator=g, dtype=torch.float64) for _ in range(3)))
+    sl = slice_2d(sae, plane, bounds=plane.bounds(0.5))
+    grid = tools.complexity_grid(sae, sl, 0.3, resolution=30)
+    # brute force: latents whose hyperplane u_i = 0 lies within 0.3 of the pixel centre
+    P = sl.to_input(raster.pixel_centers(sl.bounds, grid.shape))
+    W, b = sae.W_enc.detach(), sae.b_enc.detach()
+    dist = ((P @ W + b).abs() / W.norm(dim=0)).numpy()
+    assert np.array_equal(grid.ravel(), (dist < 0.3).sum(1))
+    fig = tools.plot_complexity_maps({"relu": (sl, grid)}, radius=0.3)
+    (im,) = fig.axes[0].images
+    assert np.array_equal(np.asarray(im.get_array()), grid)
+    (pc,) = [c for c in fig.axes[0].collections if isinstance(c, PolyCollection)]
+    assert len(pc.get_paths()) == len(sl.polygons)  # every exact region edge drawn over the map
+
+
+def test_tool_jobs_are_registered_with_png_outputs():
+    from splinterp.experiments import registry
+
+    jobs = registry.load_all()
+    assert set(jobs["mnist_geometry_tools"].outputs) == {"segments_mnist.png", "boundary_distance_hist.png",
+                                                          "local_complexity_map.png"}
+    assert jobs["llm_segments"].outputs == ("segments_tokens.png",) and "llm" in jobs["llm_segments"].tags
+    assert jobs["mnist_geometry_tools"].quick_seconds <= 30 and jobs["llm_segments"].quick_seconds <= 30

@@ -189,3 +189,12 @@ def test_committed_html_figures_draw_offline(tmp_path):
     assert pages
     for i, page in enumerate(pages):
         check_drawn(page, tmp_path / f"profile{i}")
+
+
+def test_llm_segments_job_pieces_are_encodes(html_out):
+    """Runs on the folder of the HTML jobs, so the harvest and the two SAEs come from the shared store."""
+    out, _ = html_out
+    res = registry.run_job("llm_segments", out, quick=True, threads=1)
+    for arch in ("topk", "relu"):
+        assert res[f"segment_{arch}_pieces"] > 1 and res[f"segment_{arch}_encode_agreement"] == 1.0
+    assert (out / "segments_tokens.png").stat().st_size > 10_000

@@ -16,8 +16,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
-
 from splinterp.experiments.registry import RunSettings, register
 from splinterp.viz.output import save_png, write_html
 
@@ -25,21 +23,6 @@ log = logging.getLogger(__name__)
 
 # the llm_geometry job's per-architecture knobs (quick, full), so the SAE store trains each SAE once per folder
 _KNOBS = {True: {"topk": 8, "relu": 0.003}, False: {"topk": 32, "relu": 0.004}}
-
-
-def pick_tokens(tokens: list[str], n: int = 3) -> list[int]:
-    """Indices of n held-out tokens to build the plane through: whole words (letters only, 3+ characters, not a
-    word piece), distinct strings, spread over the list (first, middle, last candidate); deterministic."""
-    cand = [i for i, t in enumerate(tokens) if t.isalpha() and len(t) >= 3]
-    seen, uniq = set(), []
-    for i in cand:
-        if tokens[i] not in seen:
-            seen.add(tokens[i])
-            uniq.append(i)
-    if len(uniq) < n:
-        uniq = list(dict.fromkeys(uniq + list(range(len(tokens)))))
-    pos = np.linspace(0, len(uniq) - 1, n).round().astype(int)
-    return [uniq[p] for p in pos]
 
 
 @register("llm_partitions", "Exact region partitions (slice_2d) of planes through real MiniLM token activations "
@@ -52,7 +35,7 @@ def llm_partitions(out_dir: Path, run: RunSettings) -> dict:
 
     from splinterp.geometry import plane_through
     from splinterp.llm import LLMContext, LLMDataConfig, SweepPointConfig
-    from splinterp.viz.llm import points_from_cache
+    from splinterp.viz.llm import pick_tokens, points_from_cache
     from splinterp.viz.slices import (
         data_bounds,
         pca_plane,

@@ -75,6 +75,21 @@ def points_from_cache(cache, layer: int, n: int = 3000, split: str | None = "tes
     return X[pick], toks, ctx
 
 
+def pick_tokens(tokens: list[str], n: int = 3) -> list[int]:
+    """Indices of n held-out tokens to build the plane through: whole words (letters only, 3+ characters, not a
+    word piece), distinct strings, spread over the list (first, middle, last candidate); deterministic."""
+    cand = [i for i, t in enumerate(tokens) if t.isalpha() and len(t) >= 3]
+    seen, uniq = set(), []
+    for i in cand:
+        if tokens[i] not in seen:
+            seen.add(tokens[i])
+            uniq.append(i)
+    if len(uniq) < n:
+        uniq = list(dict.fromkeys(uniq + list(range(len(tokens)))))
+    pos = np.linspace(0, len(uniq) - 1, n).round().astype(int)
+    return [uniq[p] for p in pos]
+
+
 def activation_projection(
     X,
     sae=None,
