@@ -182,3 +182,31 @@ def test_tool_jobs_are_registered_with_png_outputs():
                                                           "local_complexity_map.png"}
     assert jobs["llm_segments"].outputs == ("segments_tokens.png",) and "llm" in jobs["llm_segments"].tags
     assert jobs["mnist_geometry_tools"].quick_seconds <= 30 and jobs["llm_segments"].quick_seconds <= 30
+
+
+def test_slice_comparison_shows_error_on_its_own_scale_with_axes_named():
+    """Regions on top, the error below as its own image (not a veil over region colours), axes say what a, b are."""
+    import torch
+
+    from splinterp.geometry import plane_through
+    from splinterp.viz import partition, raster
+
+    sae = _sae("topk", d_in=5, d_sae=10, k=2)
+    g = torch.Generator().manual_seed(4)
+    plane = plane_through(*(torch.randn(5, generator=g, dtype=torch.float64) for _ in range(3)))
+    b = plane.bounds(0.3)
+    fig = partition.plot_slice_comparison({"topk": sae}, plane.origin, plane.u, plane.v, b, resolution=40,
+                                          axis_labels=("a: along x0 → x1", "b: towards x2"))
+    top, bottom = fig.axes[0], fig.axes[1]
+    assert top.get_xlabel() == "a: along x0 → x1" and bottom.get_ylabel() == "b: towards x2"
+    assert not top.images  # no veil over the region colours
+    (im,) = bottom.images
+    shape = raster.raster_shape(b, 40)
+    X = plane.to_input(raster.pixel_centers(b, shape))
+    err = ((X - sae(X)) ** 2).sum(1).detach().numpy().reshape(shape)
+    vmax = np.percentile(err, 98)
+    from matplotlib import colormaps
+
+    want = colormaps["magma"](np.clip(err / vmax, 0, 1))
+    assert np.allclose(np.asarray(im.get_array()), want, atol=1e-6)
+    assert any("|x − x̂|²" in a.get_ylabel() for a in fig.axes)  # the error colour bar is labelled
