@@ -39,8 +39,8 @@ class Command:
 
 def commands() -> dict[str, Command]:
     """Every command, in the order `splinterp --help` lists them."""
-    from splinterp.commands import geometry, harvest, notebooks, readme, reproduce, train
+    from splinterp.commands import geometry, harvest, notebooks, readme, reproduce, slice, train
 
-    cmds = [*reproduce.COMMANDS, train.COMMAND, harvest.COMMAND, geometry.COMMAND, readme.COMMAND,
+    cmds = [*reproduce.COMMANDS, train.COMMAND, harvest.COMMAND, geometry.COMMAND, slice.COMMAND, readme.COMMAND,
             notebooks.COMMAND]
     return {c.name: c for c in cmds}

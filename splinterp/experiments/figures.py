@@ -109,11 +109,17 @@ def llm_projection(out_dir: Path, run: RunSettings) -> dict:
     X, toks, ctx_txt = points_from_cache(ctx.cache, layer, n=1500 if quick else 4000, split="test", seed=seed)
     Xs = ctx.standardizer(layer).transform(X).to(sae.dtype)
     kw = dict(tokens=toks, contexts=ctx_txt, seed=seed)
+    model = ctx.data.model or "all-MiniLM-L6-v2"
+    where = (f"{model.split('/')[-1]}, block {layer} resid_post, {Xs.shape[0]} held-out tokens; "
+             f"TopK SAE d_sae={sae.cfg.d_sae}, k={sae.cfg.k}")
     p_region = activation_projection(Xs, sae, color_by="region", dims=2, **kw)
+    p_region.title += f"<br>{where}"
     write_html(plot_activation_projection(None, projection=p_region), out_dir / "llm_pca_regions.html")
     p_top3 = activation_projection(Xs, sae, color_by="top_latent", dims=3, **kw)
+    p_top3.title += f"<br>{where}"
     write_html(plot_activation_projection(None, projection=p_top3), out_dir / "llm_pca_top_latent_3d.html")
     p_top2 = activation_projection(Xs, sae, color_by="top_latent", dims=2, **kw)
+    p_top2.title += f"\n{where}"
     save_png(plot_activation_projection_static(None, projection=p_top2), out_dir / "llm_pca_top_latent.png")
     stats = region_stats(sae, Xs)
     return {"layer": layer, "n_points": int(Xs.shape[0]), "sae": f"topk d_sae={sae.cfg.d_sae} k={sae.cfg.k}",
@@ -166,8 +172,9 @@ def sae_power_cells(out_dir: Path, run: RunSettings) -> dict:
 
 
 @register("mnist_slices", "A plane through three MNIST digits (0, 1, 7) cut by a TopK SAE, a ReLU SAE (exact "
-          "polygons), a k-means AE (exact) and a k-means + local PCA AE (raster), shaded by reconstruction error",
-          outputs=["mnist_slice_partitions.png"], quick_seconds=30)
+          "polygons), a k-means AE (exact) and a k-means + local PCA AE (raster), with the reconstruction error on its "
+          "own scale; interactive page: hover a region (active latents) or a held-out digit (label, region, error)",
+          outputs=["mnist_slice_partitions.png", "mnist_slice_partitions.html"], quick_seconds=30)
 def mnist_slices(out_dir: Path, run: RunSettings) -> dict:
     quick, seed, device = run.quick, run.seed, run.device
     from splinterp import SAE, SAEConfig
@@ -176,6 +183,7 @@ def mnist_slices(out_dir: Path, run: RunSettings) -> dict:
     from splinterp.reference import KMeansAE, LocalPCAAE
     from splinterp.train import SGDConfig, train_sgd
     from splinterp.viz.partition import plot_slice_comparison
+    from splinterp.viz.slices import plot_slices_plotly, slice_views
 
     n, d_sae, epochs, resolution = (1500, 64, 2, 160) if quick else (4000, 256, 10, 300)
     X, y = load_mnist("train", n=n, seed=seed, device=device)
@@ -192,20 +200,28 @@ def mnist_slices(out_dir: Path, run: RunSettings) -> dict:
     picks = [int(torch.nonzero(y == dgt)[0]) for dgt in (0, 1, 7)]
     plane = plane_through(*(X[i].cpu() for i in picks))
     bounds = plane.bounds(0.3)
-    models = {"TopK SAE (k=8)": topk.cpu(), "ReLU SAE": relu.cpu(), f"k-means AE ({n_clusters})": km.cpu(),
-              f"local PCA AE ({lp.n_regions} x rank {lp.rank})": lp.cpu()}
+    saes = {f"TopK SAE (d_sae={d_sae}, k=8)": topk.cpu(), f"ReLU SAE (d_sae={d_sae}, L1 3e-3)": relu.cpu()}
+    models = {**saes, f"k-means AE ({n_clusters} centroids)": km.cpu(),
+              f"local PCA AE ({lp.n_regions} regions x rank {lp.rank})": lp.cpu()}
+    axis = ("a: along digit 0 → digit 1 (input units)", "b: orthogonal, towards digit 7")
     fig = plot_slice_comparison(models, plane.origin, plane.u, plane.v, bounds, resolution=resolution,
                                 anchors_ab=plane.coords, anchor_labels=["0", "1", "7"],
-                                anchor_images=[X[i].cpu().numpy() for i in picks],
-                                suptitle="One plane through three MNIST digits, cut by four autoencoders")
+                                anchor_images=[X[i].cpu().numpy() for i in picks], axis_labels=axis,
+                                suptitle=f"One plane through three MNIST training digits (0, 1, 7), cut by four "
+                                         f"autoencoders trained on {n} digits")
     save_png(fig, out_dir / "mnist_slice_partitions.png")
-    from splinterp.geometry import slice_2d
+    Xt, yt = load_mnist("test", n=300 if quick else 1000, seed=seed)
+    views = slice_views(saes, plane, bounds, Xt.cpu(), [f"test digit {int(v)}" for v in yt],
+                        anchor_labels=["0", "1", "7"])
+    write_html(plot_slices_plotly(views, axis_labels=axis,
+                                  title="Exact SAE regions on a plane through three MNIST digits (0, 1, 7); held-out "
+                                        "digits projected; hover a region or a digit"),
+               out_dir / "mnist_slice_partitions.html")
 
     res = {"n_train": n, "d_sae": d_sae}
-    for name, m in (("topk", topk.cpu()), ("relu", relu.cpu())):
-        sl = slice_2d(m, plane.origin, plane.u, plane.v, bounds)
-        res[f"{name}_regions_in_slice"] = len(sl)
-        res[f"{name}_slice_area_error"] = sl.area_error()
+    for name, v in zip(("topk", "relu"), views):
+        res[f"{name}_regions_in_slice"] = v.n_regions
+        res[f"{name}_slice_area_error"] = v.slice.area_error()
     with torch.no_grad():
         for name, m in models.items():
             res[f"mse[{name}]"] = float(((X.cpu() - m(X.cpu().to(m.dtype))) ** 2).mean())

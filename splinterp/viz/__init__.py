@@ -14,6 +14,10 @@ Modules:
 - `partition`: an SAE's (or reference AE's) partition of a 2-D slice of input space, shaded by
   reconstruction error; the E1 three-panel picture (k-means | TopK SAE | local PCA).
 - `llm`: PCA projections of real activations coloured by SAE region or latent (plotly, hover text).
+- `slices`: exact slices of SAEs with data projected onto the plane (PNG, and plotly with hover on regions
+  and points); what `splinterp slice` and the llm_partitions job draw.
+- `tools`: the exact region tools drawn: regions and error along a segment, boundary-distance histograms,
+  local-complexity maps.
 - `training`: training curves (SGD vs PAM-SGD) and final-metric bars.
 - `mnist`: encoder/decoder filters as 28x28 images, reconstructions.
 - `colors`: the distinct palette and neighbour-distinct cell colourings.
@@ -34,11 +38,14 @@ from splinterp.viz.power import (
     plot_sae_power_cells,
 )
 from splinterp.viz.raster import pixel_centers, raster_shape, show_raster
+from splinterp.viz.slices import SliceView, plot_slices, plot_slices_plotly, slice_views
+from splinterp.viz.tools import plot_boundary_histograms, plot_complexity_maps, plot_segments
 from splinterp.viz.training import plot_metric_bars, plot_training_curves
 
 __all__ = [
     "ColorMap",
     "SlicePartition",
+    "SliceView",
     "activation_projection",
     "cell_adjacency",
     "cells_colormap",
@@ -53,6 +60,8 @@ __all__ = [
     "pixel_centers",
     "plot_activation_projection",
     "plot_activation_projection_static",
+    "plot_boundary_histograms",
+    "plot_complexity_maps",
     "plot_encoder_decoder_filters",
     "plot_filters",
     "plot_lift_3d",
@@ -62,11 +71,15 @@ __all__ = [
     "plot_power_raster",
     "plot_reconstructions",
     "plot_sae_power_cells",
+    "plot_segments",
+    "plot_slices",
+    "plot_slices_plotly",
     "plot_training_curves",
     "raster_shape",
     "rasterize_cells",
     "save_png",
     "setup_axes",
     "show_raster",
+    "slice_views",
     "write_html",
 ]

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from mpl_toolkits.mplot3d.art3d import Line3DCollection, Poly3DCollection
 from scipy.optimize import linprog
 from scipy.spatial import HalfspaceIntersection
 
 from splinterp.viz.cells import cell_key, cells_colormap, draw_cells, setup_axes
 from splinterp.viz.colors import ColorMap, to_hex
-from splinterp.viz.power import draw_sites
+from splinterp.viz.power import draw_sites, site_colors
 from splinterp.viz.raster import check_bounds
 
 
@@ -130,14 +131,17 @@ def lift_scene(pd, bounds, K: float | None = None, n_probes: int = 3, seed: int 
 def plot_lift_3d(pd, bounds=(-2, 2, -2, 2), K: float | None = None, n_probes: int = 3, seed: int = 0,
                  elev: float = 22, azim: float = -60, show_cells3d: bool = True) -> Figure:
     """Static figure 7: left, the 3-D scene (lifted sites, their clipped Voronoi cells, the plane with the
-    exact power diagram, drop lines, probes); right, the plane seen from above with sqrt(alpha) circles."""
+    exact power diagram, drop lines, probes); middle, the plane seen from above with sqrt(alpha) circles;
+    right, each site's lift height against its cell's area (higher site, smaller weight, smaller cell)."""
     s = lift_scene(pd, bounds, K, n_probes, seed)
     m = pd.n_sites
     cmap = ColorMap([(i,) for i in range(m)])
     xmin, xmax, ymin, ymax = check_bounds(bounds)
-    fig = Figure(figsize=(14, 6.6), layout="constrained")
-    ax = fig.add_subplot(1, 2, 1, projection="3d")
-    ax2 = fig.add_subplot(1, 2, 2)
+    fig = Figure(figsize=(19, 6.6), layout="constrained")
+    gs = fig.add_gridspec(1, 3, width_ratios=[1.15, 1.0, 0.8])
+    ax = fig.add_subplot(gs[0], projection="3d")
+    ax2 = fig.add_subplot(gs[1])
+    ax3 = fig.add_subplot(gs[2])
     ax.computed_zorder = False  # draw in the order below: plane, cells, lines, sites (plane is at the bottom)
     plane = [np.column_stack([c.vertices, np.zeros(len(c.vertices))]) for c in s["cells"]]
     ax.add_collection3d(Poly3DCollection(plane, facecolors=[cmap(cell_key(c)) for c in s["cells"]], alpha=0.8,
@@ -171,12 +175,45 @@ def plot_lift_3d(pd, bounds=(-2, 2, -2, 2), K: float | None = None, n_probes: in
     ax.set_title("Lifted sites (c, √(K − α)) and their 3-D Voronoi cells;\n"
                  "black: probe x on the plane → its nearest lifted site", fontsize=10)
     draw_cells(ax2, s["cells"], cmap, alpha=0.8)
-    draw_sites(ax2, pd, circles=True, weight_labels=True)
+    handles = draw_sites(ax2, pd, circles=True, weight_labels=True)
     ax2.scatter(s["probes"][:, 0], s["probes"][:, 1], marker="x", s=40, c="k", zorder=6)
+    handles.append(Line2D([], [], marker="x", ls="", color="k",
+                          label="probe x: its cell's site is its nearest lifted site (black lines, left)"))
+    ax2.legend(handles=handles, fontsize=7, loc="lower left", framealpha=0.85)
     setup_axes(ax2, bounds, f"The section h = 0: the power diagram with α = K − h²  (K = {s['K']:.2f})",
                fontsize=10)
+    _height_vs_area(ax3, pd, s, cmap, bounds)
     fig.suptitle("A power diagram is a slice of a Voronoi diagram one dimension up (exact)", fontsize=14)
     return fig
+
+
+def _height_vs_area(ax, pd, s, cmap, bounds) -> None:
+    """The paper's message in one panel: a higher lifted site has a smaller weight, hence a smaller cell."""
+    L = s["lifted"]
+    area = np.zeros(pd.n_sites)
+    for c in s["cells"]:
+        area[cell_key(c)[0]] += abs(c.area)
+    xmin, xmax, ymin, ymax = check_bounds(bounds)
+    frac = area / ((xmax - xmin) * (ymax - ymin))
+    h = L[:, 2]
+    cols = site_colors(pd.n_sites)
+    empty = frac <= 0
+    ax.scatter(h[~empty], frac[~empty], s=70, c=cols[~empty], edgecolors="k", zorder=3)
+    ax.scatter(h[empty], frac[empty], s=70, facecolors="white", edgecolors=cols[empty], linewidths=1.6, zorder=3,
+               label="empty cell (site hidden)")
+    for i in range(pd.n_sites):
+        ax.annotate(f"{i}", (h[i], frac[i]), xytext=(5, 3), textcoords="offset points", fontsize=8, color=cols[i],
+                    weight="bold")
+    order = np.argsort(h)
+    rho = float(np.corrcoef(np.argsort(order), np.argsort(np.argsort(frac)))[0, 1])
+    ax.set_xlabel("height of the lifted site  h = √(K − α)   (higher = smaller α)")
+    ax.set_ylabel("area of its power cell (fraction of the box)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    if empty.any():
+        ax.legend(fontsize=8)
+    ax.set_title(f"Higher site → smaller weight → smaller cell\n(Spearman rank correlation {rho:+.2f})",
+                 fontsize=10)
 
 
 def plot_lift_plotly(pd, bounds=(-2, 2, -2, 2), K: float | None = None, n_probes: int = 3, seed: int = 0):

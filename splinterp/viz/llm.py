@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from splinterp.viz.colors import palette, to_hex
+from splinterp.viz.colors import MAX_DISTINCT, palette, to_hex
 
 OTHER = "other"
 COLOR_BY = ("region", "top_latent", "latent", "none")
@@ -33,6 +33,7 @@ class Projection:
     hover: list[str]
     title: str
     order: list[str] = field(default_factory=list)  # legend order of the categories
+    detail: list[str] | None = None  # per point its own region / latent, also for points in "other"
 
 
 def pca(X: torch.Tensor, n_components: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -72,6 +73,21 @@ def points_from_cache(cache, layer: int, n: int = 3000, split: str | None = "tes
             lo -= 1
         ctx.append(" ".join(toks_all[lo:i]))
     return X[pick], toks, ctx
+
+
+def pick_tokens(tokens: list[str], n: int = 3) -> list[int]:
+    """Indices of n held-out tokens to build the plane through: whole words (letters only, 3+ characters, not a
+    word piece), distinct strings, spread over the list (first, middle, last candidate); deterministic."""
+    cand = [i for i, t in enumerate(tokens) if t.isalpha() and len(t) >= 3]
+    seen, uniq = set(), []
+    for i in cand:
+        if tokens[i] not in seen:
+            seen.add(tokens[i])
+            uniq.append(i)
+    if len(uniq) < n:
+        uniq = list(dict.fromkeys(uniq + list(range(len(tokens)))))
+    pos = np.linspace(0, len(uniq) - 1, n).round().astype(int)
+    return [uniq[p] for p in pos]
 
 
 def activation_projection(
@@ -132,7 +148,7 @@ def activation_projection(
         hover = [f"token: <b>{html.escape(repr(tokens[i]))}</b>" for i in keep]
         if contexts is not None:
             hover = [h + f"<br>context: …{html.escape(contexts[i][-60:])}" for h, i in zip(hover, keep)]
-    categories = values = None
+    categories = values = detail = None
     title = "PCA of activations"
     if sae is not None:
         Xs = Xk.to(sae.dtype)
@@ -151,7 +167,10 @@ def activation_projection(
         if color_by == "region":
             top_r = [r for r in np.argsort(-sizes, kind="stable")[:top_categories] if sizes[r] > 1]
             categories = [f"region {r}" if r in top_r else OTHER for r in rid]
-            title = f"PCA of activations, coloured by SAE region ({len(sizes)} regions among {len(rid)} points)"
+            detail = [f"region {r}" for r in rid]
+            n_single = int((sizes[rid] == 1).sum())
+            title = (f"PCA of activations, colour: SAE region ({len(sizes)} regions among {len(rid)} points, "
+                     f"{n_single} points alone in theirs; one colour each)")
         elif color_by == "top_latent":
             any_active = mask.any(1).numpy()
             best = z.abs().argmax(1).numpy()
@@ -159,7 +178,8 @@ def activation_projection(
             counts = {int(v): int((lab == v).sum()) for v in np.unique(lab) if v >= 0}
             top_l = sorted(counts, key=lambda v: (-counts[v], v))[:top_categories]
             categories = [f"latent {v}" if v in top_l else ("no latent" if v < 0 else OTHER) for v in lab]
-            title = "PCA of activations, coloured by the most active latent"
+            detail = [f"latent {v}" if v >= 0 else "no latent" for v in lab]
+            title = f"PCA of activations, colour: most active latent ({len(counts)} latents, one colour each)"
         elif color_by == "latent":
             values = z[:, latent].numpy()
             title = f"PCA of activations, coloured by latent {latent}"
@@ -171,7 +191,27 @@ def activation_projection(
         uniq = list(dict.fromkeys(categories))
         order = sorted((c for c in uniq if c not in (OTHER, "no latent")),
                        key=lambda c: (-categories.count(c), c)) + [c for c in (OTHER, "no latent") if c in uniq]
-    return Projection(coords.numpy(), explained.numpy(), categories, values, hover, title, order)
+    return Projection(coords.numpy(), explained.numpy(), categories, values, hover, title, order, detail)
+
+
+def _point_colors(p: Projection) -> list[str]:
+    """A colour per point: its category's colour; points in "other" get their own region's / latent's colour
+    (distinct from the named ones as far as the palette allows), so no large group is a uniform grey."""
+    cols = _category_colors(p.order)
+    named = [c for c in p.order if c not in (OTHER, "no latent")]
+    rest = [d for d in dict.fromkeys(p.detail or []) if d not in named and d != "no latent"]
+    pal = palette(MAX_DISTINCT)
+    own = {d: to_hex(pal[(len(named) + i) % MAX_DISTINCT] * 0.85) for i, d in enumerate(rest)}
+    out = []
+    for i, c in enumerate(p.categories):
+        out.append(own.get(p.detail[i], cols[c]) if c == OTHER and p.detail is not None else cols[c])
+    return out
+
+
+def _other_label(p: Projection, n_points: int) -> str:
+    kinds = {d for d, c in zip(p.detail or [], p.categories) if c == OTHER}
+    what = "regions" if any(k.startswith("region") for k in kinds) else "latents"
+    return f"other {what} ({len(kinds)}, one colour each; {n_points} points)"
 
 
 def _category_colors(order: list[str]) -> dict[str, str]:
@@ -205,12 +245,13 @@ def plot_activation_projection(X, sae=None, **kwargs):
                        hovertemplate="%{text}<extra></extra>", **xyz)
 
     if p.categories is not None:
-        cols = _category_colors(p.order)
+        pcols = np.asarray(_point_colors(p))
         cats = np.asarray(p.categories)
         for c in p.order:
             idx = np.flatnonzero(cats == c)
-            fig.add_trace(trace(idx, f"{c} ({len(idx)})",
-                                {"size": msize, "color": cols[c], "line": {"width": 0}, "opacity": 0.85}))
+            name = _other_label(p, len(idx)) if c == OTHER else f"{c} ({len(idx)})"
+            fig.add_trace(trace(idx, name, {"size": msize, "color": pcols[idx].tolist(), "line": {"width": 0},
+                                            "opacity": 0.85}))
     else:
         marker = {"size": msize, "opacity": 0.85}
         if p.values is not None:
@@ -236,11 +277,12 @@ def plot_activation_projection_static(X, sae=None, **kwargs) -> Figure:
     axis = [f"PC{i + 1} ({100 * e:.1f}% var)" for i, e in enumerate(p.explained)]
     s = 6 if dims == 3 else 9
     if p.categories is not None:
-        cols = _category_colors(p.order)
+        pcols = np.asarray(_point_colors(p))
         cats = np.asarray(p.categories)
         for c in reversed(p.order):  # "other" first, so named categories are drawn on top
             idx = np.flatnonzero(cats == c)
-            ax.scatter(*p.coords[idx].T, s=s, color=cols[c], label=f"{c} ({len(idx)})", linewidths=0)
+            name = _other_label(p, len(idx)) if c == OTHER else f"{c} ({len(idx)})"
+            ax.scatter(*p.coords[idx].T, s=s, c=pcols[idx].tolist(), label=name, linewidths=0)
         handles, labels = ax.get_legend_handles_labels()
         ax.legend(handles[::-1], labels[::-1], fontsize=7, markerscale=2, loc="best")
     else:

@@ -11,8 +11,9 @@ How each model's cells are obtained:
   c' = (u.(c - o), v.(c - o)) and weights |c'|^2 - |o - c|^2 (exact for any u, v);
 - any other model with ``regions(X)`` (local PCA AE: quadric boundaries): a raster at pixel centres in the
   `splinterp.viz.raster` orientation (``origin="lower"``), with boundary pixels outlined.
-Error shading: the squared reconstruction error |x - model(x)|^2 at every pixel, drawn as a black veil
-whose opacity grows with the error (one shared scale across the panels of a figure).
+Error: the squared reconstruction error |x - model(x)|^2 at every pixel; `plot_slice_comparison` draws it
+as its own row (one colour scale, region boundaries over it); `plot_slice_partition` as a black veil whose
+opacity grows with the error.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
-from matplotlib.colors import LinearSegmentedColormap, Normalize
+from matplotlib.colors import Normalize, to_rgb
 from matplotlib.figure import Figure
 
 from splinterp.viz.cells import cells_colormap, draw_cells, setup_axes
@@ -29,7 +30,6 @@ from splinterp.viz.colors import ColorMap
 from splinterp.viz.raster import check_bounds, pixel_centers, raster_shape, show_raster
 
 VEIL_MAX = 0.7
-_ERR_CMAP = LinearSegmentedColormap.from_list("veil", [(1, 1, 1), (1 - VEIL_MAX,) * 3])
 
 
 def _is_sae(model) -> bool:
@@ -162,6 +162,21 @@ class SlicePartition:
             show_raster(ax, veil, self.bounds, zorder=2)
 
 
+    def draw_boundaries(self, ax, color="white", width: float = 0.4) -> None:
+        """Only the region boundaries (exact polygon edges, or label changes of a raster), for drawing over
+        another picture of the slice (the error map)."""
+        if self.cells is not None:
+            draw_cells(ax, self.cells, facecolors=["none"] * len(self.cells), edgecolor=color, linewidth=width,
+                       alpha=1.0, zorder=3)
+            return
+        edge = np.zeros(self.shape, bool)
+        edge[:, 1:] |= self.labels[:, 1:] != self.labels[:, :-1]
+        edge[1:] |= self.labels[1:] != self.labels[:-1]
+        rgba = np.zeros((*self.shape, 4))
+        rgba[edge] = (*to_rgb(color), 1.0)
+        show_raster(ax, rgba, self.bounds, zorder=3)
+
+
 def plot_slice_partition(model, origin, u, v, bounds, ax=None, *, resolution: int = 300, shade_error: bool = True,
                          err_vmax: float | None = None, anchors_ab=None, anchor_labels: Sequence[str] | None = None,
                          title: str | None = None, alpha: float = 0.85) -> Figure:
@@ -197,37 +212,50 @@ def _anchors(ax, anchors_ab, labels) -> None:
 
 def plot_slice_comparison(models: Mapping[str, object], origin, u, v, bounds, *, resolution: int = 300,
                           shade_error: bool = True, anchors_ab=None, anchor_labels: Sequence[str] | None = None,
-                          suptitle: str | None = None, anchor_images: Sequence[np.ndarray] | None = None) -> Figure:
-    """Several models' partitions of the same slice side by side, one shared error scale.
+                          suptitle: str | None = None, anchor_images: Sequence[np.ndarray] | None = None,
+                          axis_labels: tuple[str, str] = ("a", "b")) -> Figure:
+    """Several models' partitions of the same slice side by side.
 
-    models: {panel title: SAE / KMeansAE / LocalPCAAE / ...}. anchor_images (optional): the inputs the
-    plane passes through, shown as 28x28 thumbnails in an extra first panel.
+    Top row: each model's regions (exact polygons where they exist). Bottom row (with `shade_error`): the
+    squared reconstruction error |x - model(x)|^2 at every point of the slice on one shared colour scale, with
+    the same region boundaries drawn over it, so error is read on its own scale and not through region colours.
+    models: {panel title: SAE / KMeansAE / LocalPCAAE / ...}. anchor_images (optional): the inputs the plane
+    passes through, shown as 28x28 thumbnails in an extra first column. axis_labels: what a and b are.
     """
     if not models:
         raise ValueError("models is empty")
     parts = {name: SlicePartition(m, origin, u, v, bounds, resolution, errors=shade_error)
              for name, m in models.items()}
-    vmax = None
-    if shade_error:
-        vmax = float(np.percentile(np.concatenate([p.errors.ravel() for p in parts.values()]), 98)) or 1.0
     thumbs = anchor_images is not None
     n = len(parts) + (1 if thumbs else 0)
-    fig = Figure(figsize=(4.3 * len(parts) + (1.3 if thumbs else 0) + 0.8, 4.9), layout="constrained")
-    axes = fig.subplots(1, n, squeeze=False, width_ratios=([0.3] if thumbs else []) + [1.0] * len(parts))[0]
-    if anchor_images is not None:
-        _thumbnails(fig, axes[0], anchor_images, anchor_labels)
-        axes = axes[1:]
-    for ax, (name, part) in zip(axes, parts.items()):
-        part.draw(ax, err_vmax=vmax, edge_width=0.5 if part.n_regions < 300 else 0.15)
+    rows = 2 if shade_error else 1
+    fig = Figure(figsize=(4.3 * len(parts) + (1.3 if thumbs else 0) + 0.8, 4.7 * rows + 0.3), layout="constrained")
+    grid = fig.subplots(rows, n, squeeze=False, width_ratios=([0.3] if thumbs else []) + [1.0] * len(parts))
+    if thumbs:
+        _thumbnails(fig, grid[0, 0], anchor_images, anchor_labels)
+        if rows == 2:
+            grid[1, 0].set_axis_off()
+        grid = grid[:, 1:]
+    for ax, (name, part) in zip(grid[0], parts.items()):
+        part.draw(ax, edge_width=0.5 if part.n_regions < 300 else 0.15)
         _anchors(ax, anchors_ab, anchor_labels)
         setup_axes(ax, bounds, f"{name}\n{part.n_regions} regions, {part.kind.split(' (')[0]}", fontsize=10)
-        ax.set_xlabel("a", fontsize=8)
-        ax.set_ylabel("b", fontsize=8)
     if shade_error:
         import matplotlib.cm as cm
+        from matplotlib import colormaps
 
-        fig.colorbar(cm.ScalarMappable(Normalize(0, vmax), _ERR_CMAP), ax=list(axes), shrink=0.8,
-                     label="|x − x̂|² (darker = worse)")
+        vmax = float(np.percentile(np.concatenate([p.errors.ravel() for p in parts.values()]), 98)) or 1.0
+        norm = Normalize(0, vmax)
+        for ax, (name, part) in zip(grid[1], parts.items()):
+            show_raster(ax, colormaps["magma"](norm(part.errors)), bounds, zorder=1)
+            part.draw_boundaries(ax, width=0.4 if part.n_regions < 300 else 0.12)
+            _anchors(ax, anchors_ab, anchor_labels)
+            setup_axes(ax, bounds, f"{name}: reconstruction error", fontsize=10)
+        fig.colorbar(cm.ScalarMappable(norm, "magma"), ax=list(grid[1]), shrink=0.85,
+                     label="|x − x̂|² (clipped at its 98th percentile)")
+    for ax in grid.ravel():
+        ax.set_xlabel(axis_labels[0], fontsize=8)
+        ax.set_ylabel(axis_labels[1], fontsize=8)
     if suptitle:
         fig.suptitle(suptitle, fontsize=13)
     return fig

@@ -26,35 +26,76 @@ def _diagram(centers, weights, order=1):
     return PowerDiagram(np.asarray(centers, dtype=np.float64), np.asarray(weights, dtype=np.float64), order=order)
 
 
-def draw_sites(ax, pd, circles: bool = True, weight_labels: bool | Sequence[int] = False, color="k",
-               size: float = 28, circle_color="crimson", label_fmt: str = "α={:.2f}", zorder: float = 3) -> None:
-    """Sites as dots, circles of radius sqrt(alpha) where alpha > 0, optional alpha labels; the null
-    site (if any) as a hollow square at the origin."""
+def site_colors(n: int) -> np.ndarray:
+    """RGB [n, 3]: the colour of site i (dot, circle, label), a darker shade of cell colour i of a
+    first-order diagram coloured by `ColorMap([(0,), (1,), ...])`, so a circle is seen to belong to its site."""
+    return palette(n) * 0.5
+
+
+def draw_sites(ax, pd, circles: bool = True, weight_labels: bool | Sequence[int] = False, color=None,
+               size: float = 30, label_fmt: str = "{i}: α={a:.2f}", index_labels: bool = True,
+               label_offset: tuple[float, float] = (4, 4), zorder: float = 3) -> list:
+    """Sites as dots in their own colour (`site_colors`), circles of radius sqrt(alpha) in the same colour
+    where alpha > 0, a label on every site (its index, with alpha when `weight_labels`); sites with
+    alpha <= 0 (no circle: sqrt(alpha) is not real) drawn hollow; the null site (if any) as a hollow
+    square at the origin. Returns legend handles that explain these marks (`site_legend_handles`)."""
     C, w = pd.centers, pd.weights
-    ax.scatter(C[:, 0], C[:, 1], s=size, c=color, zorder=zorder + 1, linewidths=0)
+    cols = site_colors(len(C)) if color is None else np.tile(np.asarray(matplotlib_rgb(color)), (len(C), 1))
+    pos = (w > 0) | (not circles)  # hollow marks a site without a circle only where circles are drawn
+    ax.scatter(C[pos, 0], C[pos, 1], s=size, c=cols[pos], zorder=zorder + 1, edgecolors="k", linewidths=0.5)
+    ax.scatter(C[~pos, 0], C[~pos, 1], s=size, facecolors="white", edgecolors=cols[~pos], zorder=zorder + 1,
+               linewidths=1.4)
     if circles:
-        for c, a in zip(C, w):
+        for c, a, col in zip(C, w, cols):
             if a > 0:
-                ax.add_patch(Circle(c, np.sqrt(a), fill=False, ec=circle_color, lw=1.2, alpha=0.8, zorder=zorder))
-    if weight_labels is not False:
-        which = range(len(C)) if weight_labels is True else weight_labels
-        for i in which:
-            ax.annotate(label_fmt.format(w[i]), C[i], xytext=(4, 4), textcoords="offset points", fontsize=7,
-                        zorder=zorder + 2, bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none",
-                                                 "alpha": 0.7})
+                ax.add_patch(Circle(c, np.sqrt(a), fill=False, ec=col, lw=1.4, alpha=0.9, zorder=zorder))
+    labelled = set(range(len(C)) if weight_labels is True else (weight_labels or []))
+    for i in range(len(C)):
+        if i in labelled:
+            txt = label_fmt.format(i=i, a=w[i])
+        elif index_labels:
+            txt = str(i)
+        else:
+            continue
+        ax.annotate(txt, C[i], xytext=label_offset, textcoords="offset points", fontsize=7, color=cols[i],
+                    weight="bold", zorder=zorder + 2,
+                    bbox={"boxstyle": "round,pad=0.12", "fc": "white", "ec": "none", "alpha": 0.75})
     if getattr(pd, "null_site", False):
         ax.scatter([0], [0], s=size * 1.6, marker="s", facecolors="white", edgecolors="k", zorder=zorder + 1)
         ax.annotate("null", (0, 0), xytext=(4, -9), textcoords="offset points", fontsize=7, zorder=zorder + 2)
+    return site_legend_handles(pd, circles)
+
+
+def matplotlib_rgb(color) -> tuple:
+    from matplotlib.colors import to_rgb
+
+    return to_rgb(color)
+
+
+def site_legend_handles(pd, circles: bool = True, site_label: str = "site cᵢ (label i: αᵢ)") -> list:
+    """Legend entries for the marks `draw_sites` makes (only those present in this diagram)."""
+    w = pd.weights
+    h = [Line2D([], [], marker="o", ls="", mfc="0.35", mec="k", label=site_label)]
+    if circles and (w > 0).any():
+        h.append(Line2D([], [], marker="o", ls="", mfc="none", mec="0.35", ms=14,
+                        label="circle of radius √αᵢ (αᵢ > 0), in the site's colour"))
+    if circles and (w <= 0).any():
+        h.append(Line2D([], [], marker="o", ls="", mfc="white", mec="0.35", mew=1.4,
+                        label=f"hollow: αᵢ ≤ 0, no circle ({int((w <= 0).sum())} sites)"))
+    if getattr(pd, "null_site", False):
+        h.append(Line2D([], [], marker="s", ls="", mfc="white", mec="k", label="null site (ReLU: inactive)"))
+    return h
 
 
 def plot_power_diagram(pd, bounds=(-1, 1, -1, 1), ax=None, *, title: str | None = None, circles: bool = True,
                        weight_labels: bool | Sequence[int] = False, cmap: ColorMap | None = None,
-                       sites: bool = True, alpha: float = 0.7, cells=None) -> Figure:
+                       sites: bool = True, alpha: float = 0.7, cells=None, legend: bool = False,
+                       label_offset: tuple[float, float] = (4, 4)) -> Figure:
     """Draw a 2-D power diagram of any order from its exact cells, with sites and sqrt(alpha) circles.
 
     pd: a `splinterp.geometry.PowerDiagram` with dim 2 (e.g. `power_diagram(sae)` for a 2-D SAE). cmap:
     a ColorMap over the cell keys (default: one distinct colour per key). `cells` may pass precomputed
-    `pd.cells_2d(bounds)`.
+    `pd.cells_2d(bounds)`. legend: explain the site marks (dots, circles, hollow sites with alpha <= 0).
     """
     if pd.dim != 2:
         raise ValueError(f"plot_power_diagram draws 2-D diagrams; this one has dim={pd.dim} (use a slice)")
@@ -66,9 +107,17 @@ def plot_power_diagram(pd, bounds=(-1, 1, -1, 1), ax=None, *, title: str | None 
     cells = pd.cells_2d(bounds) if cells is None else cells
     draw_cells(ax, cells, cmap or cells_colormap(cells), alpha=alpha)
     if sites:
-        draw_sites(ax, pd, circles=circles, weight_labels=weight_labels)
+        handles = draw_sites(ax, pd, circles=circles, weight_labels=weight_labels, label_offset=label_offset)
+        if legend:
+            ax.legend(handles=handles, fontsize=7, loc="lower left", framealpha=0.85)
     setup_axes(ax, bounds, title)
+    _xy_labels(ax)
     return fig
+
+
+def _xy_labels(ax) -> None:
+    ax.set_xlabel("x₁")
+    ax.set_ylabel("x₂")
 
 
 def power_raster(pd, bounds, resolution: int = 200) -> tuple[np.ndarray, list]:
@@ -150,6 +199,7 @@ def fig5_voronoi_to_power(seed: int = 42, bounds=(-4.5, 4.5, -4.5, 4.5), kmeans_
                    label=f"class {k}")
     ax.legend(fontsize=8, loc="lower left")
     setup_axes(ax, bounds, "(b) 1-nearest-neighbour classes: Voronoi cells united")
+    _xy_labels(ax)
 
     ax = axes[1, 0]
     km_pd = _diagram(kmeans_centers, np.zeros(len(kmeans_centers)))
@@ -159,13 +209,41 @@ def fig5_voronoi_to_power(seed: int = 42, bounds=(-4.5, 4.5, -4.5, 4.5), kmeans_
     lab = km_pd.keys(pts)[:, 0]
     ax.scatter(pts[:, 0], pts[:, 1], s=9, c=[km_cmap((int(i),)) * 0.6 for i in lab], zorder=3, linewidths=0)
     ax.scatter(kmeans_centers[:, 0], kmeans_centers[:, 1], s=220, marker="*", c="k", zorder=4)
-    setup_axes(ax, bounds, "(c) k-means (k=3): Voronoi cells of the centroids")
+    setup_axes(ax, bounds, "(c) k-means (k=3): Voronoi cells of the centroids (★)")
+    _xy_labels(ax)
 
     pw = _diagram(sites, weights)
-    plot_power_diagram(pw, bounds, axes[1, 1], cmap=site_cmap, weight_labels=list(range(0, 12, 2)),
-                       title="(d) power diagram: |x - c|² - α, circles radius √α")
+    plot_power_diagram(pw, bounds, axes[1, 1], cmap=site_cmap, weight_labels=True, legend=True,
+                       title="(d) power diagram of the same 12 sites: cell i = argminᵢ |x − cᵢ|² − αᵢ")
     fig.suptitle("From Voronoi to power diagrams (exact cells)", fontsize=15)
     return fig
+
+
+def label_cells(ax, cells, bounds, min_frac: float = 0.006, fontsize: float = 7.5) -> list:
+    """Write every cell's key ("{i,j}") on it: at its centroid (inside, cells are convex); a cell too small
+    for its label (area < min_frac of the box) gets the label beside it with a leader line. Returns the texts."""
+    xmin, xmax, ymin, ymax = bounds
+    box = (xmax - xmin) * (ymax - ymin)
+    texts = []
+    small = 0
+    for c in cells:
+        key = cell_key_of(c)
+        txt = "{" + ",".join(map(str, key)) + "}"
+        cx, cy = polygon_centroid(np.asarray(c.vertices))
+        bbox = {"boxstyle": "round,pad=0.12", "fc": "white", "ec": "0.3", "lw": 0.4, "alpha": 0.85}
+        if abs(c.area) >= min_frac * box:
+            texts.append(ax.text(cx, cy, txt, fontsize=fontsize, ha="center", va="center", zorder=6, bbox=bbox))
+        else:
+            off = (28 if cx < (xmin + xmax) / 2 else -28, 22 - 16 * small)
+            small += 1
+            texts.append(ax.annotate(txt, (cx, cy), xytext=off, textcoords="offset points", fontsize=fontsize,
+                                     ha="center", va="center", zorder=6, bbox=bbox,
+                                     arrowprops={"arrowstyle": "-", "lw": 0.7, "color": "0.2"}))
+    return texts
+
+
+def cell_key_of(cell) -> tuple:
+    return tuple(cell.key) if hasattr(cell, "key") else tuple(cell[0])
 
 
 def fig6_sites(seed: int = 42) -> tuple[np.ndarray, np.ndarray]:
@@ -190,20 +268,12 @@ def fig6_voronoi_power_order2(seed: int = 42, bounds=(-4, 4, -4, 4), centers=Non
     plot_power_diagram(_diagram(centers, np.zeros(m)), bounds, axes[0], cmap=site_cmap, circles=False,
                        title="Voronoi diagram (all αᵢ = 0)")
     plot_power_diagram(_diagram(centers, weights), bounds, axes[1], cmap=site_cmap, weight_labels=True,
-                       title="Power diagram (αᵢ > 0: circles of radius √αᵢ)")
+                       legend=True, title="Power diagram (αᵢ > 0: circles of radius √αᵢ)")
     pd2 = _diagram(centers, weights, order=2)
     cells = pd2.cells_2d(bounds)
-    plot_power_diagram(pd2, bounds, axes[2], cells=cells, weight_labels=True,
-                       title=f"2nd-order power diagram ({len(cells)} cells, one per 2-set)")
-    xmin, xmax, ymin, ymax = bounds
-    for c in cells:
-        if abs(c.area) > 0.004 * (xmax - xmin) * (ymax - ymin):
-            cx, cy = polygon_centroid(c.vertices)
-            axes[2].text(cx, cy, "{" + ",".join(map(str, c.key)) + "}", fontsize=7, ha="center", va="center",
-                         color="0.1", zorder=5)
-    for i, c in enumerate(centers):
-        for ax in axes:
-            ax.annotate(str(i), c, xytext=(-9, -11), textcoords="offset points", fontsize=8, weight="bold")
+    plot_power_diagram(pd2, bounds, axes[2], cells=cells, circles=False, label_offset=(-10, -12),
+                       title=f"2nd-order power diagram: {len(cells)} cells, each labelled by its 2-set {{i, j}}")
+    label_cells(axes[2], cells, bounds)
     fig.suptitle("Power diagrams and Voronoi diagrams (exact cells)", fontsize=15)
     return fig
 
@@ -224,7 +294,7 @@ def plot_sae_power_cells(sae, bounds, X=None, resolution: int = 300) -> Figure:
     fig = Figure(figsize=(11.5, 5.6), layout="constrained")
     a0, a1 = fig.subplots(1, 2)
     draw_cells(a0, cells, cmap, alpha=0.75)
-    draw_sites(a0, pd, circles=True)
+    draw_sites(a0, pd, circles=True, weight_labels=True)
     setup_axes(a0, bounds, f"exact cells of power_diagram(sae): {len(cells)} regions")
     shape = raster_shape(bounds, resolution)
     P = pixel_centers(bounds, shape)
@@ -234,13 +304,17 @@ def plot_sae_power_cells(sae, bounds, X=None, resolution: int = 300) -> Figure:
     rgb = np.array([cmap.colors[known[k]] if k in known else (0.0, 0.0, 0.0) for k in keys]).reshape(*shape, 3)
     show_raster(a1, rgb, bounds, alpha=0.75)
     setup_axes(a1, bounds, "active set of sae.encode at each pixel")
+    for ax in (a0, a1):
+        _xy_labels(ax)
     if X is not None:
         X = np.asarray(X)
         for ax in (a0, a1):
             ax.scatter(X[:, 0], X[:, 1], s=6, c="k", alpha=0.6, zorder=5, linewidths=0)
     arch = sae.cfg.architecture + (f", k={sae.cfg.k}" if sae.cfg.k else "")
     fig.suptitle(f"{arch} SAE with {sae.cfg.d_sae} latents: regions = power-diagram cells", fontsize=13)
-    fig.legend(handles=[Line2D([], [], marker="o", ls="", color="k", label="power centres c = W_enc[:, i]"),
-                        Line2D([], [], color="crimson", label="circle radius √α, α = |c|² + 2 b_enc")],
-               loc="outside lower center", ncols=2, fontsize=9)
+    handles = site_legend_handles(pd, True, site_label="latent i's power centre cᵢ = W_enc[:, i] (label i: αᵢ)")
+    handles[1].set_label("circle radius √αᵢ, αᵢ = |cᵢ|² + 2 b_enc,i, in latent i's colour")
+    if X is not None:
+        handles.append(Line2D([], [], marker="o", ls="", color="k", ms=3, alpha=0.6, label="training data"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 3), fontsize=8.5)
     return fig
