@@ -198,3 +198,17 @@ def test_llm_segments_job_pieces_are_encodes(html_out):
     for arch in ("topk", "relu"):
         assert res[f"segment_{arch}_pieces"] > 1 and res[f"segment_{arch}_encode_agreement"] == 1.0
     assert (out / "segments_tokens.png").stat().st_size > 10_000
+
+
+def test_rewriting_a_figure_gives_the_same_page(tmp_path):
+    """plotly draws a random div id per page; ours comes from the file name, so committed pages only change
+    when the figure does."""
+    import plotly.graph_objects as go
+
+    from splinterp.viz.output import write_html
+
+    fig = go.Figure(go.Scatter(x=[1, 2], y=[3, 4]))
+    first = write_html(fig, tmp_path / "page.html", "cdn").read_text()
+    assert write_html(fig, tmp_path / "page.html", "cdn").read_text() == first
+    fig.add_trace(go.Scatter(x=[0], y=[0]))
+    assert write_html(fig, tmp_path / "page.html", "cdn").read_text() != first

@@ -52,7 +52,9 @@ def write_html(fig, path: str | os.PathLike, plotlyjs: str | None = None) -> Pat
     if plotlyjs not in PLOTLYJS_MODES:
         raise ConfigError(f"plotlyjs must be one of {PLOTLYJS_MODES}, got {plotlyjs!r}")
     path = Path(path)
-    page = fig.to_html(include_plotlyjs={"inline": True}.get(plotlyjs, plotlyjs), full_html=True)
+    # the plot's div id from the file name (plotly draws a random one), so a rerun rewrites the same page
+    div_id = "splinterp-" + "".join(c if c.isalnum() else "-" for c in path.stem)
+    page = fig.to_html(include_plotlyjs={"inline": True}.get(plotlyjs, plotlyjs), full_html=True, div_id=div_id)
     if plotlyjs == "directory":
         from plotly.offline import get_plotlyjs
 
