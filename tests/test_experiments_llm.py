@@ -109,20 +109,78 @@ def test_flops_estimate():
 
 
 def test_e3_tiny(out):
-    cfg = E3Config(data=TINY, layer=1, d_sae=16, k=4, epochs=2, batch_size=32, fractions=(0.5, 1.0),
-                   fraction_epochs=1, sparsity_l1s=(1e-3,))
+    import numpy as np
+    from scipy.stats import t as student_t
+
+    from splinterp.experiments.e3_llm import e3_figures, e3_tables
+    from splinterp.viz.style import STYLES
+
+    cfg = E3Config(data=TINY, layer=1, d_sae=16, k=4, epochs=2, batch_size=32, fractions=(0.25, 0.5, 1.0),
+                   fraction_epochs=1, sparsity_l1s=(1e-3,), seeds=(0, 1))
     res = run_e3(cfg, out)
-    assert set(res["runs"]) == {"topk/sgd", "topk/pam_sgd", "relu/sgd", "relu/pam_sgd"}
-    assert len(res["runs"]["topk/sgd"]["test_mse_curve"]) == 2
-    assert 0 < res["runs"]["topk/pam_sgd"]["test_l0"] <= 4 and res["runs"]["topk/sgd"]["pct_nonzero"] > 0
-    assert set(res["relu_pct_nonzero"]) == {"0.0001", "0.001"}
-    assert set(res["relu_pct_nonzero"]["0.001"]) == {"sgd", "pam_sgd"}
-    assert res["relu_pct_nonzero"]["0.0001"]["sgd"] == res["runs"]["relu/sgd"]["pct_nonzero"]
-    assert len(res["fractions"]) == 2 * 2 * 3  # 2 SAEs x 2 fractions x (SGD, PAM, PAM with a ridge of 100)
-    assert "topk/pam_sgd_alpha=100/0.5" in res["fractions"]
-    assert "| relu | PAM-SGD |" in (out / "e3_llm_table.md").read_text()
+    methods = ("sgd", "pam_sgd", "pam_sgd_authors")
+    assert set(res["runs"]) == {f"{a}/{m}" for a in ("topk", "relu") for m in methods}
+    r = res["runs"]["topk/pam_sgd"]
+    assert [p["seed"] for p in r["per_seed"]] == [0, 1] and len(r["per_seed"][0]["test_mse_curve"]) == 2
+    v = np.array([p["test_mse"] for p in r["per_seed"]])
+    half = student_t.ppf(0.975, 1) * v.std(ddof=1) / np.sqrt(2)  # independent Student-t CI
+    assert r["test_mse"]["mean"] == pytest.approx(v.mean()) and r["test_mse"]["half_width"] == pytest.approx(half)
+    assert r["per_seed"][0]["test_mse"] != r["per_seed"][1]["test_mse"]  # seeds change the SAE
+    assert 0 < r["test_l0"]["mean"] <= 4
+    assert set(res["sparsity"]) == {"0.0001", "0.001"} and set(res["sparsity"]["0.001"]) == set(methods)
+    assert res["sparsity"]["0.0001"]["sgd"]["pct_nonzero"] == res["runs"]["relu/sgd"]["pct_nonzero"]
+    assert set(res["fractions"]["topk"]["pam_sgd_authors"]) == {"0.25", "0.5", "1"}
+    # claims: the verdict follows the rule on the per-seed differences stored next to it
+    claims = res["claims"]
+    assert len(claims) == 2 * 2 + 2 * 2  # (2 archs + 2 L1s) x 2 PAM variants
+    for c in claims:
+        d = c["value"]["values"]
+        lo, hi = c["value"]["low"], c["value"]["high"]
+        assert c["verdict"] == ("holds" if lo > 0 else "does not hold" if hi < 0 else "inconclusive")
+        assert len(d) == 2
+    sparse = next(c for c in claims if "sparser" in c["claim"] and "authors" in c["claim"] and "0.001" in c["claim"])
+    want = [a - b for a, b in zip(res["sparsity"]["0.001"]["sgd"]["pct_nonzero"]["values"],
+                                  res["sparsity"]["0.001"]["pam_sgd_authors"]["pct_nonzero"]["values"])]
+    assert sparse["value"]["values"] == pytest.approx(want)
+    # tables are a function of the JSON file alone
+    tables = e3_tables(out)
+    assert set(tables) == {"runs", "training_size", "sparsity", "claims"}
+    cell = f"{r['test_mse']['mean']:.4f} ± {r['test_mse']['half_width']:.4f} (2 seeds)"
+    assert f"| TopK | PAM-SGD | {cell} |" in tables["runs"]
+    assert "PAM-SGD (authors' settings)" in tables["training_size"] and "25% (" in tables["training_size"]
+    assert tables["claims"].count("\n") == 2 + len(claims)
+    assert (out / "e3_llm_table.md").read_text().startswith("### runs")
+    # figures: one line per method in the style's colour, integer epochs, CI drawn, titles name model and seeds
+    figs = e3_figures(json.loads((out / "e3_llm.json").read_text()))
+    ax = figs["e3_llm_curves"].axes[0]
+    assert [ln.get_color() for ln in ax.get_lines()] == [STYLES[m]["color"] for m in methods]
+    assert len(ax.collections) == 3  # the CI bands
+    assert all(float(t).is_integer() for t in ax.get_xticks())
+    assert "all-MiniLM-L6-v2, block 1" in figs["e3_llm_curves"]._suptitle.get_text()
+    assert "2 seeds" in figs["e3_llm_curves"]._suptitle.get_text()
+    ax = figs["e3_llm_training_size"].axes[0]
+    rows = [res["fractions"]["topk"]["sgd"][f]["n_rows"] for f in ("0.25", "0.5", "1")]
+    assert list(ax.get_xticks()) == rows and ax.get_xscale() == "log"
+    assert [t.get_text() for t in ax.get_xticklabels()] == [str(n) for n in rows]
+    ax = figs["e3_llm_sparsity"].axes[0]
+    assert ax.get_ylim()[0] == 0 and len(ax.patches) == 3 * 2
+    assert [p.get_facecolor()[:3] for p in ax.patches[::2]] == [
+        tuple(int(STYLES[m]["color"][i:i + 2], 16) / 255 for i in (1, 3, 5)) for m in methods]
     for f in ("e3_llm.json", "e3_llm_curves.png", "e3_llm_training_size.png", "e3_llm_sparsity.png"):
         assert (out / f).is_file()
+
+
+def test_diff_verdict_rule():
+    from splinterp.llm.summary import cell, diff_verdict
+
+    s, v = diff_verdict([1.0, 1.2, 0.9])
+    assert v == "holds" and s["mean"] == pytest.approx(31 / 30)
+    assert diff_verdict([-1.0, -1.2, -0.9])[1] == "does not hold"
+    assert diff_verdict([1.0, -1.0, 0.5])[1] == "inconclusive"
+    assert diff_verdict([2.0])[1] == "inconclusive (1 seed)"
+    # 2 seeds [0, 2]: mean 1, sd sqrt(2), t(0.975, 1) = 12.706 -> half-width 12.706
+    assert cell(diff_verdict([0.0, 2.0])[0], ".3g") == "1 ± 12.7 (2 seeds)"
+    assert cell(diff_verdict([0.5])[0]) == "0.5 (1 seed)"
 
 
 def test_shrinkage_tiny(out):
