@@ -184,17 +184,56 @@ def test_diff_verdict_rule():
 
 
 def test_shrinkage_tiny(out):
-    cfg = ShrinkageConfig(data=TINY, layer=2, target_l0=4, training=TINY_POINT,
-                          sweeps={"relu": (0.01,), "gated": (0.01,), "jumprelu": (0.01,), "topk": (2, 4)})
+    from splinterp.experiments.shrinkage import shrinkage_figures, shrinkage_tables
+    from splinterp.viz.style import STYLES
+
+    cfg = ShrinkageConfig(data=TINY, layer=2, target_l0=4, training=TINY_POINT, seeds=(0, 1),
+                          sweeps={"relu": (0.01,), "gated": (0.01,), "jumprelu": (0.01,), "topk": (2, 4, 8)})
     res = run_shrinkage(cfg, out)
     assert res["loss_metric"] == "emb_loss_score"
     assert [r["architecture"] for r in res["matched"]] == ["relu", "gated", "jumprelu", "topk"]
-    assert next(r for r in res["matched"] if r["architecture"] == "topk")["value"] == 4
+    topk = next(r for r in res["matched"] if r["architecture"] == "topk")
+    assert topk["value"] == 4 and all(3.5 < v <= 4.0 for v in topk["l0"]["values"])
     for r in res["sweep"]:
-        assert r["gamma"] == r["gamma"] and r["loss_eval"]["metric"] == "mse"
-    md = (out / "shrinkage_table.md").read_text()
-    assert "emb_loss_score" in md and "| topk | k=4 |" in md
+        assert [p["seed"] for p in r["per_seed"]] == [0, 1] and r["per_seed"][0]["loss_eval"]["metric"] == "mse"
+        assert r["gamma"]["mean"] == pytest.approx(sum(p["gamma"] for p in r["per_seed"]) / 2)
+    # Pareto claim of TopK: its FVU interpolated linearly in log L0 at ReLU's L0, by hand
+    import math
+
+    relu = res["matched"][0]
+    pts = [r for r in res["sweep"] if r["architecture"] == "topk"]
+    want = []
+    for i in range(2):
+        at = relu["l0"]["values"][i]
+        xs = sorted((p["l0"]["values"][i], p["fvu"]["values"][i]) for p in pts)
+        if not xs[0][0] <= at <= xs[-1][0]:
+            want = None
+            break
+        (x0, y0), (x1, y1) = next((a, b) for a, b in zip(xs, xs[1:]) if a[0] <= at <= b[0])
+        w = (math.log(at) - math.log(x0)) / (math.log(x1) - math.log(x0)) if x1 > x0 else 0.0
+        want.append(relu["fvu"]["values"][i] - (y0 + w * (y1 - y0)))
+    row = next(c for c in res["claims"] if c["claim"] == "TopK is Pareto-better than ReLU (FVU)")
+    if want is None:
+        assert row["value"] is None and row["verdict"].startswith("inconclusive")
+    else:
+        assert row["value"]["values"] == pytest.approx(want)
+    tables = shrinkage_tables(out)
+    assert set(tables) == {"matched", "sweep", "claims"}
+    l0_cell = f"{topk['l0']['mean']:.1f} ± {topk['l0']['half_width']:.1f} (2 seeds)"
+    assert f"| TopK | k=4 | {l0_cell} |" in tables["matched"] and "emb_loss_score" in tables["matched"]
+    figs = shrinkage_figures(json.loads((out / "shrinkage.json").read_text()))
+    bars = figs["shrinkage_gamma"].axes[1]
+    assert bars.get_ylim()[0] == 0  # bars from zero
+    # the actual L0 of each bar under it
+    assert [t.get_text() for t in bars.get_xticklabels()][3] == f"TopK\nL0 = {topk['l0']['mean']:.1f}"
+    assert "nearest L0 = 4" in bars.get_title() and "2 seeds" in figs["shrinkage_gamma"]._suptitle.get_text()
+    pareto = figs["shrinkage_pareto"].axes[1]
+    handles, labels = pareto.get_legend_handles_labels()
+    colours = {lab: h.lines[0].get_color() for h, lab in zip(handles, labels) if hasattr(h, "lines")}
+    assert colours == {"ReLU": STYLES["relu"]["color"], "Gated": STYLES["gated"]["color"],
+                       "JumpReLU": STYLES["jumprelu"]["color"], "TopK": STYLES["topk"]["color"]}
     assert (out / "shrinkage_pareto.png").is_file() and (out / "shrinkage_gamma.png").is_file()
+    assert (out / "shrinkage_table.md").read_text().startswith("### matched")
 
 
 def test_group_sae_tiny(out):
@@ -288,7 +327,7 @@ def test_model_path_gpt2_through_configs(gpt2_folder, tmp_path):
     res = run_shrinkage(ShrinkageConfig(data=data, target_l0=4, training=TINY_POINT,
                                         sweeps={"relu": (0.01,), "topk": (4,)}), tmp_path)
     assert res["loss_metric"] == "ce_loss_score" and res["layer"] == 1 and res["model"] == str(gpt2_folder)
-    assert "ce_loss_with_sae" in res["matched"][0]["loss_eval"]
+    assert "ce_loss_with_sae" in res["matched"][0]["per_seed"][0]["loss_eval"]
     cache_dirs = list((tmp_path / "llm_cache").iterdir())
     assert len(cache_dirs) == 1 and cache_dirs[0].name.startswith("tiny-gpt2-")
     manifest = json.loads((cache_dirs[0] / "manifest.json").read_text())

@@ -15,7 +15,8 @@ from typing import Any
 from splinterp.errors import ConfigError
 from splinterp.stats import mean_ci
 
-__all__ = ["DIFF_RULE", "cell", "claims_markdown", "diff_verdict", "seeds_phrase", "summarize", "yerr"]
+__all__ = ["DIFF_RULE", "cell", "claims_markdown", "diff_verdict", "finite_or_none", "interval_verdict", "seeds_phrase",
+           "summarize", "yerr"]
 
 
 def seeds_phrase(n: int) -> str:
@@ -64,6 +65,18 @@ def diff_verdict(d: Iterable[float], margin: float = 0.0) -> tuple[dict[str, Any
     if s["high"] < margin:
         return s, "does not hold"
     return s, "inconclusive"
+
+
+def interval_verdict(s: dict[str, Any], lo: float, hi: float) -> str:
+    """Whether a quantity is "near" a value: "holds" if the whole 95% CI of the mean lies in [lo, hi], "does not
+    hold" if it lies wholly outside, else "inconclusive" (and "inconclusive (1 seed)" without a CI)."""
+    if s["half_width"] is None:
+        return "inconclusive (1 seed)"
+    if lo <= s["low"] and s["high"] <= hi:
+        return "holds"
+    if s["high"] < lo or s["low"] > hi:
+        return "does not hold"
+    return "inconclusive"
 
 
 def claims_markdown(rows: Sequence[dict[str, Any]]) -> str:
