@@ -237,19 +237,37 @@ def test_shrinkage_tiny(out):
 
 
 def test_group_sae_tiny(out):
-    cfg = GroupSAEConfig(data=TINY, sae=TINY_SAE, n_groups=None)
+    from splinterp.experiments.group_sae import group_sae_figure, group_sae_tables
+
+    cfg = GroupSAEConfig(data=TINY, sae=TINY_SAE, n_groups=(1,), seeds=(0, 1), amad_threshold=0.25)
     res = run_group_sae(cfg, out)
     assert res["layers"] == [0, 1, 2, 3, 4] and res["dropped_layers"] == [5]
-    assert [r["G"] for r in res["rows"]] == [1, 2, 3, 4, 5]
-    assert res["rows"][-1]["time_saved"] == 0 and res["rows"][0]["flops_saved"] == pytest.approx(1 - 1 / 5)
     groups = json.loads((out / "group_sae_groups.json").read_text())
-    assert set(k for k in groups if k.isdigit()) == {"1", "2", "3", "4", "5"}
-    assert groups["5"]["amad"] == 0 and groups["1"]["labels"] == [0] * 5
-    assert groups["metadata"]["chosen_G"] == res["chosen_G"]
     amads = [groups[str(g)]["amad"] for g in range(1, 6)]
+    chosen = min(g for g in range(1, 6) if amads[g - 1] <= 0.25)  # the rule, by hand
+    assert res["chosen_G"] == chosen and groups["metadata"]["chosen_G"] == chosen
+    # the chosen G is always trained, next to the asked ones and the per-layer SAEs
+    assert [r["G"] for r in res["rows"]] == sorted({1, chosen} - {5}) + [5]
+    assert res["rows"][-1]["flops_saved"] == 0 and res["rows"][0]["flops_saved"] == pytest.approx(1 - 1 / 5)
+    assert groups["5"]["amad"] == 0 and groups["1"]["labels"] == [0] * 5
     assert all(a >= b - 1e-12 for a, b in zip(amads, amads[1:]))  # nested partitions: AMAD falls with G here
+    # time saved per seed from the measured seconds of the same seed
+    for rec in res["per_seed"]:
+        g1, base = rec["1"], rec["5"]
+        assert g1["time_saved"] == pytest.approx(1 - g1["train_seconds"] / base["train_seconds"])
+    # the claim: relative FVU increase of the chosen G, per seed
+    if chosen < 5:
+        rel = [(r[str(chosen)]["mean_fvu"] - r["5"]["mean_fvu"]) / r["5"]["mean_fvu"] for r in res["per_seed"]]
+        assert res["claims"][0]["value"]["values"] == pytest.approx(rel)
+    tables = group_sae_tables(out)
+    assert set(tables) == {"groups", "claims"} and f"| {chosen} (chosen) |" in tables["groups"]
+    fig = group_sae_figure(json.loads((out / "group_sae.json").read_text()))
+    fvu_ax = next(a for a in fig.axes if a.get_title().startswith("grouped vs per-layer"))
+    labels = fvu_ax.get_legend_handles_labels()[1]
+    assert f"G = {chosen} (AMAD choice)" in labels and "per-layer SAEs" in labels
+    assert "2 seeds" in fig._suptitle.get_text()
     again = run_group_sae(cfg, out)  # everything is in the store now
-    assert again["rows"][0]["mean_fvu"] == res["rows"][0]["mean_fvu"]
+    assert again["rows"][0]["mean_fvu"] == res["rows"][0]["mean_fvu"] and again["saes_reused_from_store"] > 0
 
 
 def test_transfer_tiny(out, ctx):
