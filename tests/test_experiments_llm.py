@@ -271,17 +271,37 @@ def test_group_sae_tiny(out):
 
 
 def test_transfer_tiny(out, ctx):
-    res = run_transfer(TransferConfig(data=TINY, sae=TINY_SAE, targets=(2,)), out)
-    row = res["rows"][0]
-    assert row["layer"] == 2 and row["scratch_steps"] is not None
-    assert set(res["curves"]) == {"L2/scratch", "L2/forward", "L2/backward"}
-    # the transfer run starts from the source layer's trained SAE: its step-0 FVU on layer 2 is that SAE's
-    src = TINY_SAE.train(ctx, [3], seed=0)
-    assert src.reused
     from splinterp import metrics
+    from splinterp.experiments.transfer import transfer_figure, transfer_tables
+    from splinterp.layers import steps_to_target
+    from splinterp.viz.style import STYLES
 
-    assert row["backward_zero_shot_fvu"] == pytest.approx(metrics.evaluate(src.sae, ctx.test(2))["fvu"], rel=1e-5)
-    assert "| 2 |" in (out / "transfer_table.md").read_text()
+    res = run_transfer(TransferConfig(data=TINY, sae=TINY_SAE, targets=(2,), seeds=(0, 1)), out)
+    row = res["rows"][0]
+    assert row["layer"] == 2 and [r["seed"] for r in row["per_seed"]] == [0, 1]
+    assert set(res["curves"]) == {"L2/scratch", "L2/forward", "L2/backward"}
+    for i, s in enumerate((0, 1)):
+        # the transfer run starts from the source layer's trained SAE of the same seed: its step-0 FVU is that SAE's
+        src = TINY_SAE.train(ctx, [3], seed=s)
+        assert src.reused
+        rec = row["per_seed"][i]
+        assert rec["backward_zero_shot_fvu"] == pytest.approx(metrics.evaluate(src.sae, ctx.test(2))["fvu"], rel=1e-5)
+        sc = TINY_SAE.train(ctx, [2], seed=s)
+        assert rec["scratch_steps"] == steps_to_target(sc.curve["steps"], sc.curve["fvu"], rec["target_fvu"])
+        fw = rec["forward_steps"]
+        assert rec["forward_saved"] == pytest.approx(1 - (rec["total_steps"] if fw is None else fw)
+                                                     / max(rec["scratch_steps"], 1))
+    claim = res["claims"][2]
+    assert claim["claim"] == "forward transfer saves more steps than backward"
+    want = [r["forward_saved"] - r["backward_saved"] for r in row["per_seed"]]
+    assert claim["value"]["values"] == pytest.approx(want)
+    tables = transfer_tables(out)
+    assert set(tables) == {"steps", "claims"} and "| 2 |" in tables["steps"] and "(2 seeds)" in tables["steps"]
+    fig = transfer_figure(json.loads((out / "transfer.json").read_text()))
+    ax = fig.axes[0]
+    assert [ln.get_color() for ln in ax.get_lines()][:3] == [STYLES[k]["color"] for k in ("scratch", "forward",
+                                                                                           "backward")]
+    assert all(float(t).is_integer() for t in ax.get_xticks()) and "2 seeds" in fig._suptitle.get_text()
     with pytest.raises(ConfigError):
         run_transfer(TransferConfig(data=TINY, sae=TINY_SAE, targets=(5,)), out)
 
