@@ -307,14 +307,30 @@ def test_transfer_tiny(out, ctx):
 
 
 def test_geometry_tiny(out, ctx):
+    from splinterp.experiments.llm_geometry import geometry_figure, geometry_tables
+    from splinterp.viz.style import STYLES
+
     cfg = GeometryConfig(data=TINY, sae=TINY_SAE, layers=(0, 4), arch_layer=2, arch_training=TINY_POINT,
-                         arch_knobs={"topk": 4, "relu": 0.01, "topk_abs": 4})
+                         arch_knobs={"topk": 4, "relu": 0.01, "topk_abs": 4}, seeds=(0, 1))
     res = run_llm_geometry(cfg, out)
     rows = res["rows"]
     assert [r["layer"] for r in rows] == [0, 4, 2, 2, 2]
     for r in rows:
-        assert 1 <= r["n_regions"] <= r["n_tokens"] and r["order1_cells"] <= r["order2_cells"] <= r["n_tokens"]
+        assert [p["seed"] for p in r["per_seed"]] == [0, 1]
+        for p in r["per_seed"]:
+            assert 1 <= p["n_regions"] <= p["n_tokens"] and p["order1_cells"] <= p["order2_cells"] <= p["n_tokens"]
+        assert r["n_regions"]["mean"] == pytest.approx(sum(p["n_regions"] for p in r["per_seed"]) / 2)
+    # the per-layer SAE of seed 1 is the store's (shared with the other jobs), measured on the same tokens
+    sae1 = TINY_SAE.train(ctx, [4], seed=1)
+    assert sae1.reused and rows[1]["per_seed"][1]["n_regions"] == geometry_row(sae1.sae, ctx.test(4))["n_regions"]
+    tables = geometry_tables(out)
+    assert set(tables) == {"per_layer", "architectures"} and "(2 seeds)" in tables["per_layer"]
     assert "order-1 cells" in (out / "llm_geometry_table.md").read_text()
+    fig = geometry_figure(json.loads((out / "llm_geometry.json").read_text()))
+    bars = fig.axes[1]
+    assert bars.get_ylim()[0] == 0 and "2 seeds" in fig._suptitle.get_text()
+    want = [tuple(int(STYLES[a]["color"][i:i + 2], 16) / 255 for i in (1, 3, 5)) for a in ("topk", "relu", "topk_abs")]
+    assert [p.get_facecolor()[:3] for p in bars.patches[:3]] == want
 
 
 def test_geometry_row_regions_are_the_order_k_power_cells(make_random_sae):
