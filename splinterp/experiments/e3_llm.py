@@ -188,6 +188,9 @@ def run_e3(cfg: E3Config, out_dir: str | os.PathLike) -> dict[str, Any]:
                            "seeds": list(seeds), "n_seeds": len(seeds), "data_seed": cfg.seed,
                            "methods": list(E3_METHODS), "runs": {}, "fractions": {}, "sparsity": {}}
     metric_keys = ("test_mse", "test_fvu", "test_l0", "pct_nonzero", "dead_features", "seconds")
+    # warm-up, not reported: the process's one-off start-up costs must not land in the first timed run
+    for method in E3_METHODS:
+        _e3_train(cfg, cfg.architectures[0], method, X[: 2 * cfg.batch_size], Xt[:64], 1, seeds[0])
     for arch in cfg.architectures:
         for method in E3_METHODS:
             per_seed = []
