@@ -192,9 +192,10 @@ def transfer_claims(res: dict[str, Any]) -> list[dict[str, Any]]:
 def transfer_figure(res: dict[str, Any]):
     """Held-out FVU per optimiser step per target layer: scratch, forward, backward (mean and 95% CI band)."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import LogLocator
 
     from splinterp.layers import source_layer
-    from splinterp.viz.style import integer_ticks, metric_label, style
+    from splinterp.viz.style import integer_ticks, plain_log_ticks, style
 
     targets = res["targets"]
     fig = Figure(figsize=(4.8 * len(targets) + 0.5, 4.3))
@@ -210,11 +211,15 @@ def transfer_figure(res: dict[str, Any]):
             ax.fill_between(c["steps"], c["low"], c["high"], color=st["color"], alpha=0.2, linewidth=0)
         ax.axhline(res["rows"][i]["target_fvu"]["mean"], color="0.4", ls=":",
                    label=f"target (scratch final x {1 + res['config']['target_slack']:g})")
-        ax.set(xlabel="optimiser step", ylabel=metric_label("fvu") + ", held-out", title=f"SAE of layer {t}")
+        ax.set(xlabel="optimiser step", ylabel="held-out FVU (log scale)",
+               title=f"SAE of layer {t}", yscale="log")
         integer_ticks(ax, "x")
+        plain_log_ticks(ax, "y")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0)))
         ax.legend(fontsize=8)
     sae = res["config"]["sae"]
-    fig.suptitle(f"Layer-wise transfer, TopK d_sae {sae['d_sae']}, k {sae['k']}: mean and 95% CI band\n"
+    fig.suptitle(f"Layer-wise transfer, TopK d_sae {sae['d_sae']}, k {sae['k']}:\n"
+                 "held-out FVU per step, mean and 95% CI band\n"
                  f"{_describe(res)}", fontsize=10)
     fig.tight_layout()
     return fig
