@@ -18,6 +18,14 @@ None of the authors' script bugs is reproduced:
   (`order="encoder_first"`): the decoder used for evaluation is the exact minimiser for the encoder being
   evaluated. The LLM script's order is available as `order="decoder_first"`.
 
+Three methods are compared: SGD, the default PAM-SGD (`PAMConfig()`: the proximal decoder step with weights
+relative to the code statistics) and PAM-SGD with the authors' decoder step (`PAMConfig.authors()`: ridge 1e-6
+in absolute units, no proximal term); all three share the encoder's Adam settings and batches.
+
+Seeds: every SAE training is repeated over `seeds` (initialisation, batch order and the training-size subsets
+change with the seed); the harvested activations and the train/test split of the texts are those of the
+first seed. Tables and figures show the mean and the Student-t 95% CI over seeds.
+
 The activations come from `splinterp.llm` (harvested once per output folder, shared with the other LLM
 jobs). Any Hugging Face model id or folder:
 
@@ -27,6 +35,7 @@ jobs). Any Hugging Face model id or folder:
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -40,6 +49,8 @@ from splinterp.atomic import write_json, write_text
 from splinterp.errors import ConfigError
 from splinterp.experiments.registry import RunSettings, llm_config, register, to_jsonable
 from splinterp.llm import LLMContext, LLMDataConfig
+from splinterp.llm.summary import cell, claims_markdown, diff_verdict, seeds_phrase, summarize, yerr
+from splinterp.viz.style import STYLES
 
 log = logging.getLogger(__name__)
 
@@ -60,32 +71,29 @@ class E3Config:
     k: int = 40
     """TopK: 40 / 512 = 7.8% active, the paper's 320 / 4096."""
     relu_l1: float = 1e-4
-    """L1 coefficient of the ReLU SAE's loss (plain sum |z_i|, as the paper), the same for SGD and PAM-SGD."""
+    """L1 coefficient of the ReLU SAE's loss (plain sum |z_i|, as the paper), the same for every method."""
     sparsity_l1s: tuple[float, ...] = (1e-3, 3e-3)
-    """Extra ReLU L1 coefficients at which the code sparsity of SGD and PAM-SGD is compared (the main
-    runs' relu_l1 is always included): which method gives sparser codes depends on the penalty."""
+    """Extra ReLU L1 coefficients at which the code sparsity of the methods is compared (the main runs'
+    relu_l1 is always included): which method gives sparser codes may depend on the penalty."""
     epochs: int = 8
-    """Epochs of the main SGD vs PAM-SGD runs on the whole training split."""
+    """Epochs of the main runs on the whole training split."""
     batch_size: int = 256
-    """Mini-batch rows (both methods)."""
+    """Mini-batch rows (every method)."""
     lr: float = 1e-3
-    """Adam learning rate of the encoder (both methods) and the decoder (SGD)."""
+    """Adam learning rate of the encoder (every method) and the decoder (SGD)."""
     order: str = "encoder_first"
     """PAM-SGD order: "encoder_first" (Algorithm C.1) or "decoder_first" (the authors' LLM script)."""
-    pam_alpha: float = 1e-6
-    """Ridge on W_dec in the decoder solve (sum scale)."""
     fractions: tuple[float, ...] = (0.02, 0.1, 0.3, 1.0)
-    """Training-set-size ablation: seeded random subsets of the training split."""
+    """Training-set-size sweep: seeded random subsets of the training split (a new subset per seed)."""
     fraction_epochs: int = 5
     """Epochs of every run of the training-set-size sweep."""
     fraction_architectures: tuple[str, ...] = ("topk", "relu")
     """Architectures of the training-set-size sweep."""
-    fraction_pam_alphas: tuple[float, ...] = (100.0,)
-    """Extra PAM-SGD runs of the training-set-size sweep with this decoder ridge (sum scale), stored as method
-    "pam_sgd_alpha=<alpha>": with few rows the exact decoder solve with a tiny ridge interpolates the training
-    set and generalises badly (as in E2)."""
     seed: int = 0
-    """Seed of every random choice (text order, initialisation, batch order, subsets)."""
+    """Seed of the data: text order and train/test split (the first of `seeds`)."""
+    seeds: tuple[int, ...] | None = None
+    """Seeds of the SAE trainings (initialisation, batch order, subsets), each run repeated per seed;
+    None = (seed,)."""
     device: str = "cpu"
     """Torch device the model and the SAEs run on."""
     progress: bool = False
@@ -94,13 +102,24 @@ class E3Config:
     def __post_init__(self) -> None:
         if not self.architectures or any(a not in ("topk", "topk_abs", "relu") for a in self.architectures):
             raise ConfigError(f"architectures must be among topk, topk_abs, relu; got {self.architectures!r}")
-        if any(not 0 < f <= 1 for f in self.fractions):
-            raise ConfigError(f"fractions must lie in (0, 1], got {self.fractions!r}")
+        if any(a not in self.architectures for a in self.fraction_architectures):
+            raise ConfigError(f"fraction_architectures {self.fraction_architectures!r} must be among "
+                              f"architectures {self.architectures!r}")
+        if not self.fractions or any(not 0 < f <= 1 for f in self.fractions):
+            raise ConfigError(f"fractions must be a non-empty list in (0, 1], got {self.fractions!r}")
+        if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
+            raise ConfigError(f"seeds must be None or distinct seeds, got {self.seeds!r}")
+
+    @property
+    def run_seeds(self) -> tuple[int, ...]:
+        """The seeds the SAE trainings are repeated over."""
+        return tuple(self.seeds) if self.seeds is not None else (self.seed,)
 
     @classmethod
     def quick(cls, **changes: Any) -> E3Config:
         base = cls(data=LLMDataConfig.preset(True), d_sae=128, k=10, epochs=3, batch_size=128, lr=2e-3,
-                   fractions=(0.25, 1.0), fraction_epochs=2, fraction_architectures=("topk",), sparsity_l1s=())
+                   fractions=(0.1, 0.3, 1.0), fraction_epochs=2, fraction_architectures=("topk",),
+                   sparsity_l1s=(1e-3,))
         return dataclasses.replace(base, **changes)
 
     @classmethod
@@ -109,34 +128,52 @@ class E3Config:
         return dataclasses.replace(c, seed=seed, device=device, **changes)
 
 
-E3_METHODS = ("sgd", "pam_sgd")
-E3_LABELS = {"sgd": "SGD", "pam_sgd": "PAM-SGD"}
+E3_METHODS = ("sgd", "pam_sgd", "pam_sgd_authors")
+"""SGD, the default PAM-SGD (`PAMConfig()`) and PAM-SGD with the authors' decoder step (`PAMConfig.authors()`)."""
+PAM_VARIANTS = ("pam_sgd", "pam_sgd_authors")
+ARCH_NAMES = {"topk": "TopK", "topk_abs": "TopK |u|", "relu": "ReLU"}
 
 
-def _e3_train(cfg: E3Config, arch: str, method: str, X: torch.Tensor, Xt: torch.Tensor, epochs: int,
-              alpha: float | None = None, l1: float | None = None):
+def _e3_train(cfg: E3Config, arch: str, method: str, X: torch.Tensor, Xt: torch.Tensor, epochs: int, seed: int,
+              l1: float | None = None):
     from splinterp import SAE, SAEConfig, metrics
     from splinterp.train import PAMConfig, SGDConfig, train_pam_sgd, train_sgd
 
+    if method not in E3_METHODS:
+        raise ConfigError(f"method must be one of {E3_METHODS}, got {method!r}")
     sae = SAE(SAEConfig(d_in=X.shape[1], d_sae=cfg.d_sae, architecture=arch,
-                        k=cfg.k if arch.startswith("topk") else None, seed=cfg.seed, device=cfg.device,
+                        k=cfg.k if arch.startswith("topk") else None, seed=seed, device=cfg.device,
                         metadata={"layer": cfg.layer, "model_name": cfg.data.model or "minilm", "standardized": True}))
-    common = dict(epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, eval_train=False,
+    common = dict(epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed, eval_train=False,
                   l1_coefficient=(cfg.relu_l1 if l1 is None else l1) if arch == "relu" else 0.0,
                   progress=cfg.progress)
+    t0 = time.perf_counter()
     if method == "sgd":
         hist = train_sgd(sae, X, SGDConfig(**common), eval_data=Xt)
-    else:
-        a = cfg.pam_alpha if alpha is None else alpha
-        hist = train_pam_sgd(sae, X, PAMConfig(**common, order=cfg.order, alpha=a), eval_data=Xt)
+    elif method == "pam_sgd":
+        hist = train_pam_sgd(sae, X, PAMConfig(**common, order=cfg.order), eval_data=Xt)
+    else:  # the authors' decoder step, with the same encoder optimiser and batches as the others
+        hist = train_pam_sgd(sae, X, PAMConfig.authors(**common, order=cfg.order), eval_data=Xt)
+    seconds = time.perf_counter() - t0
     final = metrics.evaluate(sae, Xt)
-    return sae, hist, final
+    return hist, final, seconds
+
+
+def _curve_summary(curves: list[list[float]]) -> dict[str, list]:
+    """Per-epoch mean / low / high over seeds (low = high = mean with one seed)."""
+    per_epoch = [summarize(v) for v in zip(*curves)]
+    return {"mean": [s["mean"] for s in per_epoch],
+            "low": [s["mean"] if s["low"] is None else s["low"] for s in per_epoch],
+            "high": [s["mean"] if s["high"] is None else s["high"] for s in per_epoch]}
+
+
+def _describe(res: dict[str, Any]) -> str:
+    model = "all-MiniLM-L6-v2" if res["model"] == "minilm" else res["model"]
+    return f"{model}, block {res['layer']} resid_post, offline text ({seeds_phrase(res['n_seeds'])})"
 
 
 def run_e3(cfg: E3Config, out_dir: str | os.PathLike) -> dict[str, Any]:
-    """Run E3 into `out_dir`: curves, training-set size, ReLU code sparsity. Returns the results dict."""
-    from matplotlib.figure import Figure
-
+    """Run E3 into `out_dir`: curves, training-set size, ReLU code sparsity, claims. Returns the results dict."""
     from splinterp.viz.output import save_png
 
     out_dir = Path(out_dir)
@@ -145,128 +182,215 @@ def run_e3(cfg: E3Config, out_dir: str | os.PathLike) -> dict[str, Any]:
     cfg = dataclasses.replace(cfg, layer=layer)
     X = ctx.train(layer).to(cfg.device)
     Xt = ctx.test(layer)
+    seeds = cfg.run_seeds
     res: dict[str, Any] = {"layer": layer, "n_train": int(X.shape[0]), "n_test": int(Xt.shape[0]),
                            "d_in": int(X.shape[1]), "d_sae": cfg.d_sae, "k": cfg.k, "model": cfg.data.model or "minilm",
-                           "runs": {}, "fractions": {}}
-    curves: dict[str, Any] = {}
+                           "seeds": list(seeds), "n_seeds": len(seeds), "data_seed": cfg.seed,
+                           "methods": list(E3_METHODS), "runs": {}, "fractions": {}, "sparsity": {}}
+    metric_keys = ("test_mse", "test_fvu", "test_l0", "pct_nonzero", "dead_features", "seconds")
+    # warm-up, not reported: the process's one-off start-up costs must not land in the first timed run
+    for method in E3_METHODS:
+        _e3_train(cfg, cfg.architectures[0], method, X[: 2 * cfg.batch_size], Xt[:64], 1, seeds[0])
     for arch in cfg.architectures:
         for method in E3_METHODS:
-            t0 = time.perf_counter()
-            _, hist, final = _e3_train(cfg, arch, method, X, Xt, cfg.epochs)
-            name = f"{arch}/{method}"
-            curves[name] = hist
-            res["runs"][name] = {"test_mse": final["mse"], "test_fvu": final["fvu"], "test_l0": final["l0"],
+            per_seed = []
+            for s in seeds:
+                hist, final, secs = _e3_train(cfg, arch, method, X, Xt, cfg.epochs, s)
+                per_seed.append({"seed": s, "test_mse": final["mse"], "test_fvu": final["fvu"], "test_l0": final["l0"],
                                  "pct_nonzero": 100.0 * final["l0"] / cfg.d_sae,
-                                 "dead_features": final["dead_features"], "seconds": time.perf_counter() - t0,
-                                 "test_mse_curve": hist["test_mse"]}
-            log.info("E3 %s: test mse %.4f fvu %.4f l0 %.1f", name, final["mse"], final["fvu"], final["l0"])
-        r = res["runs"]
-        ratio = r[f"{arch}/pam_sgd"]["test_mse"] / r[f"{arch}/sgd"]["test_mse"]
-        res[f"{arch}_pam_improvement_pct"] = 100.0 * (1 - ratio)
-    # training-set size
+                                 "dead_features": final["dead_features"], "seconds": secs,
+                                 "test_mse_curve": list(hist["test_mse"])})
+                log.info("E3 %s/%s seed %d: test mse %.4f l0 %.1f", arch, method, s, final["mse"], final["l0"])
+            res["runs"][f"{arch}/{method}"] = {
+                "per_seed": per_seed, **{k: summarize(p[k] for p in per_seed) for k in metric_keys},
+                "test_mse_curve": _curve_summary([p["test_mse_curve"] for p in per_seed])}
+    # training-set size: a seeded subset per seed and fraction
     n = X.shape[0]
     for arch in cfg.fraction_architectures:
+        res["fractions"][arch] = {m: {} for m in E3_METHODS}
         for f in cfg.fractions:
-            m = max(int(round(f * n)), cfg.batch_size // 4, 8)
-            idx = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 101))[:m]
-            runs = [(mt, None) for mt in E3_METHODS] + [("pam_sgd", a) for a in cfg.fraction_pam_alphas]
-            for method, alpha in runs:
-                _, _, final = _e3_train(cfg, arch, method, X[idx], Xt, cfg.fraction_epochs, alpha)
-                key = method if alpha is None else f"pam_sgd_alpha={alpha:g}"
-                res["fractions"][f"{arch}/{key}/{f:g}"] = {"n_rows": int(m), "test_mse": final["mse"],
-                                                           "test_fvu": final["fvu"], "test_l0": final["l0"]}
-    # figures
-    fig = Figure(figsize=(5.5 * len(cfg.architectures), 4))
-    for i, arch in enumerate(cfg.architectures):
-        ax = fig.add_subplot(1, len(cfg.architectures), i + 1)
-        for method in E3_METHODS:
-            y = curves[f"{arch}/{method}"]["test_mse"]
-            ax.plot(range(1, len(y) + 1), y, marker="o", ms=3, label=E3_LABELS[method])
-        ax.set(title=f"{arch} (layer {cfg.layer}, d_sae {cfg.d_sae})", xlabel="epoch", ylabel="test mse (standardised)",
-               yscale="log")
-        ax.legend()
-    fig.tight_layout()
-    save_png(fig, out_dir / "e3_llm_curves.png")
-    fig = Figure(figsize=(5.5 * len(cfg.fraction_architectures), 4))
-    for i, arch in enumerate(cfg.fraction_architectures):
-        ax = fig.add_subplot(1, len(cfg.fraction_architectures), i + 1)
-        for key in list(E3_METHODS) + [f"pam_sgd_alpha={a:g}" for a in cfg.fraction_pam_alphas]:
-            ys = [res["fractions"][f"{arch}/{key}/{f:g}"]["test_mse"] for f in cfg.fractions]
-            label = E3_LABELS.get(key, key.replace("pam_sgd_alpha=", "PAM-SGD, ridge alpha="))
-            ax.plot([100 * f for f in cfg.fractions], ys, marker="o", label=label)
-        ax.set(xscale="log", yscale="log", xlabel="% of the training split", ylabel="final test mse",
-               title=f"{arch}: training-set size ({cfg.fraction_epochs} epochs)")
-        ax.legend()
-    fig.tight_layout()
-    save_png(fig, out_dir / "e3_llm_training_size.png")
-    # ReLU code sparsity under both methods, at several L1 coefficients
-    res["sparsity"] = {}
+            m_rows = min(max(int(round(f * n)), cfg.batch_size // 4, 8), n)
+            vals: dict[str, list[float]] = {m: [] for m in E3_METHODS}
+            for s in seeds:
+                idx = torch.randperm(n, generator=torch.Generator().manual_seed(s + 101))[:m_rows]
+                for method in E3_METHODS:
+                    _, final, _ = _e3_train(cfg, arch, method, X[idx], Xt, cfg.fraction_epochs, s)
+                    vals[method].append(final["mse"])
+            for method in E3_METHODS:
+                res["fractions"][arch][method][f"{f:g}"] = {"n_rows": m_rows, "test_mse": summarize(vals[method])}
+    # ReLU code sparsity under every method, at several L1 coefficients
     if "relu" in cfg.architectures:
-        res["sparsity"][f"{cfg.relu_l1:g}"] = {m: {k: res["runs"][f"relu/{m}"][k] for k in ("pct_nonzero", "test_mse")}
-                                               for m in E3_METHODS}
-        for l1 in cfg.sparsity_l1s:
+        for l1 in (cfg.relu_l1, *cfg.sparsity_l1s):
             if f"{l1:g}" in res["sparsity"]:
                 continue
-            res["sparsity"][f"{l1:g}"] = {}
+            entry = {}
             for method in E3_METHODS:
-                _, _, final = _e3_train(cfg, "relu", method, X, Xt, cfg.epochs, l1=l1)
-                res["sparsity"][f"{l1:g}"][method] = {"pct_nonzero": 100.0 * final["l0"] / cfg.d_sae,
-                                                      "test_mse": final["mse"]}
-    fig = Figure(figsize=(1.8 + 1.6 * max(len(res["sparsity"]), 1), 4))
-    ax = fig.add_subplot(1, 1, 1)
-    lams = list(res["sparsity"])
-    for j, method in enumerate(E3_METHODS):
-        vals = [res["sparsity"][lam][method]["pct_nonzero"] for lam in lams]
-        xs = [i + (j - 0.5) * 0.38 for i in range(len(lams))]
-        ax.bar(xs, vals, width=0.38, label=E3_LABELS[method], color=["#1f77b4", "#d62728"][j])
-        for x, v in zip(xs, vals):
-            ax.text(x, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(range(len(lams)), [f"L1 {lam}" for lam in lams])
-    ax.set(ylabel="% non-zero latents (held-out tokens)", title="ReLU SAE code sparsity")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_png(fig, out_dir / "e3_llm_sparsity.png")
-    res["relu_pct_nonzero"] = {lam: {m: v[m]["pct_nonzero"] for m in E3_METHODS} for lam, v in res["sparsity"].items()}
+                if l1 == cfg.relu_l1:
+                    r = res["runs"][f"relu/{method}"]
+                    entry[method] = {"pct_nonzero": r["pct_nonzero"], "test_mse": r["test_mse"]}
+                    continue
+                pct, mse = [], []
+                for s in seeds:
+                    _, final, _ = _e3_train(cfg, "relu", method, X, Xt, cfg.epochs, s, l1=l1)
+                    pct.append(100.0 * final["l0"] / cfg.d_sae)
+                    mse.append(final["mse"])
+                entry[method] = {"pct_nonzero": summarize(pct), "test_mse": summarize(mse)}
+            res["sparsity"][f"{l1:g}"] = entry
+    res["claims"] = e3_claims(res)
     res["config"] = dataclasses.asdict(cfg)
-    write_text(out_dir / "e3_llm_table.md", _e3_markdown(cfg, res))
+    for name, fig in e3_figures(res).items():
+        save_png(fig, out_dir / f"{name}.png")
     write_json(out_dir / "e3_llm.json", to_jsonable(res))
+    write_text(out_dir / "e3_llm_table.md", _all_tables_markdown(e3_tables(out_dir)))
     return res
 
 
-def _e3_markdown(cfg: E3Config, res: dict[str, Any]) -> str:
-    lines = [f"Layer {res['layer']}, {res['n_train']} training / {res['n_test']} held-out tokens (standardised), "
-             f"d_sae {cfg.d_sae}, k {cfg.k}, ReLU L1 {cfg.relu_l1:g}, {cfg.epochs} epochs, Adam lr {cfg.lr:g}, "
-             f"PAM order {cfg.order}, ridge alpha {cfg.pam_alpha:g}.", "",
-             "| SAE | method | test mse | test FVU | L0 | % non-zero | dead | seconds |",
+def e3_claims(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """Claim rows from the per-seed numbers: PAM-SGD's sample efficiency (smallest training fraction) and
+    sparser ReLU codes, for each PAM-SGD variant; verdict by `DIFF_RULE` on the paired per-seed differences."""
+    rows = []
+    label = {"pam_sgd": "PAM-SGD (default)", "pam_sgd_authors": "PAM-SGD (authors' settings)"}
+    for arch, by_method in res["fractions"].items():
+        f = min(by_method["sgd"], key=float)
+        n_rows = by_method["sgd"][f]["n_rows"]
+        for v in PAM_VARIANTS:
+            d = [a - b for a, b in zip(by_method["sgd"][f]["test_mse"]["values"],
+                                       by_method[v][f]["test_mse"]["values"])]
+            s, verdict = diff_verdict(d)
+            rows.append({"claim": f"{label[v]} is more sample-efficient than SGD ({ARCH_NAMES.get(arch, arch)} SAE)",
+                         "measurement": f"test MSE of SGD minus {label[v]}, {100 * float(f):g}% of the training "
+                                        f"tokens ({n_rows} rows)",
+                         "value": s, "rule": "holds if the CI is above 0 (PAM lower), does not hold if below, "
+                                             "else inconclusive", "verdict": verdict})
+    for l1, by_method in res["sparsity"].items():
+        for v in PAM_VARIANTS:
+            d = [a - b for a, b in zip(by_method["sgd"]["pct_nonzero"]["values"],
+                                       by_method[v]["pct_nonzero"]["values"])]
+            s, verdict = diff_verdict(d)
+            rows.append({"claim": f"{label[v]} gives sparser ReLU codes than SGD (L1 {l1})",
+                         "measurement": "% non-zero latents on held-out tokens, SGD minus PAM",
+                         "value": s, "rule": "holds if the CI is above 0 (PAM sparser), does not hold if below, "
+                                             "else inconclusive", "verdict": verdict})
+    return rows
+
+
+def e3_figures(res: dict[str, Any]) -> dict[str, Any]:
+    """{file stem: Figure}: test-MSE curves per epoch, training-set size, ReLU code sparsity (mean and 95% CI)."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import LogLocator
+
+    from splinterp.viz.style import bars_from_zero, integer_ticks, metric_label, plain_log_ticks, style
+
+    what = _describe(res)
+    figs = {}
+    archs = list(dict.fromkeys(k.split("/")[0] for k in res["runs"]))
+    fig = Figure(figsize=(5.5 * len(archs), 4.3))
+    for i, arch in enumerate(archs):
+        ax = fig.add_subplot(1, len(archs), i + 1)
+        for method in E3_METHODS:
+            c = res["runs"][f"{arch}/{method}"]["test_mse_curve"]
+            x = list(range(1, len(c["mean"]) + 1))
+            st = style(method)
+            ax.plot(x, c["mean"], **st)
+            ax.fill_between(x, c["low"], c["high"], color=st["color"], alpha=0.2, linewidth=0)
+        ax.set(title=f"{ARCH_NAMES.get(arch, arch)} SAE, d_sae {res['d_sae']}", xlabel="epoch",
+               ylabel=metric_label("test_mse") + " (standardised)")
+        integer_ticks(ax, "x")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"E3: held-out MSE per epoch, mean and 95% CI band; {what}", fontsize=10)
+    fig.tight_layout()
+    figs["e3_llm_curves"] = fig
+    archs = list(res["fractions"])
+    fig = Figure(figsize=(5.5 * max(len(archs), 1), 4.3))
+    for i, arch in enumerate(archs):
+        ax = fig.add_subplot(1, len(archs), i + 1)
+        fr = sorted(res["fractions"][arch]["sgd"], key=float)
+        rows = [res["fractions"][arch]["sgd"][f]["n_rows"] for f in fr]
+        for method in E3_METHODS:
+            ss = [res["fractions"][arch][method][f]["test_mse"] for f in fr]
+            ax.errorbar(rows, [s["mean"] for s in ss], yerr=yerr(ss), capsize=3, **style(method))
+        ax.set(xscale="log", yscale="log", xlabel="training tokens (log scale)",
+               ylabel=metric_label("test_mse") + " (standardised)",
+               title=f"{ARCH_NAMES.get(arch, arch)} SAE, {res['config']['fraction_epochs']} epochs per run")
+        plain_log_ticks(ax, "x", values=rows)
+        plain_log_ticks(ax, "y")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.legend(fontsize=8)
+    fig.suptitle(f"E3: training-set size, mean ± 95% CI\n{what}", fontsize=10)
+    fig.tight_layout()
+    figs["e3_llm_training_size"] = fig
+    lams = list(res["sparsity"])
+    fig = Figure(figsize=(2.5 + 2.0 * max(len(lams), 1), 4.3))
+    ax = fig.add_subplot(1, 1, 1)
+    w = 0.8 / len(E3_METHODS)
+    for j, method in enumerate(E3_METHODS):
+        ss = [res["sparsity"][lam][method]["pct_nonzero"] for lam in lams]
+        xs = [i + (j - (len(E3_METHODS) - 1) / 2) * w for i in range(len(lams))]
+        st = style(method)
+        ax.bar(xs, [s["mean"] for s in ss], width=w, yerr=yerr(ss), capsize=3, color=st["color"], label=st["label"])
+    ax.set_xticks(range(len(lams)), [f"L1 = {lam}" for lam in lams])
+    ax.set(ylabel=metric_label("pct_nonzero") + ", held-out tokens", xlabel="ReLU SAE's L1 coefficient")
+    bars_from_zero(ax)
+    ax.legend(fontsize=8)
+    ax.set_title(f"E3: ReLU SAE code sparsity, mean ± 95% CI\n{what}", fontsize=10)
+    fig.tight_layout()
+    figs["e3_llm_sparsity"] = fig
+    return figs
+
+
+def e3_tables(folder: str | os.PathLike) -> dict[str, str]:
+    """The README tables of E3 rendered from `folder/e3_llm.json`: runs, training_size, sparsity, claims."""
+    res = json.loads((Path(folder) / "e3_llm.json").read_text("utf-8"))
+    c = res["config"]
+    head = (f"{_describe(res)}: {res['n_train']} training / {res['n_test']} held-out tokens (standardised), d_sae "
+            f"{res['d_sae']}, k {res['k']}, ReLU L1 {c['relu_l1']:g}, Adam lr {c['lr']:g}, PAM order {c['order']}. "
+            "Cells: mean ± 95% CI half-width (n seeds); seeds vary the SAE initialisation and batch order, the "
+            f"activations and text split are those of seed {res['data_seed']}.\n\n")
+    lines = [head + f"{c['epochs']} epochs on the whole training split:", "",
+             "| SAE | method | test MSE | test FVU | L0 | % non-zero | dead latents | seconds |",
              "|---|---|---|---|---|---|---|---|"]
     for name, r in res["runs"].items():
         arch, method = name.split("/")
-        lines.append(f"| {arch} | {E3_LABELS[method]} | {r['test_mse']:.4f} | {r['test_fvu']:.4f} | "
-                     f"{r['test_l0']:.1f} | {r['pct_nonzero']:.2f} | {r['dead_features']} | {r['seconds']:.1f} |")
-    if res.get("sparsity"):
-        lines += ["", "ReLU code sparsity, % non-zero latents on held-out tokens (test mse):", "",
-                  "| ReLU L1 | SGD | PAM-SGD |", "|---|---|---|"]
-        for lam, v in res["sparsity"].items():
-            lines.append(f"| {lam} | {v['sgd']['pct_nonzero']:.1f}% ({v['sgd']['test_mse']:.4f}) | "
-                         f"{v['pam_sgd']['pct_nonzero']:.1f}% ({v['pam_sgd']['test_mse']:.4f}) |")
-    lines += ["", f"Training-set size ({cfg.fraction_epochs} epochs each), final test mse:", ""]
-    keys = sorted({k.rsplit("/", 1)[0] for k in res["fractions"]})
-    lines += ["| SAE / method | " + " | ".join(f"{100 * f:g}%" for f in cfg.fractions) + " |",
-              "|---|" + "---|" * len(cfg.fractions)]
-    for k in keys:
-        lines.append(f"| {k} | " + " | ".join(f"{res['fractions'][f'{k}/{f:g}']['test_mse']:.4f}"
-                                              for f in cfg.fractions) + " |")
-    return "\n".join(lines) + "\n"
+        lines.append(f"| {ARCH_NAMES.get(arch, arch)} | {STYLES[method]['label']} | {cell(r['test_mse'], '.4f')} | "
+                     f"{cell(r['test_fvu'], '.4f')} | {cell(r['test_l0'], '.1f')} | {cell(r['pct_nonzero'], '.2f')} | "
+                     f"{cell(r['dead_features'], '.1f')} | {cell(r['seconds'], '.2g')} |")
+    out = {"runs": "\n".join(lines) + "\n"}
+    lines = [f"Training-set size: final test MSE after {c['fraction_epochs']} epochs on a random subset (a new one "
+             "per seed).", ""]
+    for arch, by_method in res["fractions"].items():
+        fr = sorted(by_method["sgd"], key=float)
+        lines += ["| SAE | method | " + " | ".join(f"{100 * float(f):g}% ({by_method['sgd'][f]['n_rows']} rows)"
+                                                  for f in fr) + " |", "|---|---|" + "---|" * len(fr)]
+        for method in E3_METHODS:
+            lines.append(f"| {ARCH_NAMES.get(arch, arch)} | {STYLES[method]['label']} | "
+                         + " | ".join(cell(by_method[method][f]["test_mse"], ".4f") for f in fr) + " |")
+        lines.append("")
+    out["training_size"] = "\n".join(lines)
+    if res["sparsity"]:
+        lines = ["ReLU code sparsity: % non-zero latents on held-out tokens, and test MSE.", "",
+                 "| ReLU L1 | method | % non-zero | test MSE |", "|---|---|---|---|"]
+        for lam, by_method in res["sparsity"].items():
+            for method in E3_METHODS:
+                v = by_method[method]
+                lines.append(f"| {lam} | {STYLES[method]['label']} | {cell(v['pct_nonzero'], '.1f')} | "
+                             f"{cell(v['test_mse'], '.4f')} |")
+        out["sparsity"] = "\n".join(lines) + "\n"
+    out["claims"] = claims_markdown(res["claims"])
+    return out
 
 
-@register("e3_llm", "E3: PAM-SGD vs SGD on real MiniLM activations (offline text): TopK and ReLU test curves, "
-          "training-set size, ReLU code sparsity",
+def _all_tables_markdown(tables: dict[str, str]) -> str:
+    return "\n".join(f"### {name}\n\n{md}" for name, md in tables.items())
+
+
+@register("e3_llm", "E3: SGD vs PAM-SGD (default and authors' settings) on real MiniLM activations (offline text): "
+          "TopK and ReLU test curves, training-set size, ReLU code sparsity, claims",
           outputs=["e3_llm.json", "e3_llm_table.md", "e3_llm_curves.png", "e3_llm_training_size.png",
                    "e3_llm_sparsity.png"],
-          quick_seconds=30, quick_threads=1, tags=("llm",))
+          quick_seconds=30, quick_threads=1, tags=("llm",), tables=e3_tables)
 def e3_llm_job(out_dir: Path, run: RunSettings) -> dict:
-    res = run_e3(llm_config(E3Config.preset, run), out_dir)
-    keep = ("layer", "n_train", "n_test", "topk_pam_improvement_pct", "relu_pam_improvement_pct", "relu_pct_nonzero")
-    out = {k: res[k] for k in keep if k in res}
-    out["final_test_mse"] = {k: v["test_mse"] for k, v in res["runs"].items()}
-    return out
+    cfg = dataclasses.replace(llm_config(E3Config.preset, run), seeds=run.seeds)
+    res = run_e3(cfg, out_dir)
+    return {"layer": res["layer"], "n_train": res["n_train"], "n_test": res["n_test"], "n_seeds": res["n_seeds"],
+            "final_test_mse": {k: v["test_mse"]["mean"] for k, v in res["runs"].items()},
+            "claims": {r["claim"]: r["verdict"] for r in res["claims"]}}

@@ -9,10 +9,19 @@ Following Ghilardi et al. (EMNLP 2025, `ghidav/group-sae`; see `splinterp.layers
    sampling), vs one SAE per layer with the same settings (same epochs over the same training tokens, hence
    the same number of steps per SAE). Activations are standardised per layer first.
 
-Reported per G: AMAD, the groups, the FVU of the group SAE on each layer's held-out tokens next to the
-per-layer SAE's, the training time (measured, summed over the SAEs: a singleton group *is* the per-layer SAE
-of its layer) and the training FLOPs (estimated, `sae_train_flops`), with the fraction saved relative to
-the per-layer SAEs. The distance computation is an extra one-off cost of grouping, reported separately.
+Reported per G (every G of `n_groups` and always the AMAD-chosen one): AMAD, the groups, the FVU of the group
+SAE on each layer's held-out tokens next to the per-layer SAE's, the training time (measured, summed over the
+SAEs: a singleton group *is* the per-layer SAE of its layer) and the training FLOPs (estimated,
+`sae_train_flops`), with the fraction saved relative to the per-layer SAEs. The distance computation is an
+extra one-off cost of grouping, reported separately.
+
+Timing: this job's SAEs are stored under their own names (prefix "group_sae_"), so they are trained here and
+not read from another job's store entry (whose time was measured under other conditions), and one warm-up
+training runs first so that no timed SAE pays the process's one-off start-up costs. An SAE read back from the
+store (a second run into the same folder) carries the time recorded when it was trained; the JSON counts them.
+
+Seeds: every SAE is trained once per seed (initialisation, batch order, layer sampling); the activations, the
+split and the layer distances are those of the first seed.
 
 API: `GroupSAEConfig` (+ `quick()`, `preset()`), `run_group_sae(cfg, out_dir)`; job `group_sae`.
 """
@@ -20,6 +29,7 @@ API: `GroupSAEConfig` (+ `quick()`, `preset()`), `run_group_sae(cfg, out_dir)`; 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -32,7 +42,8 @@ import numpy as np
 from splinterp.atomic import write_json, write_text
 from splinterp.errors import ConfigError
 from splinterp.experiments.registry import RunSettings, llm_config, register, to_jsonable
-from splinterp.llm import LayerSAEConfig, LLMContext, LLMDataConfig, sae_train_flops
+from splinterp.llm import LayerSAEConfig, LLMContext, LLMDataConfig, layer_sae_name, sae_train_flops
+from splinterp.llm.summary import cell, claims_markdown, diff_verdict, seeds_phrase, summarize, yerr
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +70,13 @@ class GroupSAEConfig:
     (every layer's rows, so len(group) times the data)."""
     distance_max_tokens: int | None = None
     """Tokens used to measure the angular layer distances (None: the whole training split)."""
+    fvu_loss_margin: float = 0.05
+    """The claims table's "loses little FVU": the chosen G's mean FVU at most this fraction above the per-layer
+    SAEs' (relative)."""
     seed: int = 0
-    """Seed of every random choice (text order, initialisation, batch order, subsets)."""
+    """Seed of the data: text order and train/test split (the first of `seeds`)."""
+    seeds: tuple[int, ...] | None = None
+    """Seeds of the SAE trainings, each SAE trained once per seed; None = (seed,)."""
     device: str = "cpu"
     """Torch device the model and the SAEs run on."""
     progress: bool = False
@@ -69,6 +85,13 @@ class GroupSAEConfig:
     def __post_init__(self) -> None:
         if self.sampling not in ("uniform", "concat"):
             raise ConfigError(f"sampling must be 'uniform' or 'concat', got {self.sampling!r}")
+        if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
+            raise ConfigError(f"seeds must be None or distinct seeds, got {self.seeds!r}")
+
+    @property
+    def run_seeds(self) -> tuple[int, ...]:
+        """The seeds every SAE is trained with."""
+        return tuple(self.seeds) if self.seeds is not None else (self.seed,)
 
     @classmethod
     def quick(cls, **changes: Any) -> GroupSAEConfig:
@@ -81,22 +104,14 @@ class GroupSAEConfig:
         return dataclasses.replace(c, seed=seed, device=device, **changes)
 
 
-def _fvu_table(rows: list[dict[str, Any]], layers: list[int]) -> str:
-    head = "| G | AMAD | groups | " + " | ".join(f"FVU L{v}" for v in layers) + \
-        " | mean FVU | train s | time saved | FLOPs saved |"
-    lines = [head, "|" + "---|" * (7 + len(layers))]
-    for r in rows:
-        fv = " | ".join(f"{r['fvu_per_layer'][str(v)]:.3f}" for v in layers)
-        groups = " ".join("{" + ",".join(map(str, g)) + "}" for g in r["groups"])
-        lines.append(f"| {r['label']} | {r['amad']:.3f} | {groups} | {fv} | {r['mean_fvu']:.3f} | "
-                     f"{r['train_seconds']:.1f} | {100 * r['time_saved']:.0f}% | {100 * r['flops_saved']:.0f}% |")
-    return "\n".join(lines) + "\n"
+def _describe(res: dict[str, Any]) -> str:
+    model = "all-MiniLM-L6-v2" if res["model"] == "minilm" else res["model"]
+    ls = res["layers"]
+    return f"{model}, resid_post of blocks {ls[0]}-{ls[-1]}, offline text ({seeds_phrase(res['n_seeds'])})"
 
 
 def run_group_sae(cfg: GroupSAEConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
-    """Distances, groupings with AMAD, grouped and per-layer SAEs; writes JSON, tables and figures."""
-    from matplotlib.figure import Figure
-
+    """Distances, groupings with AMAD, grouped and per-layer SAEs over seeds; writes JSON, tables and figures."""
     from splinterp.layers import all_groupings, choose_n_groups, layer_distances, save_groups
     from splinterp.viz.output import save_png
 
@@ -115,88 +130,189 @@ def run_group_sae(cfg: GroupSAEConfig, out_dir: str | os.PathLike) -> dict[str, 
                           "n_tokens": dist.n_tokens, "amad_threshold": cfg.amad_threshold, "chosen_G": chosen,
                           "distances": dist.matrix.tolist(), "distance_layers": dist.layers})
     n = len(layers)
-    gs = [g for g in (cfg.n_groups or range(1, n)) if 1 <= g < n]
+    gs = sorted({g for g in (cfg.n_groups or range(1, n)) if 1 <= g < n} | ({chosen} if chosen < n else set()))
     n_train = ctx.cache.split_size("train")
     active = cfg.sae.k if cfg.sae.architecture.startswith("topk") else None
+    seeds = cfg.run_seeds
 
-    def train(group: list[int]):
-        return cfg.sae.train(ctx, group, seed=cfg.seed, sampling=cfg.sampling)
+    def train(group: list[int], seed: int, sae_cfg: LayerSAEConfig = cfg.sae):
+        return sae_cfg.train(ctx, group, seed=seed, sampling=cfg.sampling,
+                             name="group_sae_" + layer_sae_name(group, sae_cfg.architecture))
 
     def flops(group: list[int]) -> float:
         rows = n_train * (len(group) if cfg.sampling == "concat" else 1) * cfg.sae.epochs
         return sae_train_flops(ctx.d_model, cfg.sae.d_sae, rows, active)
 
-    per_layer = {v: train([v]) for v in layers}
-    base_seconds = sum(t.train_seconds for t in per_layer.values())
+    train(layers[:1], seeds[0], dataclasses.replace(cfg.sae, epochs=1))  # warm-up (not timed, not reported)
     base_flops = sum(flops([v]) for v in layers)
+    per_seed: list[dict[str, Any]] = []
+    n_reused = n_trained = 0
+    for s in seeds:
+        per_layer = {v: train([v], s) for v in layers}
+        base_seconds = sum(t.train_seconds for t in per_layer.values())
+        rec: dict[str, Any] = {"seed": s, str(n): {"fvu_per_layer": {str(v): per_layer[v].final[str(v)]["fvu"]
+                                                                     for v in layers},
+                                                    "train_seconds": base_seconds}}
+        n_reused += sum(t.reused for t in per_layer.values())
+        n_trained += len(per_layer)
+        for g in gs:
+            fvu, secs = {}, 0.0
+            for group in groupings[g].groups:
+                t = per_layer[group[0]] if len(group) == 1 else train(group, s)
+                if len(group) > 1:
+                    n_reused += t.reused
+                    n_trained += 1
+                secs += t.train_seconds
+                fvu.update({str(v): t.final[str(v)]["fvu"] for v in group})
+            rec[str(g)] = {"fvu_per_layer": fvu, "train_seconds": secs}
+        for g in (*gs, n):
+            r = rec[str(g)]
+            r["mean_fvu"] = float(np.mean(list(r["fvu_per_layer"].values())))
+            r["time_saved"] = 1 - r["train_seconds"] / base_seconds if base_seconds > 0 else None
+        per_seed.append(rec)
+        log.info("group_sae seed %d: mean FVU %s", s, {g: round(rec[str(g)]["mean_fvu"], 4) for g in (*gs, n)})
     rows = []
-    base_row = {"G": n, "label": f"{n} (per layer)", "amad": 0.0, "groups": [[v] for v in layers],
-                "fvu_per_layer": {str(v): per_layer[v].final[str(v)]["fvu"] for v in layers},
-                "l0_per_layer": {str(v): per_layer[v].final[str(v)]["l0"] for v in layers},
-                "train_seconds": base_seconds, "flops": base_flops, "time_saved": 0.0, "flops_saved": 0.0}
-    base_row["mean_fvu"] = float(np.mean(list(base_row["fvu_per_layer"].values())))
-    for g in sorted(gs):
-        grouping = groupings[g]
-        fvu, l0, secs, fl = {}, {}, 0.0, 0.0
-        for group in grouping.groups:
-            t = train(group)
-            secs += t.train_seconds
-            fl += flops(group)
-            for v in group:
-                fvu[str(v)] = t.final[str(v)]["fvu"]
-                l0[str(v)] = t.final[str(v)]["l0"]
-        rows.append({"G": g, "label": str(g), "amad": grouping.amad, "groups": grouping.groups, "fvu_per_layer": fvu,
-                     "l0_per_layer": l0, "mean_fvu": float(np.mean(list(fvu.values()))), "train_seconds": secs,
-                     "flops": fl, "time_saved": 1 - secs / base_seconds if base_seconds > 0 else float("nan"),
-                     "flops_saved": 1 - fl / base_flops, "contiguous": grouping.contiguous})
-        log.info("G=%d AMAD %.3f groups %s mean FVU %.4f (per layer %.4f), %.1fs vs %.1fs", g, grouping.amad,
-                 grouping.groups, rows[-1]["mean_fvu"], base_row["mean_fvu"], secs, base_seconds)
-    rows.append(base_row)
-    # figures: distance matrix | AMAD per G | FVU per layer
-    fig = Figure(figsize=(15, 4.2))
-    ax = fig.add_subplot(1, 3, 1)
-    im = ax.imshow(dist.matrix, cmap="viridis", origin="upper")
-    ax.set(xticks=range(len(dist.layers)), yticks=range(len(dist.layers)), xticklabels=dist.layers,
-           yticklabels=dist.layers, xlabel="layer", ylabel="layer",
-           title=f"angular distance{' (centred)' if cfg.center else ''}")
-    for i in range(len(dist.layers)):
-        for j in range(len(dist.layers)):
-            ax.text(j, i, f"{dist.matrix[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w")
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    ax = fig.add_subplot(1, 3, 2)
-    allg = sorted(groupings)
-    ax.plot(allg, [groupings[g].amad for g in allg], marker="o")
-    ax.axhline(cfg.amad_threshold, color="0.5", ls=":", label=f"threshold {cfg.amad_threshold:g} -> G={chosen}")
-    ax.set(xlabel="number of groups G", ylabel="AMAD", title=f"AMAD per G (layers {layers[0]}..{layers[-1]})",
-           xticks=allg)
-    ax.legend()
-    ax = fig.add_subplot(1, 3, 3)
-    for r in rows:
-        ax.plot(layers, [r["fvu_per_layer"][str(v)] for v in layers], marker="o",
-                ls="-" if r["G"] < n else "--", color="k" if r["G"] == n else None, label=f"G={r['label']}")
-    ax.set(xlabel="layer", ylabel="FVU (held-out tokens)", title="grouped vs per-layer SAEs", xticks=layers)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_png(fig, out_dir / "group_sae.png")
-    md = (f"Angular distance{' (centred)' if cfg.center else ''} over {dist.n_tokens} training tokens; "
-          f"clustered layers {layers} (dropped: {dropped}); TopK SAEs d_sae {cfg.sae.d_sae}, k {cfg.sae.k}, "
-          f"{cfg.sae.epochs} epochs, '{cfg.sampling}' layer sampling; AMAD threshold {cfg.amad_threshold:g} -> "
-          f"G = {chosen}. Distance computation: {distance_seconds:.1f} s (one-off).\n\n"
-          + _fvu_table(rows, layers))
-    write_text(out_dir / "group_sae_table.md", md)
+    for g in (*gs, n):
+        recs = [r[str(g)] for r in per_seed]
+        fl = base_flops if g == n else sum(flops(group) for group in groupings[g].groups)
+        saved = [r["time_saved"] for r in recs]
+        rows.append({"G": g, "label": f"{n} (per layer)" if g == n else str(g), "amad": 0.0 if g == n else
+                     groupings[g].amad, "groups": [[v] for v in layers] if g == n else groupings[g].groups,
+                     "chosen": g == chosen, "contiguous": True if g == n else groupings[g].contiguous,
+                     "fvu_per_layer": {str(v): summarize(r["fvu_per_layer"][str(v)] for r in recs) for v in layers},
+                     "mean_fvu": summarize(r["mean_fvu"] for r in recs),
+                     "train_seconds": summarize(r["train_seconds"] for r in recs),
+                     "time_saved": None if None in saved else summarize(saved),
+                     "flops": fl, "flops_saved": 1 - fl / base_flops})
     res = {"layers": layers, "dropped_layers": dropped, "distances": dist.matrix.tolist(),
-           "distance_seconds": distance_seconds, "amad": {str(g): groupings[g].amad for g in allg},
-           "chosen_G": chosen, "rows": rows, "model": cfg.data.model or "minilm", "config": dataclasses.asdict(cfg)}
+           "distance_layers": dist.layers, "distance_seconds": distance_seconds,
+           "amad": {str(g): groupings[g].amad for g in sorted(groupings)}, "chosen_G": chosen, "trained_G": gs,
+           "rows": rows, "per_seed": per_seed, "seeds": list(seeds), "n_seeds": len(seeds), "data_seed": cfg.seed,
+           "saes_reused_from_store": n_reused, "saes_total": n_trained, "model": cfg.data.model or "minilm",
+           "config": dataclasses.asdict(cfg)}
+    res["claims"] = group_sae_claims(res)
+    save_png(group_sae_figure(res), out_dir / "group_sae.png")
     write_json(out_dir / "group_sae.json", to_jsonable(res))
+    write_text(out_dir / "group_sae_table.md",
+               "\n".join(f"### {k}\n\n{v}" for k, v in group_sae_tables(out_dir).items()))
     return res
 
 
+def group_sae_claims(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row: the AMAD-chosen G loses little FVU against the per-layer SAEs (relative increase of the mean
+    FVU over layers, paired per seed, below `fvu_loss_margin`)."""
+    g, n = res["chosen_G"], len(res["layers"])
+    margin = res["config"]["fvu_loss_margin"]
+    if g >= n:
+        return [{"claim": "Group-SAE's AMAD-chosen G loses little FVU", "measurement": f"AMAD chose G = {g} = one "
+                 "SAE per layer: nothing grouped", "value": None, "rule": "-", "verdict": "inconclusive (no grouping)"}]
+    rel = [(r[str(g)]["mean_fvu"] - r[str(n)]["mean_fvu"]) / r[str(n)]["mean_fvu"] for r in res["per_seed"]]
+    s, verdict = diff_verdict([margin - x for x in rel])
+    return [{"claim": f"Group-SAE's AMAD-chosen G (= {g}, threshold {res['config']['amad_threshold']:g}) loses little "
+                      "FVU", "measurement": "relative increase of the mean FVU over layers, G groups vs per-layer SAEs",
+             "value": summarize(rel), "rule": f"holds if the CI is below {margin:g}, does not hold if above, "
+                                              "else inconclusive", "verdict": verdict}]
+
+
+def group_sae_figure(res: dict[str, Any]):
+    """Distance matrix | AMAD per G | FVU per layer per G | time and FLOPs saved per G (mean ± 95% CI)."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    from splinterp.viz.style import bars_from_zero, integer_ticks, metric_label
+
+    layers, chosen, n = res["layers"], res["chosen_G"], len(res["layers"])
+    c = res["config"]
+    fig = Figure(figsize=(20, 4.8))
+    ax = fig.add_subplot(1, 4, 1)
+    dl = res["distance_layers"]
+    mat = np.asarray(res["distances"])
+    im = ax.imshow(mat, cmap="viridis", origin="upper")
+    ax.set(xticks=range(len(dl)), yticks=range(len(dl)), xticklabels=dl, yticklabels=dl, xlabel="layer",
+           ylabel="layer", title=f"angular distance{' (centred)' if c['center'] else ''}")
+    for i in range(len(dl)):
+        for j in range(len(dl)):
+            ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                    color="w" if mat[i, j] < 0.6 * mat.max() else "k")
+    fig.colorbar(im, ax=ax, fraction=0.046, label="angular distance")
+    ax = fig.add_subplot(1, 4, 2)
+    allg = sorted(int(g) for g in res["amad"])
+    ax.plot(allg, [res["amad"][str(g)] for g in allg], marker="o", color="k", label="AMAD")
+    ax.axhline(c["amad_threshold"], color="0.5", ls=":", label=f"threshold {c['amad_threshold']:g}")
+    ax.plot([chosen], [res["amad"][str(chosen)]], marker="*", ms=14, color="#D55E00", ls="none",
+            label=f"chosen G = {chosen}")
+    ax.set(xlabel="number of groups G", ylabel="AMAD (mean angular distance within groups)",
+           title=f"AMAD per G (layers {layers[0]}-{layers[-1]}; "
+           f"left out: {', '.join(map(str, res['dropped_layers'])) or 'none'})", xticks=allg)
+    ax.legend(fontsize=8)
+    ax = fig.add_subplot(1, 4, 3)
+    cmap = colormaps["viridis"]
+    for k, r in enumerate(res["rows"]):
+        ss = [r["fvu_per_layer"][str(v)] for v in layers]
+        per_layer = r["G"] == n
+        kw = dict(color="k", ls="--", marker="s") if per_layer else dict(color=cmap(k / max(len(res["rows"]) - 1, 1)),
+                                                                         marker="o")
+        lab = "per-layer SAEs" if per_layer else f"G = {r['G']}" + (" (AMAD choice)" if r["chosen"] else "")
+        ax.errorbar(layers, [s["mean"] for s in ss], yerr=yerr(ss), capsize=3, lw=2.5 if r["chosen"] else 1.3,
+                    label=lab, **kw)
+    ax.set(xlabel="layer", ylabel=metric_label("fvu") + ", held-out", xticks=layers,
+           title="grouped vs per-layer TopK SAEs, mean ± 95% CI")
+    integer_ticks(ax, "x")
+    ax.legend(fontsize=8)
+    ax = fig.add_subplot(1, 4, 4)
+    grouped = [r for r in res["rows"] if r["G"] < n]
+    xs = np.arange(len(grouped))
+    ts = [r["time_saved"] for r in grouped]
+    ax.bar(xs - 0.2, [100 * (t["mean"] if t else 0) for t in ts], width=0.4, color="#0072B2",
+           yerr=[100 * e for e in yerr([t or {} for t in ts])], capsize=3, label="training time saved (measured)")
+    ax.bar(xs + 0.2, [100 * r["flops_saved"] for r in grouped], width=0.4, color="#7F7F7F",
+           label="training FLOPs saved (estimated)")
+    ax.set_xticks(xs, [f"G = {r['G']}" for r in grouped])
+    ax.set(ylabel="saved vs per-layer SAEs (%)", title="cost saved by grouping")
+    bars_from_zero(ax)
+    ax.legend(fontsize=8)
+    fig.suptitle(f"Group-SAE: {_describe(res)}; TopK d_sae {c['sae']['d_sae']}, k {c['sae']['k']}", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def _pct_cell(s: dict[str, Any] | None) -> str:
+    if s is None:
+        return "-"
+    hw = s["half_width"]
+    return cell({**s, "mean": 100 * s["mean"], "half_width": None if hw is None else 100 * hw}, ".0f", "%")
+
+
+def group_sae_tables(folder: str | os.PathLike) -> dict[str, str]:
+    """The README tables of the Group-SAE job from `folder/group_sae.json`: groups (FVU and cost per G), claims."""
+    res = json.loads((Path(folder) / "group_sae.json").read_text("utf-8"))
+    c, layers = res["config"], res["layers"]
+    head = (f"{_describe(res)}. Angular distance{' (centred)' if c['center'] else ''}; clustered layers {layers} "
+            f"(left out: {res['dropped_layers']}); TopK SAEs d_sae {c['sae']['d_sae']}, k {c['sae']['k']}, "
+            f"{c['sae']['epochs']} epochs, '{c['sampling']}' layer sampling; AMAD threshold {c['amad_threshold']:g} "
+            f"-> G = {res['chosen_G']}. Distance computation: {res['distance_seconds']:.1f} s (one-off). Cells: mean ± "
+            "95% CI half-width (n seeds); time measured in this job "
+            f"({res['saes_reused_from_store']} of {res['saes_total']} SAEs read back from the store).\n\n")
+    cols = ["G", "AMAD", "groups", *[f"FVU L{v}" for v in layers], "mean FVU", "train s", "time saved", "FLOPs saved"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in res["rows"]:
+        groups = " ".join("{" + ",".join(map(str, g)) + "}" for g in r["groups"])
+        ts = r["time_saved"]
+        lines.append(f"| {r['label']}{' (chosen)' if r['chosen'] else ''} | {r['amad']:.3f} | {groups} | "
+                     + " | ".join(cell(r["fvu_per_layer"][str(v)], ".3f") for v in layers)
+                     + f" | {cell(r['mean_fvu'], '.3f')} | {cell(r['train_seconds'], '.2g')} | "
+                     f"{_pct_cell(ts)} | "
+                     f"{100 * r['flops_saved']:.0f}% |")
+    return {"groups": head + "\n".join(lines) + "\n", "claims": claims_markdown(res["claims"])}
+
+
 @register("group_sae", "Group-SAE on MiniLM activations: angular layer distances, complete-linkage groups, AMAD "
-          "per G, FVU of grouped vs per-layer TopK SAEs and the training time / FLOPs saved",
+          "per G, FVU of grouped vs per-layer TopK SAEs and the training time / FLOPs saved; claims",
           outputs=["group_sae.json", "group_sae_groups.json", "group_sae_table.md", "group_sae.png"],
-          quick_seconds=20, quick_threads=1, tags=("llm",))
+          quick_seconds=20, quick_threads=1, tags=("llm",), tables=group_sae_tables)
 def group_sae_job(out_dir: Path, run: RunSettings) -> dict:
-    res = run_group_sae(llm_config(GroupSAEConfig.preset, run), out_dir)
-    return {"chosen_G": res["chosen_G"], "amad": res["amad"],
-            "mean_fvu": {r["label"]: r["mean_fvu"] for r in res["rows"]},
-            "time_saved": {r["label"]: r["time_saved"] for r in res["rows"]}}
+    cfg = dataclasses.replace(llm_config(GroupSAEConfig.preset, run), seeds=run.seeds)
+    res = run_group_sae(cfg, out_dir)
+    return {"chosen_G": res["chosen_G"], "amad": res["amad"], "n_seeds": res["n_seeds"],
+            "mean_fvu": {r["label"]: r["mean_fvu"]["mean"] for r in res["rows"]},
+            "claims": {r["claim"]: r["verdict"] for r in res["claims"]}}
