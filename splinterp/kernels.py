@@ -342,6 +342,8 @@ def _row_sum(idx: torch.Tensor, weights: torch.Tensor, table: torch.Tensor) -> t
     Inputs detached: embedding_bag then takes its forward-only kernel (no offset2bag / bag_size outputs,
     which only its own backward needs; the autograd Functions here supply the backward)."""
     B, m = idx.shape
+    if m == 0:  # no row has an active latent: every sum is empty
+        return table.new_zeros(B, table.shape[1])
     offsets = torch.arange(0, B * m, m, device=idx.device)
     w = weights.detach().reshape(-1)  # detached: embedding_bag skips its backward bookkeeping (offset2bag...)
     return F.embedding_bag(idx.reshape(-1), table.detach(), offsets, mode="sum", per_sample_weights=w)

@@ -564,14 +564,16 @@ def test_bad_devices_are_named_before_any_work(minilm, tmp_path, device):
 
 
 def test_max_length_beyond_the_models_positions_is_refused_up_front(minilm, tmp_path):
-    """MiniLM embeds 512 positions (its config says so); a longer max_length would fail inside the model
-    with an index error on the first long text, after a partial harvest."""
+    """MiniLM embeds 512 positions (its config says so); a text longer than that (max_length above it) would
+    fail inside the model with an index error. Refused before the model runs on it, naming the text; short
+    texts with the same max_length are fine."""
     model, tok = minilm
     assert model.config.max_position_embeddings == 512
-    with pytest.raises(ConfigError, match="max_length=600 is more than the 512 positions"):
-        harvest((model, tok), ["a " * 700], layers=1, out=tmp_path / "c", max_length=600, progress=False)
+    with pytest.raises(ConfigError, match=r"text 1 has 600 tokens \(max_length=600\), more than the 512 positions"):
+        harvest((model, tok), ["short.", "a " * 700], layers=1, out=tmp_path / "c", max_length=600, progress=False)
     assert not (tmp_path / "c").exists()
     harvest((model, tok), ["a " * 700], layers=1, out=tmp_path / "c", max_length=512, progress=False)
+    harvest((model, tok), ["short."], layers=1, out=tmp_path / "d", max_length=600, progress=False)
 
 
 def test_float16_storage_refuses_activations_beyond_its_range(tiny_gpt2, tmp_path):

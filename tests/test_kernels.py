@@ -445,6 +445,27 @@ def test_empty_batch():
     assert not sae.W_enc.grad.any()
 
 
+@pytest.mark.parametrize("arch", ["relu", "jumprelu"])
+def test_a_batch_where_no_latent_fires(arch):
+    """Found by the long fuzz profile: a threshold SAE whose codes are all zero on a batch took the sparse path
+    with zero columns and failed inside embedding_bag. Output b_dec and the plain formulas' gradients."""
+    sae = sp.make_sae(6, 20, arch, apply_b_dec_to_input=True)  # the gradient then flows back into x - b_dec
+    with torch.no_grad():
+        (sae.b_enc if arch == "relu" else sae.threshold).copy_(
+            torch.full((20,), -50.0) if arch == "relu" else torch.full((20,), 50.0))
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(2))
+    assert not sae.encode(x, dense=True).any()
+    vals, idx = sae.encode_sparse(x)  # the trainers' path: sparse code, then the sparse decode
+    out = kernels.decode(vals, idx, sae.W_dec, sae.b_dec)
+    torch.testing.assert_close(out, sae.b_dec.expand(5, 6))
+    out.pow(2).sum().backward()
+    sparse_grads = {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}
+    sae.zero_grad()
+    sae.forward(x, dense=True).pow(2).sum().backward()
+    for n, g in sparse_grads.items():
+        torch.testing.assert_close(g, sae.get_parameter(n).grad, msg=n)
+
+
 def test_deterministic_gradients():
     sae = randomised(sp.make_sae(16, 128, "topk", 8), 10)
     x = torch.randn(64, 16)

@@ -404,10 +404,7 @@ def harvest(
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed)
         mod, tok, name = load_model(model, dev)
-    positions = max_positions(mod)
-    if positions is not None and max_length > positions:
-        raise ConfigError(f"max_length={max_length} is more than the {positions} positions model {name!r} has; "
-                          f"use max_length <= {positions}")
+    positions = max_positions(mod)  # texts longer than this would fail inside the model with an index error
     block_name, block_list = find_blocks(mod, blocks)
     points = resolve_hook_points(mod, block_name, len(block_list), layers, site)
     keys = cache_keys(points)
@@ -434,6 +431,12 @@ def harvest(
                 chunk = [texts[i] for i in batch_idx]
                 text_index = torch.tensor(batch_idx, dtype=torch.long)
                 batch = tokenize_batch(tok, chunk, max_length, drop_special_tokens, cfg.padding_side)
+                if positions is not None and batch["input_ids"].shape[1] > positions:
+                    lengths = batch["attention_mask"].sum(1)
+                    i = int(lengths.argmax())
+                    raise ConfigError(f"text {batch_idx[i]} has {int(lengths[i])} tokens (max_length={max_length}), "
+                                      f"more than the {positions} positions model {name!r} has; use max_length <= "
+                                      f"{positions}")
                 cap.acts.clear()
                 try:
                     mod(**model_inputs(mod, batch, dev))
