@@ -92,9 +92,8 @@ def test_e1_config_errors(bad):
 def tiny_e2(**kw) -> e2.E2Config:
     base = dict(architectures=("topk",), d_sae=16, k=4, epochs=3, fractions=(0.2, 1.0),
                 fraction_architectures=("topk",), equal_steps_architectures=("topk",), equal_steps_fractions=(0.2, 1.0),
-                fraction_pam_alphas=(100.0,),
                 fraction_max_epochs=3, fraction_min_epochs=2, ablation_architectures=("topk",), ablation_epochs=1,
-                sgd_updates=(1, 2), weight_decays=(0.0, 1e-3), mu_nus=(0.0, 1e-3))
+                sgd_updates=(1, 2), weight_decays=(0.0, 1e-3), mu_nus=(0.0, 2.0))
     base.update(kw)
     return e2.E2Config(**base)
 
@@ -102,34 +101,75 @@ def tiny_e2(**kw) -> e2.E2Config:
 def test_e2_runs_and_writes_what_it_promises(tmp_path, tiny_mnist):
     cfg = tiny_e2()
     parts = ("base", "fractions", "ablations")
-    res = e2.run_e2(cfg, tmp_path, parts)
+    e2.run_e2(cfg, tmp_path, parts, seeds=(0, 1))
     for name in e2.output_names(cfg, parts):
         assert (tmp_path / name).stat().st_size > 0, name
     main = json.loads((tmp_path / "e2_mnist.json").read_text())
-    assert {"config", "data", "base", "fractions", "summary"} <= set(main)
-    assert main["data"]["n_train"] == 500 and main["fair"] is True
-    base = res["base"]["topk"]
-    for m in ("sgd", "pam_sgd"):
-        r = base[m]
+    assert {"config", "data", "runs", "cells", "claims", "summary"} <= set(main)
+    assert main["data"]["n_train"] == 500 and main["fair"] is True and main["seeds"] == [0, 1]
+    runs = main["runs"]
+    base = {(r["method"], r["seed"]): r for r in runs if r["part"] == "base"}
+    assert set(base) == {(m, s) for m in ("sgd", "pam_sgd", "pam_sgd_authors") for s in (0, 1)}
+    for r in base.values():
         assert not r["tied"] and r["epochs"] == 3 and len(r["curves"]["test_mse"]) == 3
         assert all(math.isfinite(r[f"{s}_mse"]) for s in ("train", "test"))
+    # seeds vary the initialisation: different final numbers
+    assert base[("sgd", 0)]["test_mse"] != base[("sgd", 1)]["test_mse"]
     # PAM-SGD decreases the training mse
-    assert base["pam_sgd"]["curves"]["train_mse"][-1] < base["pam_sgd"]["curves"]["train_mse"][0]
-    assert res["summary"]["base_topk_pam_train_mse_decreased"] is True
-    fr = res["fractions"]
-    assert [r["n_train"] for r in fr["paper"]["topk"]["sgd"]] == [100, 500]
-    assert [r["fraction"] for r in fr["paper"]["topk"]["pam_sgd_alpha=100"]] == [0.2, 1.0]
+    for s in (0, 1):
+        assert base[("pam_sgd", s)]["curves"]["train_mse"][-1] < base[("pam_sgd", s)]["curves"]["train_mse"][0]
+    # the cells hold mean and Student-t CI of the per-seed values (t(0.975, 1) = 12.706, by hand)
+    (c,) = [c for c in main["cells"] if c["part"] == "base" and c["method"] == "sgd"]
+    a, b = base[("sgd", 0)]["test_mse"], base[("sgd", 1)]["test_mse"]
+    assert c["test_mse"]["values"] == [a, b] and c["test_mse"]["mean"] == pytest.approx((a + b) / 2)
+    assert c["test_mse"]["half_width"] == pytest.approx(12.7062 * abs(a - b) / 2, rel=1e-4)
+    fr = [r for r in runs if r["part"] == "fractions"]
+    assert sorted({r["n_train"] for r in fr if r["method"] == "sgd" and r["policy"] == "paper"}) == [100, 500]
     # the full-data run is the base run, reused; equal_steps gives every fraction the same optimiser steps
-    assert fr["paper"]["topk"]["sgd"][1]["test_mse"] == base["sgd"]["test_mse"]
-    steps = [r["steps"] for r in fr["equal_steps"]["topk"]["sgd"]]
-    assert steps[0] >= steps[1] == base["sgd"]["steps"]
-    assert [r["policy"] for r in fr["equal_steps"]["topk"]["pam_sgd_alpha=100"]] == ["equal_steps"] * 2
-    ab = json.loads((tmp_path / "e2_mnist_ablations.json").read_text())["ablations"]
-    assert [r["value"] for r in ab["sgd_updates"]["topk"]["pam_sgd"]] == [1, 2]
-    assert set(ab["weight_decay"]["topk"]) == {"sgd", "pam_sgd"}
-    r = ab["mu_nu"]["topk"]["pam_sgd"][1]
-    assert r["overrides"]["mu_enc"] == 1e-3 and r["overrides"]["mu_dec"] == pytest.approx(1e-3 * 500 * 784)
-    assert ab["sgd_updates"]["topk"]["pam_sgd"][1]["steps"] == 2 * ab["sgd_updates"]["topk"]["pam_sgd"][0]["steps"]
+    full = next(r for r in fr if r["policy"] == "paper" and r["fraction"] == 1.0 and r["method"] == "sgd"
+                and r["seed"] == 0)
+    assert full["test_mse"] == base[("sgd", 0)]["test_mse"]
+    eq = sorted((r for r in fr if r["policy"] == "equal_steps" and r["method"] == "sgd" and r["seed"] == 0),
+                key=lambda r: r["fraction"])
+    assert eq[0]["steps"] >= eq[1]["steps"] == base[("sgd", 0)]["steps"]
+    # the training subsets vary with the seed (the experiment is about subsets), the split does not
+    assert not torch.equal(e2.fraction_subset(500, 0.2, 0), e2.fraction_subset(500, 0.2, 1))
+    ab = json.loads((tmp_path / "e2_mnist_ablations.json").read_text())
+    abr = [r for r in ab["runs"] if r["seed"] == 0]
+    upd = sorted((r for r in abr if r["kind"] == "sgd_updates"), key=lambda r: r["value"])
+    assert [r["value"] for r in upd] == [1, 2] and upd[1]["steps"] == 2 * upd[0]["steps"]
+    assert {r["method"] for r in abr if r["kind"] == "weight_decay"} == {"sgd", "pam_sgd"}
+    mu = next(r for r in abr if r["kind"] == "mu_nu" and r["value"] == 2.0)
+    assert mu["overrides"]["mu_dec"] == 2.0 and mu["overrides"]["nu_dec"] == 2.0  # relative units, as stated
+    assert "relative" in ab["mu_nu_units"]
+
+
+def test_e2_tables_render_the_files(tmp_path, tiny_mnist):
+    """The tables are a function of the JSON files: cells "mean ± half-width (n seeds)", claims whose verdict
+    follows the stated rule from the stored paired differences."""
+    cfg = tiny_e2(equal_steps_architectures=())
+    e2.run_e2(cfg, tmp_path, ("base", "fractions"), seeds=(0, 1))
+    main = json.loads((tmp_path / "e2_mnist.json").read_text())
+    t = e2.mnist_tables(tmp_path)
+    assert set(t) == {"curves", "training_size", "claims"}
+    c = next(c for c in main["cells"] if c["part"] == "base" and c["method"] == "pam_sgd")["test_mse"]
+    assert f"{c['mean']:.3g} ± {c['half_width']:.2g} (2 seeds)" in t["curves"]
+    rows = [r for r in main["claims"] if r["difference"] is not None]
+    assert {r["setting"].split(",")[0] for r in rows} == {"default PAM-SGD", "PAM-SGD with the authors' settings"}
+    for r in rows:
+        runs = {(x["method"], x["seed"]): x["test_mse"] for x in main["runs"] if x["part"] == "fractions"
+                and x["fraction"] == 0.2 and x["policy"] == "paper"}
+        m = "pam_sgd" if r["setting"].startswith("default") else "pam_sgd_authors"
+        diffs = [runs[(m, s)] - runs[("sgd", s)] for s in (0, 1)]
+        assert r["difference"]["values"] == pytest.approx(diffs)
+        lo, hi = r["difference"]["low"], r["difference"]["high"]
+        assert r["verdict"] == ("holds" if hi < 0 else "does not hold" if lo > 0 else "inconclusive")
+        assert r["verdict"] in t["claims"]
+    # one seed: no CI, verdict inconclusive, the cell says "(1 seed)"
+    e2.run_e2(cfg, tmp_path, ("base", "fractions"), seeds=(3,))
+    t1 = e2.mnist_tables(tmp_path)
+    assert "(1 seed)" in t1["curves"] and "±" not in t1["curves"]
+    assert "holds" not in json.loads((tmp_path / "e2_mnist.json").read_text())["summary"]["claims"][0]
 
 
 def test_e2_methods_share_the_initialisation_and_reference_ties_sgd(tiny_mnist):
@@ -138,7 +178,7 @@ def test_e2_methods_share_the_initialisation_and_reference_ties_sgd(tiny_mnist):
     assert torch.equal(a.W_enc, b.W_enc) and torch.equal(a.W_dec, b.W_dec)
     X_tr, X_te = tiny_mnist
     ref = e2.E2Config.reference(d_sae=16, k=4)
-    assert ref.sgd_tied and ref.equal_steps_architectures == () and ref.fraction_pam_alphas == ()
+    assert ref.sgd_tied and ref.equal_steps_architectures == () and "pam_sgd_authors" in ref.methods
     rec = e2.train_one(ref, "sgd", "topk", X_tr[:64], X_te[:32], 1, curves=False)
     assert rec["tied"] is True
     assert e2.train_one(ref, "pam_sgd", "topk", X_tr[:64], None, 1, curves=False)["tied"] is False
@@ -153,7 +193,7 @@ def test_reference_preset_uses_the_authors_initialisation():
     from scipy import stats as st
 
     ref = e2.E2Config.reference()
-    assert ref.init == "authors" and ref.pam_decoder == "authors"
+    assert ref.init == "authors" and "pam_sgd_authors" in ref.methods
     untied, tied = e2.make_e2_sae(ref, "topk"), e2.make_e2_sae(ref, "topk", tied=True)
     W = untied.W_enc.detach().double()
     assert W.shape == (784, 256)
@@ -172,16 +212,17 @@ def test_reference_preset_uses_the_authors_initialisation():
     torch.testing.assert_close(default, torch.ones(256, dtype=torch.float64))
 
 
-def test_reference_pam_uses_the_authors_decoder_step(tiny_mnist):
-    """reference(): ridge 1e-6 in absolute units, no proximal term: the decoder after one epoch is the
-    plain ridge solve on the final codes; the default config takes the proximal step instead."""
+def test_authors_pam_uses_the_authors_decoder_step(tiny_mnist):
+    """"pam_sgd_authors": ridge 1e-6 in absolute units, no proximal term: the decoder after one epoch is the
+    plain ridge solve on the final codes; the default "pam_sgd" takes the proximal step instead."""
     from splinterp.train import solve_decoder
 
     X_tr, _ = tiny_mnist
     X = X_tr[:64]
     out = {}
-    for name, cfg in (("ref", e2.E2Config.reference(d_sae=16, k=4)), ("default", tiny_e2())):
-        _, sae = e2.train_one(cfg, "pam_sgd", "topk", X, None, 1, curves=False, return_model=True)
+    for name, method in (("ref", "pam_sgd_authors"), ("default", "pam_sgd")):
+        _, sae = e2.train_one(e2.E2Config.reference(d_sae=16, k=4), method, "topk", X, None, 1, curves=False,
+                              return_model=True)
         with torch.no_grad():
             Z = sae.encode(X)
         W, _ = solve_decoder(Z.double(), X.double(), alpha=1e-6)

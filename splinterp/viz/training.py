@@ -10,6 +10,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from splinterp.viz.colors import palette
+from splinterp.viz.style import integer_ticks, metric_label, plain_log_ticks, style
 
 _LINESTYLES = {"train": "--", "test": "-"}
 
@@ -84,8 +85,67 @@ def plot_training_curves(
         raise ValueError(f"none of the runs has any of the metrics {list(metrics)}")
     if logy:
         ax.set_yscale("log")
-    ax.set_xlabel(x or "epoch")
-    ax.set_ylabel(", ".join(metrics))
+        plain_log_ticks(ax, "y")
+    ax.set_xlabel(metric_label(x) if x else "epoch")
+    if x is None:
+        integer_ticks(ax, "x")
+    ax.set_ylabel(", ".join(metric_label(m) for m in metrics))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def readable_log_axis(ax, axis: str = "y") -> None:
+    """Log scale with ticks at 1, 2, 5 x 10^k written plainly (0.2, 0.5, 1): a range inside one decade still
+    gets labelled ticks."""
+    from matplotlib.ticker import LogLocator
+
+    (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+    plain_log_ticks(ax, axis)
+    (ax.yaxis if axis == "y" else ax.xaxis).set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
+
+
+def plot_mean_curves(runs: Mapping[str, Mapping[str, Mapping[str, Sequence[float | None]]]],
+                     metrics: Sequence[str] = ("train_mse", "test_mse"), logy: bool = True,
+                     title: str | None = None, ax=None) -> Figure:
+    """Per-epoch means over seeds with their 95% CI bands, one colour per method (`viz.style`).
+
+    runs = {method key: {metric: {"mean": [...], "low": [...], "high": [...]}}} (low/high None or NaN
+    with a single seed: no band is drawn). Train dashed, test solid; epochs 1..n with integer ticks.
+    """
+    if not runs:
+        raise ValueError("runs is empty: pass {method: {metric: {mean, low, high}}}")
+    if ax is None:
+        fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+        ax = fig.add_subplot()
+    else:
+        fig = ax.figure
+    drawn = 0
+    for key, curves in runs.items():
+        st = style(key)
+        for m in metrics:
+            if m not in curves:
+                continue
+            c = curves[m]
+            mean = np.asarray(c["mean"], dtype=float)
+            xs = np.arange(1, len(mean) + 1)
+            ls = next((s for p, s in _LINESTYLES.items() if m.startswith(p)), "-")
+            ax.plot(xs, mean, ls=ls, color=st["color"], marker=st["marker"], ms=3, lw=1.8,
+                    label=st["label"] if ls == "-" or "test_" + m.removeprefix("train_") not in curves else None)
+            lo = np.asarray([np.nan if v is None else v for v in c.get("low") or [None] * len(mean)], dtype=float)
+            hi = np.asarray([np.nan if v is None else v for v in c.get("high") or [None] * len(mean)], dtype=float)
+            if np.isfinite(lo).all() and np.isfinite(hi).all():
+                ax.fill_between(xs, lo, hi, color=st["color"], alpha=0.2, linewidth=0)
+            drawn += 1
+    if drawn == 0:
+        raise ValueError(f"none of the runs has any of the metrics {list(metrics)}")
+    if logy:
+        readable_log_axis(ax, "y")
+    integer_ticks(ax, "x")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("MSE (dashed: train, solid: test)" if len(metrics) > 1 else metric_label(metrics[0]))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     if title:
