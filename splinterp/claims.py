@@ -17,7 +17,8 @@ from typing import Any, Literal
 from splinterp.errors import ConfigError
 from splinterp.stats import mean_ci
 
-__all__ = ["RULE", "cell", "combine_verdicts", "format_cell", "markdown_table", "verdict"]
+__all__ = ["RULE", "aggregate_runs", "cell", "combine_verdicts", "format_cell", "markdown_table", "paired_differences",
+           "verdict"]
 
 RULE = ("holds: the 95% CI (Student-t over seeds) of the difference excludes 0 in the claimed direction; "
         "does not hold: it excludes 0 the other way; inconclusive: otherwise (always with 1 seed)")
@@ -80,3 +81,41 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(esc(h) for h in header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(esc(x) for x in r) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def aggregate_runs(runs: Sequence[dict[str, Any]], keys: Sequence[str], metrics: Sequence[str],
+                   curves: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Group per-seed records (dicts with a "seed") by the values of `keys` (absent keys are None) and give each
+    group a cell: the group's key values, its "seeds", a `cell` per metric every record has, and for records
+    with "curves" the per-epoch {"mean", "low", "high"} of each name in `curves` (same length in every seed)."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault(tuple(r.get(k) for k in keys), []).append(r)
+    cells = []
+    for key, recs in groups.items():
+        c: dict[str, Any] = {k: v for k, v in zip(keys, key) if v is not None}
+        c["seeds"] = [r["seed"] for r in recs]
+        for m in metrics:
+            if all(r.get(m) is not None for r in recs):
+                c[m] = cell(r[m] for r in recs)
+        if curves and all("curves" in r for r in recs):
+            c["curves"] = {}
+            for name in curves:
+                series = [r["curves"].get(name) for r in recs]
+                if all(series) and len({len(x) for x in series}) == 1:
+                    per_epoch = [cell(v) for v in zip(*series)]
+                    c["curves"][name] = {f: [e[f] for e in per_epoch] for f in ("mean", "low", "high")}
+        cells.append(c)
+    return cells
+
+
+def paired_differences(runs: Sequence[dict[str, Any]], method: str, baseline: str, metric: str = "test_mse",
+                       by: str = "method", **where: Any) -> dict[str, Any] | None:
+    """`cell` of the per-seed differences metric(method) - metric(baseline), paired by seed (records whose
+    `by` field is method resp. baseline and that match every `where` field); None when no seed has both."""
+    def by_seed(m):
+        return {r["seed"]: r[metric] for r in runs if r.get(by) == m and all(r.get(k) == v for k, v in where.items())}
+
+    a, b = by_seed(method), by_seed(baseline)
+    seeds = sorted(set(a) & set(b))
+    return dict(cell(a[s] - b[s] for s in seeds), seeds=seeds) if seeds else None

@@ -267,19 +267,36 @@ def test_e2_fashion_is_skipped_when_absent_and_writes_nothing(tmp_path, monkeypa
 def test_capacity_runs_and_writes_what_it_promises(tmp_path, tiny_mnist):
     cfg = cap.CapacityConfig(kmeans_clusters=(4, 16), kmeans_n_init=1, kmeans_max_iter=20, local_pca_regions=(2,),
                              sae_sizes=(8,), k=2, sae_methods=("sgd", "pam_sgd"), epochs=1, matched_sae_size=8)
-    res = cap.run_capacity(cfg, tmp_path)
+    res = cap.run_capacity(cfg, tmp_path, seeds=(0, 1))
     assert (tmp_path / "capacity_mnist.png").stat().st_size > 0
-    assert json.loads((tmp_path / "capacity_mnist.json").read_text())["matched"] == res["matched"]
-    assert [r["n_parameters"] for r in res["kmeans"]] == [4 * 784, 16 * 784]
-    assert res["local_pca"][0]["n_parameters"] == 2 * 784 * 3
+    on_disk = json.loads((tmp_path / "capacity_mnist.json").read_text())
+    assert on_disk["matched"] == res["matched"] and on_disk["seeds"] == [0, 1]
+    runs = res["runs"]
+    assert sorted(r["n_parameters"] for r in runs if r["family"] == "kmeans" and r["seed"] == 0) == [4 * 784, 16 * 784]
+    assert next(r for r in runs if r["family"] == "local_pca")["n_parameters"] == 2 * 784 * 3
     for m in ("sgd", "pam_sgd"):
-        (s,) = res[f"sae_{m}"]
-        assert s["n_parameters"] == cap.sae_parameter_count(784, 8) == 2 * 784 * 8 + 8 + 784
-        assert 1 <= s["n_regions_test"] <= 200 and 1 <= s["n_regions_train"] <= 500
-        assert s["test_l0"] <= 2
-    assert res["matched"]["kmeans"]["n_regions"] == 16  # closest to the SAE's 13,336 parameters
-    assert res["local_pca"][0]["train_mse"] <= res["pca"]["train_mse"] + 1e-6  # 2 regions beat 1 (same rank)
-    assert isinstance(res["matched"]["sae_between_kmeans_and_local_pca"], bool)
+        for s in (0, 1):
+            (x,) = [r for r in runs if r["family"] == f"sae_{m}" and r["seed"] == s]
+            assert x["n_parameters"] == cap.sae_parameter_count(784, 8) == 2 * 784 * 8 + 8 + 784
+            assert 1 <= x["n_regions_test"] <= 200 and 1 <= x["n_regions_train"] <= 500
+            assert x["test_l0"] <= 2
+    assert res["matched"]["kmeans_size"] == 16  # closest to the SAE's 13,336 parameters
+    pca = next(r for r in runs if r["family"] == "pca" and r["seed"] == 0)
+    lp = next(r for r in runs if r["family"] == "local_pca" and r["seed"] == 0)
+    assert lp["train_mse"] <= pca["train_mse"] + 1e-6  # 2 regions beat 1 (same rank)
+    # the claim rows: paired differences by seed, verdict by the stated rule
+    by = {(r["family"], r["size"], r["seed"]): r["test_mse"] for r in runs}
+    for row in res["claims"]:
+        m = row["sae_method"]
+        above = [by[("kmeans", 16, s)] - by[(f"sae_{m}", 8, s)] for s in (0, 1)]
+        assert row["kmeans_minus_sae"]["values"] == pytest.approx(above)
+        va, vb = row["kmeans_minus_sae"]["verdict"], row["sae_minus_local_pca"]["verdict"]
+        assert row["verdict"] == ("holds" if va == vb == "holds" else "does not hold"
+                                  if "does not hold" in (va, vb) else "inconclusive")
+    t = cap.capacity_tables(tmp_path)
+    assert set(t) == {"models", "claims"} and "(2 seeds)" in t["models"] and row["verdict"] in t["claims"]
+    c = next(c for c in res["cells"] if c["family"] == "kmeans" and c["size"] == 4)["test_mse"]
+    assert f"{c['mean']:.3g} ± {c['half_width']:.2g} (2 seeds)" in t["models"]
 
 
 def test_capacity_config_errors():

@@ -40,12 +40,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from splinterp.atomic import write_json, write_with
-from splinterp.claims import RULE, cell, combine_verdicts, format_cell, markdown_table, verdict
+from splinterp.claims import (
+    RULE,
+    aggregate_runs,
+    combine_verdicts,
+    format_cell,
+    markdown_table,
+    paired_differences,
+    verdict,
+)
 from splinterp.errors import ConfigError, DatasetNotFoundError
 from splinterp.experiments.registry import JobSkipped, RunSettings, register, to_jsonable
 from splinterp.train.compare import METHODS, authors_init, make_sae, train_method
@@ -329,39 +336,9 @@ GROUP_KEYS = ("part", "policy", "kind", "architecture", "method", "fraction", "v
 
 
 def aggregate(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One cell per (part, policy, kind, architecture, method, fraction, value): mean and 95% CI over seeds of
-    `CELL_METRICS`, the per-seed values, and the per-epoch mean/CI of the curves (base runs)."""
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for r in runs:
-        groups.setdefault(tuple(r.get(k) for k in GROUP_KEYS), []).append(r)
-    cells = []
-    for key, recs in groups.items():
-        c = {k: v for k, v in zip(GROUP_KEYS, key) if v is not None}
-        c["seeds"] = [r["seed"] for r in recs]
-        for m in CELL_METRICS:
-            if all(r.get(m) is not None for r in recs):
-                c[m] = cell(r[m] for r in recs)
-        if all("curves" in r for r in recs):
-            c["curves"] = {}
-            for name in ("train_mse", "test_mse"):
-                series = [r["curves"].get(name) for r in recs]
-                if all(s for s in series) and len({len(s) for s in series}) == 1:
-                    per_epoch = [cell(v) for v in zip(*series)]
-                    c["curves"][name] = {f: [e[f] for e in per_epoch] for f in ("mean", "low", "high")}
-        cells.append(c)
-    return cells
-
-
-def paired_differences(runs: Sequence[dict[str, Any]], method: str, baseline: str = "sgd",
-                       metric: str = "test_mse", **where) -> dict[str, Any] | None:
-    """Cell of per-seed differences metric(method) - metric(baseline), paired by seed, over the runs that
-    match `where`; None when no seed has both."""
-    def by_seed(m):
-        return {r["seed"]: r[metric] for r in runs if r["method"] == m and all(r.get(k) == v for k, v in where.items())}
-
-    a, b = by_seed(method), by_seed(baseline)
-    seeds = sorted(set(a) & set(b))
-    return dict(cell(a[s] - b[s] for s in seeds), seeds=seeds) if seeds else None
+    """One cell per (part, policy, kind, architecture, method, fraction, value) with the mean / 95% CI over seeds
+    of `CELL_METRICS` and of the per-epoch train / test mse curves (base runs)."""
+    return aggregate_runs(runs, GROUP_KEYS, CELL_METRICS, curves=("train_mse", "test_mse"))
 
 
 def claims(runs: Sequence[dict[str, Any]], cfg: E2Config) -> list[dict[str, Any]]:
@@ -377,7 +354,8 @@ def claims(runs: Sequence[dict[str, Any]], cfg: E2Config) -> list[dict[str, Any]
         for frac in sorted(f for f in fracs if f < 1):
             by_setting = {}
             for m in (m for m in cfg.methods if m != "sgd"):
-                d = paired_differences(runs, m, part="fractions", policy=policy, architecture=arch, fraction=frac)
+                d = paired_differences(runs, m, "sgd", part="fractions", policy=policy, architecture=arch,
+                                       fraction=frac)
                 if d is None:
                     continue
                 v = verdict(d, "negative")
@@ -427,35 +405,13 @@ def _arch_label(arch: str) -> str:
 def figure_fractions(cells: Sequence[dict[str, Any]], n_full: int, title: str):
     """Final test mse against training-set fraction (log axes), mean with 95% CI band per method; one panel per
     policy x architecture."""
-    from matplotlib.figure import Figure
-
-    from splinterp.viz.style import band, metric_label, plain_log_ticks
-    from splinterp.viz.training import readable_log_axis
+    from splinterp.viz.training import plot_metric_against
 
     fr = [c for c in cells if c["part"] == "fractions"]
-    panels = list(dict.fromkeys((c["policy"], c["architecture"]) for c in fr))
-    fig = Figure(figsize=(max(6.5, 4.8 * len(panels)), 4.6), layout="constrained")
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    for ax, (policy, arch) in zip(axes, panels):
-        here = [c for c in fr if (c["policy"], c["architecture"]) == (policy, arch)]
-        fxs = sorted({c["fraction"] for c in here})
-        for m in dict.fromkeys(c["method"] for c in here):
-            cs = sorted((c for c in here if c["method"] == m), key=lambda c: c["fraction"])
-            t = [c["test_mse"] for c in cs]
-            lo = [x["low"] if x["low"] is not None else x["mean"] for x in t]
-            hi = [x["high"] if x["high"] is not None else x["mean"] for x in t]
-            band(ax, [c["fraction"] for c in cs], [x["mean"] for x in t], lo, hi, m)
-        ax.set_xscale("log")
-        plain_log_ticks(ax, "x", values=fxs)
-        readable_log_axis(ax, "y")
-        ax.set_xlabel(f"fraction of the {n_full} training rows")
-        ax.set_ylabel("final " + metric_label("test_mse"))
-        ax.set_title(f"{_arch_label(arch)}, {'paper epoch schedule' if policy == 'paper' else 'equal optimiser steps'}",
-                     fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title)
-    return fig
+    panels = {f"{_arch_label(a)}, {'paper epoch schedule' if p == 'paper' else 'equal optimiser steps'}":
+              [dict(c, x=c["fraction"]) for c in fr if (c["policy"], c["architecture"]) == (p, a)]
+              for p, a in dict.fromkeys((c["policy"], c["architecture"]) for c in fr)}
+    return plot_metric_against(panels, "test_mse", f"fraction of the {n_full} training rows", title)
 
 
 ABLATION_TITLES = {"sgd_updates": "updates per batch", "weight_decay": "weight decay",
@@ -466,39 +422,13 @@ ABLATION_AXES = {"sgd_updates": "encoder updates per mini-batch", "weight_decay"
 
 def figure_ablations(cells: Sequence[dict[str, Any]], title: str):
     """Bars of final test mse (mean, 95% CI error bars), from zero: updates per batch | weight decay | mu/nu."""
-    from matplotlib.figure import Figure
-
-    from splinterp.viz.style import bars_from_zero, metric_label, style
+    from splinterp.viz.training import plot_setting_bars
 
     ab = [c for c in cells if c["part"] == "ablations"]
-    panels = list(dict.fromkeys((c["kind"], c["architecture"]) for c in ab))
-    fig = Figure(figsize=(4.8 * len(panels), 4.3), layout="constrained")
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    for ax, (kind, arch) in zip(axes, panels):
-        here = [c for c in ab if (c["kind"], c["architecture"]) == (kind, arch)]
-        values = sorted({c["value"] for c in here})
-        methods = list(dict.fromkeys(c["method"] for c in here))
-        width = 0.8 / len(methods)
-        top = 0.0
-        for j, m in enumerate(methods):
-            cs = {c["value"]: c["test_mse"] for c in here if c["method"] == m}
-            xs = np.arange(len(values)) + (j - (len(methods) - 1) / 2) * width
-            means = [cs[v]["mean"] if v in cs else np.nan for v in values]
-            errs = [cs[v]["half_width"] if v in cs and cs[v]["half_width"] is not None else 0.0 for v in values]
-            st = style(m)
-            bars = ax.bar(xs, means, width, yerr=errs, capsize=3, color=st["color"], label=st["label"])
-            ax.bar_label(bars, fmt="%.3g", fontsize=7, label_type="center", color="white")
-            top = max(top, max(m + e for m, e in zip(means, errs) if np.isfinite(m)))
-        ax.set_xticks(np.arange(len(values)), [f"{v:g}" for v in values])
-        ax.set_xlabel(ABLATION_AXES[kind], fontsize=9)
-        ax.set_ylabel("final " + metric_label("test_mse"))
-        ax.set_title(f"{_arch_label(arch)}: {ABLATION_TITLES[kind]}", fontsize=10)
-        ax.grid(axis="y", alpha=0.3)
-        ax.set_ylim(0, 1.3 * top)
-        bars_from_zero(ax)
-        ax.legend(fontsize=8, loc="upper right")
-    fig.suptitle(title)
-    return fig
+    panels = {f"{_arch_label(a)}: {ABLATION_TITLES[k]}": ([c for c in ab if (c["kind"], c["architecture"]) == (k, a)],
+                                                          ABLATION_AXES[k])
+              for k, a in dict.fromkeys((c["kind"], c["architecture"]) for c in ab)}
+    return plot_setting_bars(panels, "test_mse", title)
 
 
 # ---------------------------------------------------------------------------------------------- driver
