@@ -49,37 +49,57 @@ def tiny_e1(**kw) -> e1.E1Config:
     return e1.E1Config(**base)
 
 
+def _pick(res, seed, k, model):
+    (r,) = [r for r in res["runs"] if r["seed"] == seed and r["k"] == k and r["model"] == model]
+    return r
+
+
 def test_e1_runs_and_writes_what_it_promises(tmp_path):
-    res = e1.run_e1(tiny_e1(), tmp_path)
+    res = e1.run_e1(tiny_e1(), tmp_path, seeds=(0, 1))
     assert (tmp_path / "e1_toy_k1.png").stat().st_size > 0
     on_disk = json.loads((tmp_path / "e1_toy.json").read_text())
-    assert on_disk["runs"]["k1"]["n_regions_matched"] == res["runs"]["k1"]["n_regions_matched"]
-    run = res["runs"]["k1"]
-    for key in ("sae", "kmeans", "local_pca_rank1"):
-        assert {"train_mse", "test_mse", "n_parameters"} <= set(run[key])
-    m = run["n_regions_matched"]
-    assert 1 <= m <= 60 and run["kmeans"]["n_regions"] == m == run["local_pca_rank1"]["n_regions"]
-    assert run["sae"]["n_parameters"] == 5 * 3 + 2  # W_enc, b_enc, W_dec (3 x 2 each), b_dec
-    # local PCA starts from the same k-means fit and can only lower the error
-    assert run["local_pca_rank1"]["train_mse"] <= run["kmeans"]["train_mse"] + 1e-9
-    pb = res["paper_baseline"]
-    assert pb["local_pca_rank1"]["train_mse"] <= pb["kmeans"]["train_mse"] + 1e-9
-    # a real TopK SAE trained with Adam beats the trivial "reconstruct the mean" map
-    X, _ = spdata.make_three_clusters(60, seed=0)
-    assert run["sae"]["train_mse"] < float(((X - X.mean(0)) ** 2).mean())
-    assert run["sae"]["train_loss_curve"][-1] <= run["sae"]["train_loss_curve"][0]
+    assert on_disk["runs"] == res["runs"] and on_disk["seeds"] == [0, 1]
+    for s in (0, 1):
+        sae, km, lp = (_pick(res, s, 1, m) for m in ("sae", "kmeans", "local_pca_rank1"))
+        for r in (sae, km, lp):
+            assert {"train_mse", "test_mse", "n_parameters"} <= set(r)
+        m = sae["n_regions"]
+        assert 1 <= m <= 60 and km["n_regions"] == m == lp["n_regions"]
+        assert sae["n_parameters"] == 5 * 3 + 2  # W_enc, b_enc, W_dec (3 x 2 each), b_dec
+        # local PCA starts from the same k-means fit and can only lower the error
+        assert lp["train_mse"] <= km["train_mse"] + 1e-9
+        # a real TopK SAE trained with Adam beats the trivial "reconstruct the mean" map
+        X, _ = spdata.make_three_clusters(60, seed=0)
+        assert sae["train_mse"] < float(((X - X.mean(0)) ** 2).mean())
+        assert sae["train_loss_curve"][-1] <= sae["train_loss_curve"][0]
+    pk = next(r for r in res["runs"] if r.get("setting") == "paper" and r["model"] == "kmeans")
+    pl = next(r for r in res["runs"] if r.get("setting") == "paper" and r["model"] == "local_pca_rank1")
+    assert pl["train_mse"] <= pk["train_mse"] + 1e-9
+    # seeds vary the SAE's initialisation, not the data
+    assert _pick(res, 0, 1, "sae")["train_mse"] != _pick(res, 1, 1, "sae")["train_mse"]
+    # claims: paired differences and the stated rule
+    (row,) = res["claims"]
+    diffs = [_pick(res, s, 1, "kmeans")["train_mse"] - _pick(res, s, 1, "sae")["train_mse"] for s in (0, 1)]
+    assert row["kmeans_minus_sae"]["values"] == pytest.approx(diffs)
+    va, vb = row["kmeans_minus_sae"]["verdict"], row["sae_minus_local_pca"]["verdict"]
+    assert row["verdict"] == ("holds" if va == vb == "holds" else "does not hold"
+                              if "does not hold" in (va, vb) else "inconclusive")
+    t = e1.e1_tables(tmp_path)
+    assert set(t) == {"models", "claims"} and "(2 seeds)" in t["models"] and row["verdict"] in t["claims"]
 
 
 def test_e1_is_seeded():
-    a = e1.run_e1(tiny_e1(seed=3))["runs"]["k1"]
-    b = e1.run_e1(tiny_e1(seed=3))["runs"]["k1"]
-    assert a["sae"]["train_mse"] == b["sae"]["train_mse"] and a["kmeans"] == b["kmeans"]
+    a = e1.run_e1(tiny_e1(seed=3))
+    b = e1.run_e1(tiny_e1(seed=3))
+    for m in ("sae", "kmeans"):
+        assert _pick(a, 3, 1, m)["train_mse"] == _pick(b, 3, 1, m)["train_mse"]
 
 
 def test_e1_k3_reports_matched_rank_local_pca():
-    run = e1.run_e1(tiny_e1(sae_sizes=((3, 4),)))["runs"]["k3"]
-    assert run["local_pca_matched_rank"]["rank"] == 2
-    assert run["local_pca_matched_rank"]["train_mse"] < 1e-8  # rank-2 pieces in 2-D are exact
+    res = e1.run_e1(tiny_e1(sae_sizes=((3, 4),)))
+    r = _pick(res, 0, 3, "local_pca_rank2")
+    assert r["rank"] == 2 and r["train_mse"] < 1e-8  # rank-2 pieces in 2-D are exact
+    assert {row["rank"] for row in res["claims"]} == {1, 2}  # the paper's rank 1 and the fair rank 2
 
 
 @pytest.mark.parametrize("bad", [dict(sae_sizes=((4, 3),)), dict(n_train=2), dict(lr=0.0), dict(sae_sizes=())])
