@@ -342,9 +342,12 @@ def test_jobs_are_registered_with_their_outputs():
 
 @pytest.mark.slow
 def test_quick_jobs_end_to_end(tmp_path):
+    from splinterp.experiments.registry import run_job
+
+    load_all()
     for name in ("e1_toy", "e2_mnist", "e2_mnist_ablations", "capacity_mnist"):
-        job = get(name) if name in load_all() else None
-        out = job(tmp_path, True, 0, "cpu")
+        out = run_job(name, tmp_path, quick=True, seeds=(0,))
         assert isinstance(out, dict)
-        for f in job.outputs:
+        for f in get(name).outputs:
             assert (tmp_path / f).exists(), f
+        assert set(get(name).tables(tmp_path)) >= ({"ablations"} if name == "e2_mnist_ablations" else {"claims"})

@@ -191,7 +191,11 @@ def plot_setting_bars(panels: Mapping[str, tuple[Sequence[Mapping[str, Any]], st
             means = [cs[v]["mean"] if v in cs else np.nan for v in values]
             errs = [cs[v]["half_width"] if v in cs and cs[v]["half_width"] is not None else 0.0 for v in values]
             st = style(m)
-            bars = ax.bar(xs, means, width, yerr=errs, capsize=3, color=st["color"], label=st["label"])
+            bars = ax.bar(xs, means, width, color=st["color"], label=st["label"])
+            has_ci = [i for i, v in enumerate(values) if v in cs and cs[v]["half_width"] is not None]
+            if has_ci:  # one seed: no CI, no error bar
+                ax.errorbar(xs[has_ci], np.asarray(means)[has_ci], yerr=np.asarray(errs)[has_ci], fmt="none",
+                            ecolor="k", capsize=3, lw=1)
             ax.bar_label(bars, fmt="%.3g", fontsize=7, label_type="center", color="white")
             top = max([top] + [a + e for a, e in zip(means, errs) if np.isfinite(a)])
         ax.set_xticks(np.arange(len(values)), [f"{v:g}" for v in values])
