@@ -387,7 +387,7 @@ def figure_curves(cells: Sequence[dict[str, Any]], title: str):
 
     base = [c for c in cells if c["part"] == "base" and "curves" in c]
     archs = list(dict.fromkeys(c["architecture"] for c in base))
-    fig = Figure(figsize=(5.2 * len(archs), 4.4), layout="constrained")
+    fig = Figure(figsize=(max(6.5, 5.2 * len(archs)), 4.6), layout="constrained")
     axes = fig.subplots(1, len(archs), squeeze=False)[0]
     for ax, arch in zip(axes, archs):
         runs = {c["method"]: c["curves"] for c in base if c["architecture"] == arch}
@@ -504,7 +504,8 @@ def run_e2(cfg: E2Config | None = None, out_dir: str | Path | None = None,
         res = {**common, "runs": main_runs, "cells": cells, "claims": claim_rows, "claims_rule": RULE}
         if "base" in parts:
             figs[f"{cfg.tag}_curves.png"] = figure_curves(
-                cells, f"E2 {sub}: MSE per epoch" + (" [SGD tied: authors' baseline]" if cfg.sgd_tied else ""))
+                cells, f"E2 {data_text},\n{model_text}: MSE per epoch" + (" [SGD tied: authors' baseline]"
+                                                                            if cfg.sgd_tied else ""))
         if "fractions" in parts:
             figs[f"{cfg.tag}_training_size.png"] = figure_fractions(
                 cells, info["n_train"], f"E2 {data_text},\n{model_text}: final test MSE against training-set size")
