@@ -334,7 +334,7 @@ def capacity_tables(folder: Path) -> dict[str, str]:
         name = FAMILY_NAMES.get(fam) or f"TopK SAE k={res['config']['k']} ({fam.removeprefix('sae_')})"
         size = {"kmeans": f"{c['size']} centroids", "local_pca": f"{c['size']} regions, rank {res['rank']}",
                 "pca": f"rank {res['rank']}"}.get(fam, f"d_sae {c['size']}")
-        rows.append([name, size, f"{c['n_parameters']:,}", format_cell(c["n_regions"]), format_cell(c["test_mse"])])
+        rows.append([name, size, f"{c['n_parameters']:,}", format_cell(c["n_regions"], 4), format_cell(c["test_mse"])])
     models = markdown_table(["model", "size", "parameters", "regions (test)", "test MSE"], rows)
     claims = markdown_table(
         ["claim", "setting", "k-means - SAE (test MSE)", "SAE - local PCA (test MSE)", "verdict"],

@@ -330,7 +330,7 @@ def e1_tables(folder: Path) -> dict[str, str]:
         return {}
     res = json.loads(path.read_text("utf-8"))
     rows = [[f"Top-{c['k']} SAE" if c.get("k") else f"paper's {res['config']['paper_n_clusters']} clusters",
-             MODEL_NAMES.get(c["model"], c["model"]), format_cell(c["n_regions"]), format_cell(c["train_mse"]),
+             MODEL_NAMES.get(c["model"], c["model"]), format_cell(c["n_regions"], 4), format_cell(c["train_mse"]),
              format_cell(c["test_mse"])] for c in res["cells"]]
     models = markdown_table(["comparison", "model", "regions", "train MSE", "test MSE"], rows)
     claims = markdown_table(
