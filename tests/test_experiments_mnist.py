@@ -49,37 +49,57 @@ def tiny_e1(**kw) -> e1.E1Config:
     return e1.E1Config(**base)
 
 
+def _pick(res, seed, k, model):
+    (r,) = [r for r in res["runs"] if r["seed"] == seed and r["k"] == k and r["model"] == model]
+    return r
+
+
 def test_e1_runs_and_writes_what_it_promises(tmp_path):
-    res = e1.run_e1(tiny_e1(), tmp_path)
+    res = e1.run_e1(tiny_e1(), tmp_path, seeds=(0, 1))
     assert (tmp_path / "e1_toy_k1.png").stat().st_size > 0
     on_disk = json.loads((tmp_path / "e1_toy.json").read_text())
-    assert on_disk["runs"]["k1"]["n_regions_matched"] == res["runs"]["k1"]["n_regions_matched"]
-    run = res["runs"]["k1"]
-    for key in ("sae", "kmeans", "local_pca_rank1"):
-        assert {"train_mse", "test_mse", "n_parameters"} <= set(run[key])
-    m = run["n_regions_matched"]
-    assert 1 <= m <= 60 and run["kmeans"]["n_regions"] == m == run["local_pca_rank1"]["n_regions"]
-    assert run["sae"]["n_parameters"] == 5 * 3 + 2  # W_enc, b_enc, W_dec (3 x 2 each), b_dec
-    # local PCA starts from the same k-means fit and can only lower the error
-    assert run["local_pca_rank1"]["train_mse"] <= run["kmeans"]["train_mse"] + 1e-9
-    pb = res["paper_baseline"]
-    assert pb["local_pca_rank1"]["train_mse"] <= pb["kmeans"]["train_mse"] + 1e-9
-    # a real TopK SAE trained with Adam beats the trivial "reconstruct the mean" map
-    X, _ = spdata.make_three_clusters(60, seed=0)
-    assert run["sae"]["train_mse"] < float(((X - X.mean(0)) ** 2).mean())
-    assert run["sae"]["train_loss_curve"][-1] <= run["sae"]["train_loss_curve"][0]
+    assert on_disk["runs"] == res["runs"] and on_disk["seeds"] == [0, 1]
+    for s in (0, 1):
+        sae, km, lp = (_pick(res, s, 1, m) for m in ("sae", "kmeans", "local_pca_rank1"))
+        for r in (sae, km, lp):
+            assert {"train_mse", "test_mse", "n_parameters"} <= set(r)
+        m = sae["n_regions"]
+        assert 1 <= m <= 60 and km["n_regions"] == m == lp["n_regions"]
+        assert sae["n_parameters"] == 5 * 3 + 2  # W_enc, b_enc, W_dec (3 x 2 each), b_dec
+        # local PCA starts from the same k-means fit and can only lower the error
+        assert lp["train_mse"] <= km["train_mse"] + 1e-9
+        # a real TopK SAE trained with Adam beats the trivial "reconstruct the mean" map
+        X, _ = spdata.make_three_clusters(60, seed=0)
+        assert sae["train_mse"] < float(((X - X.mean(0)) ** 2).mean())
+        assert sae["train_loss_curve"][-1] <= sae["train_loss_curve"][0]
+    pk = next(r for r in res["runs"] if r.get("setting") == "paper" and r["model"] == "kmeans")
+    pl = next(r for r in res["runs"] if r.get("setting") == "paper" and r["model"] == "local_pca_rank1")
+    assert pl["train_mse"] <= pk["train_mse"] + 1e-9
+    # seeds vary the SAE's initialisation, not the data
+    assert _pick(res, 0, 1, "sae")["train_mse"] != _pick(res, 1, 1, "sae")["train_mse"]
+    # claims: paired differences and the stated rule
+    (row,) = res["claims"]
+    diffs = [_pick(res, s, 1, "kmeans")["train_mse"] - _pick(res, s, 1, "sae")["train_mse"] for s in (0, 1)]
+    assert row["kmeans_minus_sae"]["values"] == pytest.approx(diffs)
+    va, vb = row["kmeans_minus_sae"]["verdict"], row["sae_minus_local_pca"]["verdict"]
+    assert row["verdict"] == ("holds" if va == vb == "holds" else "does not hold"
+                              if "does not hold" in (va, vb) else "inconclusive")
+    t = e1.e1_tables(tmp_path)
+    assert set(t) == {"models", "claims"} and "(2 seeds)" in t["models"] and row["verdict"] in t["claims"]
 
 
 def test_e1_is_seeded():
-    a = e1.run_e1(tiny_e1(seed=3))["runs"]["k1"]
-    b = e1.run_e1(tiny_e1(seed=3))["runs"]["k1"]
-    assert a["sae"]["train_mse"] == b["sae"]["train_mse"] and a["kmeans"] == b["kmeans"]
+    a = e1.run_e1(tiny_e1(seed=3))
+    b = e1.run_e1(tiny_e1(seed=3))
+    for m in ("sae", "kmeans"):
+        assert _pick(a, 3, 1, m)["train_mse"] == _pick(b, 3, 1, m)["train_mse"]
 
 
 def test_e1_k3_reports_matched_rank_local_pca():
-    run = e1.run_e1(tiny_e1(sae_sizes=((3, 4),)))["runs"]["k3"]
-    assert run["local_pca_matched_rank"]["rank"] == 2
-    assert run["local_pca_matched_rank"]["train_mse"] < 1e-8  # rank-2 pieces in 2-D are exact
+    res = e1.run_e1(tiny_e1(sae_sizes=((3, 4),)))
+    r = _pick(res, 0, 3, "local_pca_rank2")
+    assert r["rank"] == 2 and r["train_mse"] < 1e-8  # rank-2 pieces in 2-D are exact
+    assert {row["rank"] for row in res["claims"]} == {1, 2}  # the paper's rank 1 and the fair rank 2
 
 
 @pytest.mark.parametrize("bad", [dict(sae_sizes=((4, 3),)), dict(n_train=2), dict(lr=0.0), dict(sae_sizes=())])
@@ -92,9 +112,8 @@ def test_e1_config_errors(bad):
 def tiny_e2(**kw) -> e2.E2Config:
     base = dict(architectures=("topk",), d_sae=16, k=4, epochs=3, fractions=(0.2, 1.0),
                 fraction_architectures=("topk",), equal_steps_architectures=("topk",), equal_steps_fractions=(0.2, 1.0),
-                fraction_pam_alphas=(100.0,),
                 fraction_max_epochs=3, fraction_min_epochs=2, ablation_architectures=("topk",), ablation_epochs=1,
-                sgd_updates=(1, 2), weight_decays=(0.0, 1e-3), mu_nus=(0.0, 1e-3))
+                sgd_updates=(1, 2), weight_decays=(0.0, 1e-3), mu_nus=(0.0, 2.0))
     base.update(kw)
     return e2.E2Config(**base)
 
@@ -102,34 +121,75 @@ def tiny_e2(**kw) -> e2.E2Config:
 def test_e2_runs_and_writes_what_it_promises(tmp_path, tiny_mnist):
     cfg = tiny_e2()
     parts = ("base", "fractions", "ablations")
-    res = e2.run_e2(cfg, tmp_path, parts)
+    e2.run_e2(cfg, tmp_path, parts, seeds=(0, 1))
     for name in e2.output_names(cfg, parts):
         assert (tmp_path / name).stat().st_size > 0, name
     main = json.loads((tmp_path / "e2_mnist.json").read_text())
-    assert {"config", "data", "base", "fractions", "summary"} <= set(main)
-    assert main["data"]["n_train"] == 500 and main["fair"] is True
-    base = res["base"]["topk"]
-    for m in ("sgd", "pam_sgd"):
-        r = base[m]
+    assert {"config", "data", "runs", "cells", "claims", "summary"} <= set(main)
+    assert main["data"]["n_train"] == 500 and main["fair"] is True and main["seeds"] == [0, 1]
+    runs = main["runs"]
+    base = {(r["method"], r["seed"]): r for r in runs if r["part"] == "base"}
+    assert set(base) == {(m, s) for m in ("sgd", "pam_sgd", "pam_sgd_authors") for s in (0, 1)}
+    for r in base.values():
         assert not r["tied"] and r["epochs"] == 3 and len(r["curves"]["test_mse"]) == 3
         assert all(math.isfinite(r[f"{s}_mse"]) for s in ("train", "test"))
+    # seeds vary the initialisation: different final numbers
+    assert base[("sgd", 0)]["test_mse"] != base[("sgd", 1)]["test_mse"]
     # PAM-SGD decreases the training mse
-    assert base["pam_sgd"]["curves"]["train_mse"][-1] < base["pam_sgd"]["curves"]["train_mse"][0]
-    assert res["summary"]["base_topk_pam_train_mse_decreased"] is True
-    fr = res["fractions"]
-    assert [r["n_train"] for r in fr["paper"]["topk"]["sgd"]] == [100, 500]
-    assert [r["fraction"] for r in fr["paper"]["topk"]["pam_sgd_alpha=100"]] == [0.2, 1.0]
+    for s in (0, 1):
+        assert base[("pam_sgd", s)]["curves"]["train_mse"][-1] < base[("pam_sgd", s)]["curves"]["train_mse"][0]
+    # the cells hold mean and Student-t CI of the per-seed values (t(0.975, 1) = 12.706, by hand)
+    (c,) = [c for c in main["cells"] if c["part"] == "base" and c["method"] == "sgd"]
+    a, b = base[("sgd", 0)]["test_mse"], base[("sgd", 1)]["test_mse"]
+    assert c["test_mse"]["values"] == [a, b] and c["test_mse"]["mean"] == pytest.approx((a + b) / 2)
+    assert c["test_mse"]["half_width"] == pytest.approx(12.7062 * abs(a - b) / 2, rel=1e-4)
+    fr = [r for r in runs if r["part"] == "fractions"]
+    assert sorted({r["n_train"] for r in fr if r["method"] == "sgd" and r["policy"] == "paper"}) == [100, 500]
     # the full-data run is the base run, reused; equal_steps gives every fraction the same optimiser steps
-    assert fr["paper"]["topk"]["sgd"][1]["test_mse"] == base["sgd"]["test_mse"]
-    steps = [r["steps"] for r in fr["equal_steps"]["topk"]["sgd"]]
-    assert steps[0] >= steps[1] == base["sgd"]["steps"]
-    assert [r["policy"] for r in fr["equal_steps"]["topk"]["pam_sgd_alpha=100"]] == ["equal_steps"] * 2
-    ab = json.loads((tmp_path / "e2_mnist_ablations.json").read_text())["ablations"]
-    assert [r["value"] for r in ab["sgd_updates"]["topk"]["pam_sgd"]] == [1, 2]
-    assert set(ab["weight_decay"]["topk"]) == {"sgd", "pam_sgd"}
-    r = ab["mu_nu"]["topk"]["pam_sgd"][1]
-    assert r["overrides"]["mu_enc"] == 1e-3 and r["overrides"]["mu_dec"] == pytest.approx(1e-3 * 500 * 784)
-    assert ab["sgd_updates"]["topk"]["pam_sgd"][1]["steps"] == 2 * ab["sgd_updates"]["topk"]["pam_sgd"][0]["steps"]
+    full = next(r for r in fr if r["policy"] == "paper" and r["fraction"] == 1.0 and r["method"] == "sgd"
+                and r["seed"] == 0)
+    assert full["test_mse"] == base[("sgd", 0)]["test_mse"]
+    eq = sorted((r for r in fr if r["policy"] == "equal_steps" and r["method"] == "sgd" and r["seed"] == 0),
+                key=lambda r: r["fraction"])
+    assert eq[0]["steps"] >= eq[1]["steps"] == base[("sgd", 0)]["steps"]
+    # the training subsets vary with the seed (the experiment is about subsets), the split does not
+    assert not torch.equal(e2.fraction_subset(500, 0.2, 0), e2.fraction_subset(500, 0.2, 1))
+    ab = json.loads((tmp_path / "e2_mnist_ablations.json").read_text())
+    abr = [r for r in ab["runs"] if r["seed"] == 0]
+    upd = sorted((r for r in abr if r["kind"] == "sgd_updates"), key=lambda r: r["value"])
+    assert [r["value"] for r in upd] == [1, 2] and upd[1]["steps"] == 2 * upd[0]["steps"]
+    assert {r["method"] for r in abr if r["kind"] == "weight_decay"} == {"sgd", "pam_sgd"}
+    mu = next(r for r in abr if r["kind"] == "mu_nu" and r["value"] == 2.0)
+    assert mu["overrides"]["mu_dec"] == 2.0 and mu["overrides"]["nu_dec"] == 2.0  # relative units, as stated
+    assert "relative" in ab["mu_nu_units"]
+
+
+def test_e2_tables_render_the_files(tmp_path, tiny_mnist):
+    """The tables are a function of the JSON files: cells "mean ± half-width (n seeds)", claims whose verdict
+    follows the stated rule from the stored paired differences."""
+    cfg = tiny_e2(equal_steps_architectures=())
+    e2.run_e2(cfg, tmp_path, ("base", "fractions"), seeds=(0, 1))
+    main = json.loads((tmp_path / "e2_mnist.json").read_text())
+    t = e2.mnist_tables(tmp_path)
+    assert set(t) == {"curves", "training_size", "claims"}
+    c = next(c for c in main["cells"] if c["part"] == "base" and c["method"] == "pam_sgd")["test_mse"]
+    assert f"{c['mean']:.3g} ± {c['half_width']:.2g} (2 seeds)" in t["curves"]
+    rows = [r for r in main["claims"] if r["difference"] is not None]
+    assert {r["setting"].split(",")[0] for r in rows} == {"default PAM-SGD", "PAM-SGD with the authors' settings"}
+    for r in rows:
+        runs = {(x["method"], x["seed"]): x["test_mse"] for x in main["runs"] if x["part"] == "fractions"
+                and x["fraction"] == 0.2 and x["policy"] == "paper"}
+        m = "pam_sgd" if r["setting"].startswith("default") else "pam_sgd_authors"
+        diffs = [runs[(m, s)] - runs[("sgd", s)] for s in (0, 1)]
+        assert r["difference"]["values"] == pytest.approx(diffs)
+        lo, hi = r["difference"]["low"], r["difference"]["high"]
+        assert r["verdict"] == ("holds" if hi < 0 else "does not hold" if lo > 0 else "inconclusive")
+        assert r["verdict"] in t["claims"]
+    # one seed: no CI, verdict inconclusive, the cell says "(1 seed)"
+    e2.run_e2(cfg, tmp_path, ("base", "fractions"), seeds=(3,))
+    t1 = e2.mnist_tables(tmp_path)
+    assert "(1 seed)" in t1["curves"] and "±" not in t1["curves"]
+    assert "holds" not in json.loads((tmp_path / "e2_mnist.json").read_text())["summary"]["claims"][0]
 
 
 def test_e2_methods_share_the_initialisation_and_reference_ties_sgd(tiny_mnist):
@@ -138,7 +198,7 @@ def test_e2_methods_share_the_initialisation_and_reference_ties_sgd(tiny_mnist):
     assert torch.equal(a.W_enc, b.W_enc) and torch.equal(a.W_dec, b.W_dec)
     X_tr, X_te = tiny_mnist
     ref = e2.E2Config.reference(d_sae=16, k=4)
-    assert ref.sgd_tied and ref.equal_steps_architectures == () and ref.fraction_pam_alphas == ()
+    assert ref.sgd_tied and ref.equal_steps_architectures == () and "pam_sgd_authors" in ref.methods
     rec = e2.train_one(ref, "sgd", "topk", X_tr[:64], X_te[:32], 1, curves=False)
     assert rec["tied"] is True
     assert e2.train_one(ref, "pam_sgd", "topk", X_tr[:64], None, 1, curves=False)["tied"] is False
@@ -153,7 +213,7 @@ def test_reference_preset_uses_the_authors_initialisation():
     from scipy import stats as st
 
     ref = e2.E2Config.reference()
-    assert ref.init == "authors" and ref.pam_decoder == "authors"
+    assert ref.init == "authors" and "pam_sgd_authors" in ref.methods
     untied, tied = e2.make_e2_sae(ref, "topk"), e2.make_e2_sae(ref, "topk", tied=True)
     W = untied.W_enc.detach().double()
     assert W.shape == (784, 256)
@@ -172,16 +232,17 @@ def test_reference_preset_uses_the_authors_initialisation():
     torch.testing.assert_close(default, torch.ones(256, dtype=torch.float64))
 
 
-def test_reference_pam_uses_the_authors_decoder_step(tiny_mnist):
-    """reference(): ridge 1e-6 in absolute units, no proximal term: the decoder after one epoch is the
-    plain ridge solve on the final codes; the default config takes the proximal step instead."""
+def test_authors_pam_uses_the_authors_decoder_step(tiny_mnist):
+    """"pam_sgd_authors": ridge 1e-6 in absolute units, no proximal term: the decoder after one epoch is the
+    plain ridge solve on the final codes; the default "pam_sgd" takes the proximal step instead."""
     from splinterp.train import solve_decoder
 
     X_tr, _ = tiny_mnist
     X = X_tr[:64]
     out = {}
-    for name, cfg in (("ref", e2.E2Config.reference(d_sae=16, k=4)), ("default", tiny_e2())):
-        _, sae = e2.train_one(cfg, "pam_sgd", "topk", X, None, 1, curves=False, return_model=True)
+    for name, method in (("ref", "pam_sgd_authors"), ("default", "pam_sgd")):
+        _, sae = e2.train_one(e2.E2Config.reference(d_sae=16, k=4), method, "topk", X, None, 1, curves=False,
+                              return_model=True)
         with torch.no_grad():
             Z = sae.encode(X)
         W, _ = solve_decoder(Z.double(), X.double(), alpha=1e-6)
@@ -226,19 +287,36 @@ def test_e2_fashion_is_skipped_when_absent_and_writes_nothing(tmp_path, monkeypa
 def test_capacity_runs_and_writes_what_it_promises(tmp_path, tiny_mnist):
     cfg = cap.CapacityConfig(kmeans_clusters=(4, 16), kmeans_n_init=1, kmeans_max_iter=20, local_pca_regions=(2,),
                              sae_sizes=(8,), k=2, sae_methods=("sgd", "pam_sgd"), epochs=1, matched_sae_size=8)
-    res = cap.run_capacity(cfg, tmp_path)
+    res = cap.run_capacity(cfg, tmp_path, seeds=(0, 1))
     assert (tmp_path / "capacity_mnist.png").stat().st_size > 0
-    assert json.loads((tmp_path / "capacity_mnist.json").read_text())["matched"] == res["matched"]
-    assert [r["n_parameters"] for r in res["kmeans"]] == [4 * 784, 16 * 784]
-    assert res["local_pca"][0]["n_parameters"] == 2 * 784 * 3
+    on_disk = json.loads((tmp_path / "capacity_mnist.json").read_text())
+    assert on_disk["matched"] == res["matched"] and on_disk["seeds"] == [0, 1]
+    runs = res["runs"]
+    assert sorted(r["n_parameters"] for r in runs if r["family"] == "kmeans" and r["seed"] == 0) == [4 * 784, 16 * 784]
+    assert next(r for r in runs if r["family"] == "local_pca")["n_parameters"] == 2 * 784 * 3
     for m in ("sgd", "pam_sgd"):
-        (s,) = res[f"sae_{m}"]
-        assert s["n_parameters"] == cap.sae_parameter_count(784, 8) == 2 * 784 * 8 + 8 + 784
-        assert 1 <= s["n_regions_test"] <= 200 and 1 <= s["n_regions_train"] <= 500
-        assert s["test_l0"] <= 2
-    assert res["matched"]["kmeans"]["n_regions"] == 16  # closest to the SAE's 13,336 parameters
-    assert res["local_pca"][0]["train_mse"] <= res["pca"]["train_mse"] + 1e-6  # 2 regions beat 1 (same rank)
-    assert isinstance(res["matched"]["sae_between_kmeans_and_local_pca"], bool)
+        for s in (0, 1):
+            (x,) = [r for r in runs if r["family"] == f"sae_{m}" and r["seed"] == s]
+            assert x["n_parameters"] == cap.sae_parameter_count(784, 8) == 2 * 784 * 8 + 8 + 784
+            assert 1 <= x["n_regions_test"] <= 200 and 1 <= x["n_regions_train"] <= 500
+            assert x["test_l0"] <= 2
+    assert res["matched"]["kmeans_size"] == 16  # closest to the SAE's 13,336 parameters
+    pca = next(r for r in runs if r["family"] == "pca" and r["seed"] == 0)
+    lp = next(r for r in runs if r["family"] == "local_pca" and r["seed"] == 0)
+    assert lp["train_mse"] <= pca["train_mse"] + 1e-6  # 2 regions beat 1 (same rank)
+    # the claim rows: paired differences by seed, verdict by the stated rule
+    by = {(r["family"], r["size"], r["seed"]): r["test_mse"] for r in runs}
+    for row in res["claims"]:
+        m = row["sae_method"]
+        above = [by[("kmeans", 16, s)] - by[(f"sae_{m}", 8, s)] for s in (0, 1)]
+        assert row["kmeans_minus_sae"]["values"] == pytest.approx(above)
+        va, vb = row["kmeans_minus_sae"]["verdict"], row["sae_minus_local_pca"]["verdict"]
+        assert row["verdict"] == ("holds" if va == vb == "holds" else "does not hold"
+                                  if "does not hold" in (va, vb) else "inconclusive")
+    t = cap.capacity_tables(tmp_path)
+    assert set(t) == {"models", "claims"} and "(2 seeds)" in t["models"] and row["verdict"] in t["claims"]
+    c = next(c for c in res["cells"] if c["family"] == "kmeans" and c["size"] == 4)["test_mse"]
+    assert f"{c['mean']:.3g} ± {c['half_width']:.2g} (2 seeds)" in t["models"]
 
 
 def test_capacity_config_errors():
@@ -264,9 +342,12 @@ def test_jobs_are_registered_with_their_outputs():
 
 @pytest.mark.slow
 def test_quick_jobs_end_to_end(tmp_path):
+    from splinterp.experiments.registry import run_job
+
+    load_all()
     for name in ("e1_toy", "e2_mnist", "e2_mnist_ablations", "capacity_mnist"):
-        job = get(name) if name in load_all() else None
-        out = job(tmp_path, True, 0, "cpu")
+        out = run_job(name, tmp_path, quick=True, seeds=(0,))
         assert isinstance(out, dict)
-        for f in job.outputs:
+        for f in get(name).outputs:
             assert (tmp_path / f).exists(), f
+        assert set(get(name).tables(tmp_path)) >= ({"ablations"} if name == "e2_mnist_ablations" else {"claims"})

@@ -389,12 +389,9 @@ def _files_with_asserts() -> dict[str, list[int]]:
 
 def test_no_assert_as_a_runtime_check_in_the_library():
     found = _files_with_asserts()
-    found.pop("splinterp/experiments/capacity.py", None)  # see the xfail below
     assert found == {}
 
 
-@pytest.mark.xfail(strict=True, reason="experiments/capacity.py:213 checks a parameter count with a bare assert; "
-                                       "experiments/ is being restructured elsewhere")
 def test_no_assert_in_the_experiments():
     assert "splinterp/experiments/capacity.py" not in _files_with_asserts()
 

@@ -385,3 +385,103 @@ def test_training_and_mnist_figures():
     assert isinstance(mnist.plot_reconstructions(x, {"sae": sae(x).detach()}), Figure)
     with pytest.raises(ValueError):
         mnist.plot_filters(np.zeros((3, 100)))
+
+
+# ------------------------------------------------------------------------------------ experiment figures
+def _hex(c) -> str:
+    from matplotlib.colors import to_hex
+
+    return to_hex(c)
+
+
+def test_mean_curves_draw_one_colour_per_method_with_ci_bands():
+    from matplotlib.collections import PolyCollection
+
+    from splinterp.viz.style import style
+
+    ci = {"mean": [0.5, 0.4, 0.3], "low": [0.45, 0.35, 0.25], "high": [0.55, 0.45, 0.35]}
+    one = {"mean": [0.6, 0.5, 0.45], "low": [None] * 3, "high": [None] * 3}
+    f = training.plot_mean_curves({"sgd": {"train_mse": ci, "test_mse": ci}, "pam_sgd": {"test_mse": one}},
+                                  title="E2 curves")
+    ax = f.axes[0]
+    FigureCanvasAgg(f).draw()
+    by_label = {ln.get_label(): ln for ln in ax.get_lines()}
+    assert _hex(by_label["SGD"].get_color()) == style("sgd")["color"].lower()
+    assert _hex(by_label["PAM-SGD"].get_color()) == style("pam_sgd")["color"].lower()
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["SGD", "PAM-SGD"]  # one entry per method
+    styles = sorted(ln.get_linestyle() for ln in ax.get_lines())
+    assert styles == ["-", "-", "--"]  # train dashed, test solid
+    bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
+    assert len(bands) == 2 and all(_hex(b.get_facecolor()[0]) == style("sgd")["color"].lower() for b in bands)
+    assert ax.get_title() == "E2 curves" and ax.get_xlabel() == "epoch" and "MSE" in ax.get_ylabel()
+    ticks = [t for t in ax.get_xticks() if 1 <= t <= 3]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+    labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+    assert labels and not any("10^" in s or "times" in s for s in labels)  # plain numbers on the log axis
+
+
+def test_metric_against_and_setting_bars():
+    from splinterp.viz.style import style
+
+    c = lambda m, lo, hi: {"mean": m, "low": lo, "high": hi, "half_width": None if lo is None else m - lo}  # noqa: E731
+    cells = [{"x": 0.05, "method": "sgd", "test_mse": c(0.9, 0.8, 1.0)},
+             {"x": 1.0, "method": "sgd", "test_mse": c(0.4, 0.35, 0.45)},
+             {"x": 0.05, "method": "pam_sgd_authors", "test_mse": c(0.7, None, None)},
+             {"x": 1.0, "method": "pam_sgd_authors", "test_mse": c(0.3, None, None)}]
+    f = training.plot_metric_against({"TopK SAE": cells}, "test_mse", "fraction", "title")
+    ax = f.axes[0]
+    FigureCanvasAgg(f).draw()
+    assert [t.get_text() for t in ax.get_xticklabels() if t.get_text()] == ["0.05", "1"]
+    assert {_hex(ln.get_color()) for ln in ax.get_lines()} == {style("sgd")["color"].lower(),
+                                                              style("pam_sgd_authors")["color"].lower()}
+    assert ax.get_ylabel() == "final test MSE" and f._suptitle.get_text() == "title"
+    bars = [dict(cl, value=v) for cl, v in zip(cells, (0.0, 1e-3, 0.0, 1e-3))]
+    g = training.plot_setting_bars({"weight decay": (bars, "Adam weight decay")}, "test_mse", "ablations")
+    ax = g.axes[0]
+    assert ax.get_ylim()[0] == 0.0  # bars from zero
+    heights = sorted(round(p.get_height(), 6) for p in ax.patches)
+    assert heights == [0.3, 0.4, 0.7, 0.9]
+    assert {_hex(p.get_facecolor()) for p in ax.patches} == {style("sgd")["color"].lower(),
+                                                            style("pam_sgd_authors")["color"].lower()}
+    # error bars only where there is a CI (the SGD bars), of the half-width
+    err_segments = [seg for coll in ax.collections for seg in coll.get_segments()]
+    assert sorted(round(float(s[1][1] - s[0][1]), 6) for s in err_segments if len(s) == 2) == [0.1, 0.2]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "0.001"]
+
+
+def test_e1_local_pca_cells_are_smooth_and_match_the_model():
+    """The local-PCA panel is drawn from the continuous assignment score (filled contours, no raster image), and
+    the drawn cells agree with the model's own `regions` at points away from the boundaries."""
+    from matplotlib.path import Path as MPath
+
+    from splinterp.data.toy import make_three_clusters
+    from splinterp.reference import KMeansAE, LocalPCAAE
+
+    X, _ = make_three_clusters(60, seed=0)
+    km = KMeansAE(3, n_init=1, seed=0).fit(X)
+    lp = LocalPCAAE(3, rank=1, max_iter=3, kmeans_n_init=1, seed=0).fit(X)
+    f = partition.plot_e1_panels(X, km, _tiny_topk_2d(), lp, resolution=60)
+    ax = f.axes[2]
+    assert not ax.images  # no raster: no staircase
+    fills = [c for c in ax.collections if hasattr(c, "get_paths") and type(c).__name__ in ("ContourSet",
+                                                                                          "QuadContourSet")]
+    assert fills
+    g = torch.Generator().manual_seed(1)
+    P = (torch.rand(400, 2, generator=g, dtype=torch.float64) * 3.6 - 1.8)
+    lab = lp.regions(P.to(lp.means_.dtype)).numpy()
+    M, B = lp.means_.double().numpy(), lp.bases_.double().numpy()
+    D = P.numpy()[None] - M[:, None]
+    dist = (D ** 2).sum(-1) - (np.einsum("mnd,mdr->mnr", D, B) ** 2).sum(-1)
+    srt = np.sort(dist, 0)
+    clear = (srt[1] - srt[0]) > 0.05  # away from every boundary
+    filled = [c for c in fills if c.filled]
+    assert len(filled) == 3  # one filled cell set per region, in region order
+    checked = 0
+    for i, c in enumerate(filled):
+        inside = np.zeros(len(P), bool)
+        for path in c.get_paths():
+            for poly in path.to_polygons():
+                inside ^= MPath(poly).contains_points(P.numpy())
+        checked += int((inside & clear).sum())
+        assert np.all(lab[inside & clear] == i)
+    assert checked > 100

@@ -21,15 +21,24 @@ affine AE with rank-r pieces, so at equal region count mse(k-means) >= mse(Top-1
 is expected. A Top-3 SAE in 2-D has rank-2 (full-rank) pieces, so its fair local-PCA match is rank min(k, 2),
 which is exact in 2-D; the rank-1 local PCA is reported as the paper's baseline anyway.
 
-API: `run_e1(E1Config(...), out_dir)` -> results dict; `E1Config.quick()` for the small preset; the registered
-job `e1_toy` writes e1_toy.json, e1_toy_k1.png, e1_toy_k3.png.
+Every fit is repeated over the run's seeds (SAE initialisation and restarts, k-means restarts; the training and
+held-out points are fixed by `data_seed`) and reported as mean ± Student-t 95% CI. The claim (table "claims"): at
+the SAE's region count, train mse(k-means) - mse(SAE) > 0 and mse(SAE) - mse(local PCA) > 0, paired by seed, each
+judged by `splinterp.claims.RULE`; "holds" when both hold, "does not hold" when either does not. It is tested
+against the paper's rank-1 local PCA and, for k > 1, against the fair rank-min(k, 2) one.
+
+API: `run_e1(E1Config(...), out_dir, seeds)` -> results dict; `E1Config.quick()` for the small preset;
+`e1_tables(folder)`; the registered job `e1_toy` writes e1_toy.json, e1_toy_k1.png, e1_toy_k3.png (the
+partitions of the first seed's models).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +47,7 @@ import torch
 from tqdm.auto import tqdm
 
 from splinterp.atomic import write_json, write_with
+from splinterp.claims import RULE, aggregate_runs, cell, format_cell, markdown_table, verdict
 from splinterp.errors import ConfigError
 from splinterp.experiments.registry import RunSettings, register, to_jsonable
 
@@ -72,8 +82,10 @@ class E1Config:
     """(xmin, xmax, ymin, ymax) of the figure panels, in data coordinates."""
     resolution: int = 300
     """Pixels along each side of the figure rasters (and of the grid on which regions in view are counted)."""
+    data_seed: int = 0
+    """Seed of the training points (the held-out points use data_seed + 1): fixed over the run's seeds."""
     seed: int = 0
-    """Seed of every random choice (initialisation, batch order, subsets, restarts)."""
+    """Seed of the SAE initialisation and restarts and of the k-means restarts (run_e1 replaces it per seed)."""
     device: str = "cpu"
     """Torch device the models train on."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -150,7 +162,7 @@ def _evaluate(model, X: torch.Tensor, Xt: torch.Tensor) -> dict[str, float]:
             "n_parameters": _n_params(model)}
 
 
-def _figure(X, km, sae, lp, cfg: E1Config, title: str):
+def _figure(X, km, sae, lp, cfg: E1Config, title: str, titles: Sequence[str] | None = None):
     """The three-panel picture through `splinterp.viz.partition.plot_e1_panels`; a minimal raster figure
     (origin="lower", x right, y up) if that is unavailable."""
     try:
@@ -159,7 +171,7 @@ def _figure(X, km, sae, lp, cfg: E1Config, title: str):
         log.warning("splinterp.viz.partition.plot_e1_panels unavailable (%s); drawing a minimal figure", e)
         return _minimal_figure(X, km, sae, lp, cfg, title)
     return plot_e1_panels(X.detach().cpu(), km, sae, lp, bounds=cfg.bounds, resolution=cfg.resolution,
-                          suptitle=title)
+                          suptitle=title, titles=titles)
 
 
 def _minimal_figure(X, km, sae, lp, cfg: E1Config, title: str):
@@ -181,17 +193,11 @@ def _minimal_figure(X, km, sae, lp, cfg: E1Config, title: str):
     return fig
 
 
-def run_e1(cfg: E1Config | None = None, out_dir: str | Path | None = None) -> dict[str, Any]:
-    """Run E1; write `e1_toy.json` and one `e1_toy_k<k>.png` per SAE size into `out_dir` (if given)."""
-    from splinterp.data import make_grid, make_three_clusters
+def run_one_seed(cfg: E1Config, X: torch.Tensor, Xt: torch.Tensor, grid: torch.Tensor):
+    """Every model of E1 for `cfg.seed`: (records, models per k for the figure)."""
     from splinterp.geometry import region_stats
     from splinterp.reference import KMeansAE, LocalPCAAE
 
-    cfg = cfg if cfg is not None else E1Config()
-    t0 = time.perf_counter()
-    X, _ = make_three_clusters(cfg.n_train, seed=cfg.seed, device=cfg.device)
-    Xt, _ = make_three_clusters(cfg.n_test, seed=cfg.seed + 1, device=cfg.device)
-    grid, _ = make_grid(cfg.bounds, cfg.resolution, device=cfg.device)
     d = X.shape[1]
 
     def kmeans(m: int):
@@ -200,20 +206,10 @@ def run_e1(cfg: E1Config | None = None, out_dir: str | Path | None = None) -> di
     def local_pca(m: int, rank: int):
         return LocalPCAAE(m, rank, kmeans_n_init=cfg.kmeans_n_init, seed=cfg.seed, device=cfg.device).fit(X)
 
-    results: dict[str, Any] = {
-        "config": cfg.to_dict(),
-        "matching": "regions: the k-means AE and the local-PCA AE get as many regions as the SAE has on the "
-                    "training points (splinterp.geometry.region_stats)",
-        "mse": "mean over all elements of (x - x_hat)^2",
-        "runs": {},
-    }
     m0 = cfg.paper_n_clusters
-    results["paper_baseline"] = {
-        "n_clusters": m0,
-        "kmeans": _evaluate(kmeans(m0), X, Xt),
-        "local_pca_rank1": _evaluate(local_pca(m0, 1), X, Xt),
-    }
-    figures = {}
+    recs = [dict(_evaluate(kmeans(m0), X, Xt), k=None, model="kmeans", n_regions=m0, setting="paper"),
+            dict(_evaluate(local_pca(m0, 1), X, Xt), k=None, model="local_pca_rank1", n_regions=m0, setting="paper")]
+    models = {}
     for k, d_sae in cfg.sae_sizes:
         sae, hist, restarts = fit_toy_sae(X, k, d_sae, cfg, cfg.seed)
         stats = region_stats(sae, X)
@@ -221,30 +217,98 @@ def run_e1(cfg: E1Config | None = None, out_dir: str | Path | None = None) -> di
         if m > X.shape[0]:  # cannot happen (at most one region per point), guards the reference fits
             raise ConfigError(f"SAE has {m} regions on {X.shape[0]} points")
         km, lp1 = kmeans(m), local_pca(m, 1)
-        run: dict[str, Any] = {
-            "k": k, "d_sae": d_sae, "n_regions_matched": m,
-            "sae": {**_evaluate(sae, X, Xt), "n_regions_train": m,
-                    "n_regions_test": int(region_stats(sae, Xt)["n_regions"]),
-                    "n_regions_in_view": int(region_stats(sae, grid)["n_regions"]),
-                    "region_entropy_train": stats["region_entropy"],
-                    "restart_train_mse": restarts, "train_loss_curve": hist["train_loss"]},
-            "kmeans": {**_evaluate(km, X, Xt), "n_regions": m},
-            "local_pca_rank1": {**_evaluate(lp1, X, Xt), "n_regions": m, "rank": 1},
-        }
-        r_match = min(k, d)
-        if r_match != 1:
-            run["local_pca_matched_rank"] = {**_evaluate(local_pca(m, r_match), X, Xt), "n_regions": m,
-                                             "rank": r_match}
-        s, kmse, lmse = run["sae"]["train_mse"], run["kmeans"]["train_mse"], run["local_pca_rank1"]["train_mse"]
-        run["sae_between_kmeans_and_local_pca_rank1"] = bool(kmse >= s >= lmse)
-        run["sae_below_kmeans"] = bool(s <= kmse)
-        log.info("E1 k=%d d_sae=%d: %d regions; train mse k-means %.4g | SAE %.4g | local PCA r1 %.4g", k, d_sae,
-                 m, kmse, s, lmse)
-        results["runs"][f"k{k}"] = run
-        figures[k] = _figure(
-            X, km, sae, lp1, cfg,
-            f"E1: k-means AE | Top-{k} SAE | k-means + local PCA (rank 1), matched at {m} regions "
-            f"(train mse {kmse:.4f} | {s:.4f} | {lmse:.4f})")
+        in_view = int(region_stats(sae, grid)["n_regions"])
+        recs.append(dict(_evaluate(sae, X, Xt), k=k, model="sae", d_sae=d_sae, n_regions=m,
+                         n_regions_test=int(region_stats(sae, Xt)["n_regions"]), n_regions_in_view=in_view,
+                         region_entropy_train=stats["region_entropy"], restart_train_mse=restarts,
+                         train_loss_curve=hist["train_loss"]))
+        recs.append(dict(_evaluate(km, X, Xt), k=k, model="kmeans", n_regions=m))
+        recs.append(dict(_evaluate(lp1, X, Xt), k=k, model="local_pca_rank1", n_regions=m, rank=1))
+        r_fair = min(k, d)
+        lp_fair = None
+        if r_fair != 1:
+            lp_fair = local_pca(m, r_fair)
+            recs.append(dict(_evaluate(lp_fair, X, Xt), k=k, model=f"local_pca_rank{r_fair}", n_regions=m,
+                             rank=r_fair))
+        models[k] = (km, sae, lp1, lp_fair, m, in_view)
+        log.info("E1 seed %d k=%d d_sae=%d: %d regions; train mse k-means %.4g | SAE %.4g | local PCA r1 %.4g",
+                 cfg.seed, k, d_sae, m, recs[-3]["train_mse"], recs[-4]["train_mse"], recs[-2]["train_mse"])
+    for r in recs:
+        r["seed"] = cfg.seed
+    return recs, models
+
+
+def e1_claims(runs: Sequence[dict[str, Any]], cfg: E1Config) -> list[dict[str, Any]]:
+    """Per SAE size and local-PCA rank: k-means - SAE and SAE - local PCA (train mse), paired by seed."""
+    def by_seed(k, model):
+        return {r["seed"]: r["train_mse"] for r in runs if r["k"] == k and r["model"] == model}
+
+    rows = []
+    for k, d_sae in cfg.sae_sizes:
+        sae, km = by_seed(k, "sae"), by_seed(k, "kmeans")
+        for lp_model in dict.fromkeys(("local_pca_rank1", f"local_pca_rank{min(k, 2)}")):
+            lp = by_seed(k, lp_model)
+            seeds = sorted(set(sae) & set(km) & set(lp))
+            above, below = cell(km[s] - sae[s] for s in seeds), cell(sae[s] - lp[s] for s in seeds)
+            va, vb = verdict(above, "positive"), verdict(below, "positive")
+            v = "holds" if va == vb == "holds" else "does not hold" if "does not hold" in (va, vb) else "inconclusive"
+            rank = int(lp_model.removeprefix("local_pca_rank"))
+            fair = "the paper's rank 1" + (", unfair to Top-k pieces of rank 2" if min(k, 2) > 1 else "") \
+                if rank == 1 else f"rank {rank} = the rank of the SAE's pieces (fair)"
+            rows.append({"claim": "the SAE lies between the k-means AE and the local-PCA AE at matched regions",
+                         "setting": f"Top-{k} SAE ({d_sae} latents), 2-D toy, local PCA {fair}", "k": k, "rank": rank,
+                         "kmeans_minus_sae": dict(above, verdict=va), "sae_minus_local_pca": dict(below, verdict=vb),
+                         "verdict": v})
+    return rows
+
+
+def run_e1(cfg: E1Config | None = None, out_dir: str | Path | None = None,
+           seeds: Sequence[int] | None = None) -> dict[str, Any]:
+    """Run E1 once per seed (default `cfg.seed`); write `e1_toy.json` (per-seed `runs`, mean / CI `cells`,
+    `claims`) and one `e1_toy_k<k>.png` per SAE size (the first seed's models) into `out_dir` (if given)."""
+    from splinterp.data import make_grid, make_three_clusters
+
+    cfg = cfg if cfg is not None else E1Config()
+    seeds = tuple(seeds) if seeds is not None else (cfg.seed,)
+    if not seeds:
+        raise ConfigError("seeds must not be empty")
+    t0 = time.perf_counter()
+    X, _ = make_three_clusters(cfg.n_train, seed=cfg.data_seed, device=cfg.device)
+    Xt, _ = make_three_clusters(cfg.n_test, seed=cfg.data_seed + 1, device=cfg.device)
+    grid, _ = make_grid(cfg.bounds, cfg.resolution, device=cfg.device)
+    runs: list[dict[str, Any]] = []
+    first = None
+    for s in seeds:
+        recs, models = run_one_seed(dataclasses.replace(cfg, seed=s), X, Xt, grid)
+        runs += recs
+        first = first or models
+    results: dict[str, Any] = {
+        "config": cfg.to_dict(), "seeds": list(seeds),
+        "matching": "regions: the k-means AE and the local-PCA AE get as many regions as the SAE has on the "
+                    "training points (splinterp.geometry.region_stats)",
+        "mse": "mean over all elements of (x - x_hat)^2",
+        "seeds_vary": "SAE initialisation and restarts, k-means restarts; the points are fixed (data_seed)",
+        "runs": runs,
+        "cells": aggregate_runs(runs, ("setting", "k", "model"), ("train_mse", "test_mse", "n_regions")),
+        "claims": e1_claims(runs, cfg), "claims_rule": RULE,
+    }
+    figures = {}
+    n = len(seeds)
+    for k, (km, sae, lp1, lp_fair, m, _) in first.items():
+        mse = {r["model"]: r["train_mse"] for r in runs if r["seed"] == seeds[0] and r["k"] == k}
+        fair = ""
+        if lp_fair is not None:
+            fair = (f"\nthe fair match for the SAE's rank-2 pieces, local PCA of rank 2, is exact in 2-D: train MSE "
+                    f"{mse['local_pca_rank2']:.4f} (not drawn: each flat is the whole plane)")
+        title = (f"E1, three-cluster toy ({cfg.n_train} points), "
+                 + (f"seed {seeds[0]}, the first of {n} seeds (CIs in e1_toy.json)" if n > 1 else
+                    f"1 seed ({seeds[0]})")
+                 + f":\nk-means AE and local PCA AE get the {m} regions the Top-{k} SAE uses on the training points"
+                 + fair)
+        titles = [f"k-means AE ({m} centroids)", f"Top-{k} SAE ({sae.cfg.d_sae} latents), {m} regions on the training "
+                  "points", f"k-means + local PCA AE ({m} regions, rank 1"
+                  + (":\nthe paper's; unfair to the SAE's rank-2 pieces)" if lp_fair is not None else ")")]
+        figures[k] = _figure(X, km, sae, lp1, cfg, title, titles)
     results["wall_time_s"] = time.perf_counter() - t0
     results = to_jsonable(results)
     if out_dir is not None:
@@ -255,16 +319,35 @@ def run_e1(cfg: E1Config | None = None, out_dir: str | Path | None = None) -> di
     return results
 
 
-@register(JOB, "E1: k-means AE | TopK SAE (k=1, 3) | local-PCA AE on the 2-D toy, matched region count",
-          outputs=[f"{JOB}.json", f"{JOB}_k1.png", f"{JOB}_k3.png"], quick_seconds=20)
+MODEL_NAMES = {"sae": "TopK SAE", "kmeans": "k-means AE", "local_pca_rank1": "k-means + local PCA AE, rank 1",
+               "local_pca_rank2": "k-means + local PCA AE, rank 2"}
+
+
+def e1_tables(folder: Path) -> dict[str, str]:
+    """README tables of e1_toy.json in `folder`: "models" (train / test mse per model) and "claims"."""
+    path = Path(folder) / f"{JOB}.json"
+    if not path.is_file():
+        return {}
+    res = json.loads(path.read_text("utf-8"))
+    rows = [[f"Top-{c['k']} SAE" if c.get("k") else f"paper's {res['config']['paper_n_clusters']} clusters",
+             MODEL_NAMES.get(c["model"], c["model"]), format_cell(c["n_regions"], 4), format_cell(c["train_mse"]),
+             format_cell(c["test_mse"])] for c in res["cells"]]
+    models = markdown_table(["comparison", "model", "regions", "train MSE", "test MSE"], rows)
+    claims = markdown_table(
+        ["claim", "setting", "k-means - SAE (train MSE)", "SAE - local PCA (train MSE)", "verdict"],
+        [[r["claim"], r["setting"], f"{format_cell(r['kmeans_minus_sae'], 2)}: {r['kmeans_minus_sae']['verdict']}",
+          f"{format_cell(r['sae_minus_local_pca'], 2)}: {r['sae_minus_local_pca']['verdict']}", r["verdict"]]
+         for r in res["claims"]]) + f"\nRule: each difference by: {res['claims_rule']}; the claim holds when both do.\n"
+    return {"models": models, "claims": claims}
+
+
+@register(JOB, "E1: k-means AE | TopK SAE (k=1, 3) | local-PCA AE on the 2-D toy, matched region count, over seeds",
+          outputs=[f"{JOB}.json", f"{JOB}_k1.png", f"{JOB}_k3.png"], quick_seconds=20, quick_threads=1,
+          tables=e1_tables)
 def e1_toy_job(out_dir: Path, run: RunSettings) -> dict:
-    quick, seed, device = run.quick, run.seed, run.device
-    cfg = E1Config.quick(seed=seed, device=device) if quick else E1Config(seed=seed, device=device)
-    res = run_e1(cfg, out_dir)
-    summary: dict[str, Any] = {"paper_baseline_kmeans_mse": res["paper_baseline"]["kmeans"]["train_mse"],
-                               "paper_baseline_local_pca_mse": res["paper_baseline"]["local_pca_rank1"]["train_mse"]}
-    for name, run in res["runs"].items():
-        summary[name] = {"n_regions": run["n_regions_matched"], "kmeans_mse": run["kmeans"]["train_mse"],
-                         "sae_mse": run["sae"]["train_mse"], "local_pca_rank1_mse": run["local_pca_rank1"]["train_mse"],
-                         "between": run["sae_between_kmeans_and_local_pca_rank1"]}
+    cfg = E1Config.quick(device=run.device) if run.quick else E1Config(device=run.device)
+    res = run_e1(cfg, out_dir, run.seeds)
+    summary: dict[str, Any] = {f"{c.get('setting') or 'k' + str(c['k'])}_{c['model']}_train_mse": c["train_mse"]["mean"]
+                               for c in res["cells"]}
+    summary["claims"] = {r["setting"]: r["verdict"] for r in res["claims"]}
     return summary

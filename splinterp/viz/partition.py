@@ -294,7 +294,7 @@ def plot_e1_panels(X, kmeans, sae, local_pca, bounds=(-2.0, 2.0, -2.0, 2.0), *, 
         raise ValueError(f"X must be [N, 2] toy data, got shape {tuple(X.shape)}")
     Xn = X.numpy()
     e1, e2, o = np.array([1.0, 0.0]), np.array([0.0, 1.0]), np.zeros(2)
-    fig = Figure(figsize=(17, 6), layout="constrained")
+    fig = Figure(figsize=(17, 6.6), layout="constrained")
     axes = fig.subplots(1, 3)
     default = [f"k-means AE ({kmeans.cluster_centers_.shape[0]} centroids)",
                f"{sae.cfg.architecture} SAE ({sae.cfg.d_sae} latents"
@@ -330,7 +330,8 @@ def plot_e1_panels(X, kmeans, sae, local_pca, bounds=(-2.0, 2.0, -2.0, 2.0), *, 
     # local PCA
     ax = axes[2]
     part = SlicePartition(local_pca, o, e1, e2, bounds, resolution, errors=False)
-    part.draw(ax, alpha=0.6)
+    if not _draw_flat_cells(ax, local_pca, part, bounds, alpha=0.6):
+        part.draw(ax, alpha=0.6)
     rec = _recon_np(local_pca, X)
     ax.add_collection(_segments(Xn, rec, "tab:green", 0.5))
     ax.scatter(*Xn.T, s=10, c="k", zorder=4, linewidths=0)
@@ -346,6 +347,34 @@ def plot_e1_panels(X, kmeans, sae, local_pca, bounds=(-2.0, 2.0, -2.0, 2.0), *, 
     fig.suptitle(suptitle or "Between k-means and PCA: piecewise constant | SAE | optimal piecewise affine",
                  fontsize=14)
     return fig
+
+
+def _draw_flat_cells(ax, local_pca, part: SlicePartition, bounds, alpha: float) -> bool:
+    """The cells of a 2-D local-PCA AE with boundaries at sub-pixel accuracy (for `plot_e1_panels`): region i
+    is where its squared distance to flat i, d_i(x)^2 = |x - m_i|^2 - |B_i^T (x - m_i)|^2, is the smallest,
+    so its cell is the set {margin_i <= 0} of the continuous field margin_i = d_i^2 - min_(j != i) d_j^2,
+    filled and outlined by contouring that field (linear interpolation between pixel centres, no staircase).
+    False (draw nothing) when the flats span the plane (rank >= 2: every distance is 0, regions are ties)."""
+    M = local_pca.means_.detach().cpu().double().numpy()
+    B = local_pca.bases_.detach().cpu().double().numpy()
+    if M.shape[1] != 2 or np.linalg.matrix_rank(B[0]) >= 2 or len(M) < 2:
+        return False
+    P = pixel_centers(part.bounds, part.shape).reshape(*part.shape, 2)
+    D = P[None] - M[:, None, None, :]
+    proj = np.einsum("mhwd,mdr->mhwr", D, B)
+    dist = (D ** 2).sum(-1) - (proj ** 2).sum(-1)
+    cmap = part.colormap()
+    xs, ys = P[0, :, 0], P[:, 0, 1]
+    for i in range(len(M)):
+        margin = dist[i] - np.delete(dist, i, axis=0).min(0)
+        if (margin > 0).all():
+            continue
+        rgb = cmap.rgb_of([i])[0] if i in set(np.unique(part.labels).tolist()) else (0.8, 0.8, 0.8)
+        ax.contourf(xs, ys, margin, levels=[margin.min() - 1.0, 0.0], colors=[tuple(rgb)], alpha=alpha, zorder=1)
+        ax.contour(xs, ys, margin, levels=[0.0], colors="0.2", linewidths=0.5, zorder=1.5)
+    ax.set_xlim(bounds[0], bounds[1])
+    ax.set_ylim(bounds[2], bounds[3])
+    return True
 
 
 def _in_bounds(P: np.ndarray, bounds) -> np.ndarray:
