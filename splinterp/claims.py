@@ -1,7 +1,7 @@
 """Per-seed results -> mean ± 95% CI cells, and a claim's verdict from a confidence interval.
 
-Why one place: every experiment reports its tables the same way ("mean ± half-width (n seeds)") and judges a
-paper's claim by one stated rule, so that a reader can compare rows across experiments.
+Why one place: every experiment (MNIST and LLM alike) reports its tables the same way ("mean ± half-width
+(n seeds)") and judges a paper's claim by one stated rule, so that a reader can compare rows across experiments.
 
 Verdict rule (`verdict`): given per-seed values of a difference whose sign the claim predicts,
 "holds" when the Student-t 95% CI of its mean excludes 0 on the claimed side, "does not hold" when it excludes
@@ -17,8 +17,9 @@ from typing import Any, Literal
 from splinterp.errors import ConfigError
 from splinterp.stats import mean_ci
 
-__all__ = ["RULE", "aggregate_runs", "cell", "combine_verdicts", "format_cell", "markdown_table", "paired_differences",
-           "verdict"]
+__all__ = ["DIFF_RULE", "RULE", "aggregate_runs", "cell", "claims_markdown", "combine_verdicts", "diff_verdict",
+           "finite_or_none", "format_cell", "interval_verdict", "markdown_table", "paired_differences", "seeds_phrase",
+           "verdict", "yerr"]
 
 RULE = ("holds: the 95% CI (Student-t over seeds) of the difference excludes 0 in the claimed direction; "
         "does not hold: it excludes 0 the other way; inconclusive: otherwise (always with 1 seed)")
@@ -36,26 +37,80 @@ def cell(values: Iterable[float]) -> dict[str, Any]:
             "n": ci.n, "values": vals}
 
 
-def format_cell(c: dict[str, Any] | None, digits: int = 3) -> str:
-    """"mean ± half-width (n seeds)", or "mean (1 seed)"; "–" for a missing cell."""
+def seeds_phrase(n: int) -> str:
+    """"1 seed" / "5 seeds"."""
+    return f"{n} seed" if n == 1 else f"{n} seeds"
+
+
+def format_cell(c: dict[str, Any] | None, fmt: str | int = 3, unit: str = "") -> str:
+    """"mean ± half-width (n seeds)", or "mean (1 seed)"; "–" for a missing cell. `fmt`: a number of
+    significant digits of the mean (the half-width gets 2), or a format spec for both numbers (".4f")."""
     if not c:
         return "–"
-    n = c["n"]
+    spec, hw_spec = (f".{fmt}g", ".2g") if isinstance(fmt, int) else (fmt, fmt)
+    mean = f"{c['mean']:{spec}}{unit}"
     if c.get("half_width") is None:
-        return f"{c['mean']:.{digits}g} ({n} seed{'s' if n != 1 else ''})"
-    return f"{c['mean']:.{digits}g} ± {c['half_width']:.2g} ({n} seeds)"
+        return f"{mean} ({seeds_phrase(c['n'])})"
+    return f"{mean} ± {c['half_width']:{hw_spec}}{unit} ({seeds_phrase(c['n'])})"
 
 
-def verdict(c: dict[str, Any], direction: Literal["negative", "positive"]) -> str:
-    """The verdict of a claim that the mean of the per-seed values in `c` (a `cell`) is < 0 ("negative") or
-    > 0 ("positive"), by the rule `RULE`."""
+def yerr(cells: Sequence[dict[str, Any]]) -> list[float]:
+    """Error-bar half-widths of cells for matplotlib (0 where there is one seed)."""
+    return [0.0 if c.get("half_width") is None else float(c["half_width"]) for c in cells]
+
+
+def finite_or_none(x: float | None) -> float | None:
+    """x if it is a finite number, else None (JSON has no inf/nan)."""
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def verdict(c: dict[str, Any], direction: Literal["negative", "positive"], margin: float = 0.0) -> str:
+    """The verdict of a claim that the mean of the per-seed values in `c` (a `cell`) is < margin ("negative") or
+    > margin ("positive"), by the rule `RULE`."""
     if direction not in ("negative", "positive"):
         raise ConfigError(f"direction must be 'negative' or 'positive', got {direction!r}")
     if c.get("half_width") is None:
-        return "inconclusive"
-    lo, hi = c["low"], c["high"]
+        return "inconclusive (1 seed)"
+    lo, hi = c["low"] - margin, c["high"] - margin
     claimed, other = (hi < 0, lo > 0) if direction == "negative" else (lo > 0, hi < 0)
     return "holds" if claimed else "does not hold" if other else "inconclusive"
+
+
+DIFF_RULE = ("paired per-seed difference d in the claimed direction: holds if the whole 95% CI of the mean of d "
+             "is > 0, does not hold if it is < 0, inconclusive if it contains 0 (or with 1 seed: no CI)")
+
+
+def diff_verdict(d: Iterable[float], margin: float = 0.0) -> tuple[dict[str, Any], str]:
+    """(cell of d, verdict) for per-seed differences d oriented so that d > margin means the claim holds."""
+    c = cell(d)
+    return c, verdict(c, "positive", margin)
+
+
+def interval_verdict(c: dict[str, Any], lo: float, hi: float) -> str:
+    """Whether a quantity is "near" a value: "holds" if the whole 95% CI of the mean lies in [lo, hi], "does not
+    hold" if it lies wholly outside, else "inconclusive" (and "inconclusive (1 seed)" without a CI)."""
+    if c["half_width"] is None:
+        return "inconclusive (1 seed)"
+    if lo <= c["low"] and c["high"] <= hi:
+        return "holds"
+    if c["high"] < lo or c["low"] > hi:
+        return "does not hold"
+    return "inconclusive"
+
+
+def claims_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """The claims table: one row per claim with "claim", "measurement", "value" (a cell), "rule", "verdict"."""
+    for r in rows:
+        missing = {"claim", "measurement", "value", "rule", "verdict"} - set(r)
+        if missing:
+            raise ConfigError(f"claim row {r.get('claim')!r} lacks {sorted(missing)}")
+    lines = ["| claim | measurement | mean ± 95% CI | rule | verdict |", "|---|---|---|---|---|"]
+    for r in rows:
+        v = r["value"]
+        lo_hi = "" if v is None or v.get("low") is None else f" [{v['low']:.3g}, {v['high']:.3g}]"
+        lines.append(f"| {r['claim']} | {r['measurement']} | {format_cell(v)}{lo_hi} | {r['rule']} | "
+                     f"**{r['verdict']}** |")
+    return "\n".join(lines) + "\n"
 
 
 def combine_verdicts(by_setting: dict[str, str]) -> str:

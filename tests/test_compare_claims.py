@@ -61,7 +61,7 @@ def test_cell_and_verdict_follow_the_student_t_rule():
     hi = cell([2.0, 2.1, 1.9, 2.0, 2.05])
     assert verdict(hi, "positive") == "holds" and verdict(hi, "negative") == "does not hold"
     one = cell([0.5])
-    assert one["half_width"] is None and verdict(one, "negative") == "inconclusive"
+    assert one["half_width"] is None and verdict(one, "negative") == "inconclusive (1 seed)"
     assert format_cell(one) == "0.5 (1 seed)" and format_cell(None) == "–"
     assert format_cell(cell([1.0, 3.0])).endswith("(2 seeds)") and "±" in format_cell(cell([1.0, 3.0]))
     with pytest.raises(ConfigError):

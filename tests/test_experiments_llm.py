@@ -171,7 +171,7 @@ def test_e3_tiny(out):
 
 
 def test_diff_verdict_rule():
-    from splinterp.llm.summary import cell, diff_verdict
+    from splinterp.claims import diff_verdict, format_cell
 
     s, v = diff_verdict([1.0, 1.2, 0.9])
     assert v == "holds" and s["mean"] == pytest.approx(31 / 30)
@@ -179,8 +179,8 @@ def test_diff_verdict_rule():
     assert diff_verdict([1.0, -1.0, 0.5])[1] == "inconclusive"
     assert diff_verdict([2.0])[1] == "inconclusive (1 seed)"
     # 2 seeds [0, 2]: mean 1, sd sqrt(2), t(0.975, 1) = 12.706 -> half-width 12.706
-    assert cell(diff_verdict([0.0, 2.0])[0], ".3g") == "1 ± 12.7 (2 seeds)"
-    assert cell(diff_verdict([0.5])[0]) == "0.5 (1 seed)"
+    assert format_cell(diff_verdict([0.0, 2.0])[0], ".3g") == "1 ± 12.7 (2 seeds)"
+    assert format_cell(diff_verdict([0.5])[0]) == "0.5 (1 seed)"
 
 
 def test_shrinkage_tiny(out):

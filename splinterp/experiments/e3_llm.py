@@ -46,10 +46,10 @@ from typing import Any
 import torch
 
 from splinterp.atomic import write_json, write_text
+from splinterp.claims import cell, claims_markdown, diff_verdict, format_cell, seeds_phrase, yerr
 from splinterp.errors import ConfigError
 from splinterp.experiments.registry import RunSettings, llm_config, register, to_jsonable
 from splinterp.llm import LLMContext, LLMDataConfig
-from splinterp.llm.summary import cell, claims_markdown, diff_verdict, seeds_phrase, summarize, yerr
 from splinterp.viz.style import STYLES
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ def _e3_train(cfg: E3Config, arch: str, method: str, X: torch.Tensor, Xt: torch.
 
 def _curve_summary(curves: list[list[float]]) -> dict[str, list]:
     """Per-epoch mean / low / high over seeds (low = high = mean with one seed)."""
-    per_epoch = [summarize(v) for v in zip(*curves)]
+    per_epoch = [cell(v) for v in zip(*curves)]
     return {"mean": [s["mean"] for s in per_epoch],
             "low": [s["mean"] if s["low"] is None else s["low"] for s in per_epoch],
             "high": [s["mean"] if s["high"] is None else s["high"] for s in per_epoch]}
@@ -202,7 +202,7 @@ def run_e3(cfg: E3Config, out_dir: str | os.PathLike) -> dict[str, Any]:
                                  "test_mse_curve": list(hist["test_mse"])})
                 log.info("E3 %s/%s seed %d: test mse %.4f l0 %.1f", arch, method, s, final["mse"], final["l0"])
             res["runs"][f"{arch}/{method}"] = {
-                "per_seed": per_seed, **{k: summarize(p[k] for p in per_seed) for k in metric_keys},
+                "per_seed": per_seed, **{k: cell(p[k] for p in per_seed) for k in metric_keys},
                 "test_mse_curve": _curve_summary([p["test_mse_curve"] for p in per_seed])}
     # training-set size: a seeded subset per seed and fraction
     n = X.shape[0]
@@ -217,7 +217,7 @@ def run_e3(cfg: E3Config, out_dir: str | os.PathLike) -> dict[str, Any]:
                     _, final, _ = _e3_train(cfg, arch, method, X[idx], Xt, cfg.fraction_epochs, s)
                     vals[method].append(final["mse"])
             for method in E3_METHODS:
-                res["fractions"][arch][method][f"{f:g}"] = {"n_rows": m_rows, "test_mse": summarize(vals[method])}
+                res["fractions"][arch][method][f"{f:g}"] = {"n_rows": m_rows, "test_mse": cell(vals[method])}
     # ReLU code sparsity under every method, at several L1 coefficients
     if "relu" in cfg.architectures:
         for l1 in (cfg.relu_l1, *cfg.sparsity_l1s):
@@ -234,7 +234,7 @@ def run_e3(cfg: E3Config, out_dir: str | os.PathLike) -> dict[str, Any]:
                     _, final, _ = _e3_train(cfg, "relu", method, X, Xt, cfg.epochs, s, l1=l1)
                     pct.append(100.0 * final["l0"] / cfg.d_sae)
                     mse.append(final["mse"])
-                entry[method] = {"pct_nonzero": summarize(pct), "test_mse": summarize(mse)}
+                entry[method] = {"pct_nonzero": cell(pct), "test_mse": cell(mse)}
             res["sparsity"][f"{l1:g}"] = entry
     res["claims"] = e3_claims(res)
     res["config"] = dataclasses.asdict(cfg)
@@ -351,9 +351,10 @@ def e3_tables(folder: str | os.PathLike) -> dict[str, str]:
              "|---|---|---|---|---|---|---|---|"]
     for name, r in res["runs"].items():
         arch, method = name.split("/")
-        lines.append(f"| {ARCH_NAMES.get(arch, arch)} | {STYLES[method]['label']} | {cell(r['test_mse'], '.4f')} | "
-                     f"{cell(r['test_fvu'], '.4f')} | {cell(r['test_l0'], '.1f')} | {cell(r['pct_nonzero'], '.2f')} | "
-                     f"{cell(r['dead_features'], '.1f')} | {cell(r['seconds'], '.2g')} |")
+        specs = (("test_mse", ".4f"), ("test_fvu", ".4f"), ("test_l0", ".1f"), ("pct_nonzero", ".2f"),
+                 ("dead_features", ".1f"), ("seconds", ".2g"))
+        cells = [format_cell(r[key], spec) for key, spec in specs]
+        lines.append(f"| {ARCH_NAMES.get(arch, arch)} | {STYLES[method]['label']} | " + " | ".join(cells) + " |")
     out = {"runs": "\n".join(lines) + "\n"}
     lines = [f"Training-set size: final test MSE after {c['fraction_epochs']} epochs on a random subset (a new one "
              "per seed).", ""]
@@ -363,7 +364,7 @@ def e3_tables(folder: str | os.PathLike) -> dict[str, str]:
                                                   for f in fr) + " |", "|---|---|" + "---|" * len(fr)]
         for method in E3_METHODS:
             lines.append(f"| {ARCH_NAMES.get(arch, arch)} | {STYLES[method]['label']} | "
-                         + " | ".join(cell(by_method[method][f]["test_mse"], ".4f") for f in fr) + " |")
+                         + " | ".join(format_cell(by_method[method][f]["test_mse"], ".4f") for f in fr) + " |")
         lines.append("")
     out["training_size"] = "\n".join(lines)
     if res["sparsity"]:
@@ -372,8 +373,8 @@ def e3_tables(folder: str | os.PathLike) -> dict[str, str]:
         for lam, by_method in res["sparsity"].items():
             for method in E3_METHODS:
                 v = by_method[method]
-                lines.append(f"| {lam} | {STYLES[method]['label']} | {cell(v['pct_nonzero'], '.1f')} | "
-                             f"{cell(v['test_mse'], '.4f')} |")
+                lines.append(f"| {lam} | {STYLES[method]['label']} | {format_cell(v['pct_nonzero'], '.1f')} | "
+                             f"{format_cell(v['test_mse'], '.4f')} |")
         out["sparsity"] = "\n".join(lines) + "\n"
     out["claims"] = claims_markdown(res["claims"])
     return out

@@ -40,10 +40,10 @@ from typing import Any
 import numpy as np
 
 from splinterp.atomic import write_json, write_text
+from splinterp.claims import cell, claims_markdown, diff_verdict, format_cell, seeds_phrase, yerr
 from splinterp.errors import ConfigError
 from splinterp.experiments.registry import RunSettings, llm_config, register, to_jsonable
 from splinterp.llm import LayerSAEConfig, LLMContext, LLMDataConfig, layer_sae_name, sae_train_flops
-from splinterp.llm.summary import cell, claims_markdown, diff_verdict, seeds_phrase, summarize, yerr
 
 log = logging.getLogger(__name__)
 
@@ -179,10 +179,10 @@ def run_group_sae(cfg: GroupSAEConfig, out_dir: str | os.PathLike) -> dict[str, 
         rows.append({"G": g, "label": f"{n} (per layer)" if g == n else str(g), "amad": 0.0 if g == n else
                      groupings[g].amad, "groups": [[v] for v in layers] if g == n else groupings[g].groups,
                      "chosen": g == chosen, "contiguous": True if g == n else groupings[g].contiguous,
-                     "fvu_per_layer": {str(v): summarize(r["fvu_per_layer"][str(v)] for r in recs) for v in layers},
-                     "mean_fvu": summarize(r["mean_fvu"] for r in recs),
-                     "train_seconds": summarize(r["train_seconds"] for r in recs),
-                     "time_saved": None if None in saved else summarize(saved),
+                     "fvu_per_layer": {str(v): cell(r["fvu_per_layer"][str(v)] for r in recs) for v in layers},
+                     "mean_fvu": cell(r["mean_fvu"] for r in recs),
+                     "train_seconds": cell(r["train_seconds"] for r in recs),
+                     "time_saved": None if None in saved else cell(saved),
                      "flops": fl, "flops_saved": 1 - fl / base_flops})
     res = {"layers": layers, "dropped_layers": dropped, "distances": dist.matrix.tolist(),
            "distance_layers": dist.layers, "distance_seconds": distance_seconds,
@@ -210,7 +210,7 @@ def group_sae_claims(res: dict[str, Any]) -> list[dict[str, Any]]:
     s, verdict = diff_verdict([margin - x for x in rel])
     return [{"claim": f"Group-SAE's AMAD-chosen G (= {g}, threshold {res['config']['amad_threshold']:g}) loses little "
                       "FVU", "measurement": "relative increase of the mean FVU over layers, G groups vs per-layer SAEs",
-             "value": summarize(rel), "rule": f"holds if the CI is below {margin:g}, does not hold if above, "
+             "value": cell(rel), "rule": f"holds if the CI is below {margin:g}, does not hold if above, "
                                               "else inconclusive", "verdict": verdict}]
 
 
@@ -280,7 +280,7 @@ def _pct_cell(s: dict[str, Any] | None) -> str:
     if s is None:
         return "-"
     hw = s["half_width"]
-    return cell({**s, "mean": 100 * s["mean"], "half_width": None if hw is None else 100 * hw}, ".0f", "%")
+    return format_cell({**s, "mean": 100 * s["mean"], "half_width": None if hw is None else 100 * hw}, ".0f", "%")
 
 
 def group_sae_tables(folder: str | os.PathLike) -> dict[str, str]:
@@ -299,8 +299,8 @@ def group_sae_tables(folder: str | os.PathLike) -> dict[str, str]:
         groups = " ".join("{" + ",".join(map(str, g)) + "}" for g in r["groups"])
         ts = r["time_saved"]
         lines.append(f"| {r['label']}{' (chosen)' if r['chosen'] else ''} | {r['amad']:.3f} | {groups} | "
-                     + " | ".join(cell(r["fvu_per_layer"][str(v)], ".3f") for v in layers)
-                     + f" | {cell(r['mean_fvu'], '.3f')} | {cell(r['train_seconds'], '.2g')} | "
+                     + " | ".join(format_cell(r["fvu_per_layer"][str(v)], ".3f") for v in layers)
+                     + f" | {format_cell(r['mean_fvu'], '.3f')} | {format_cell(r['train_seconds'], '.2g')} | "
                      f"{_pct_cell(ts)} | "
                      f"{100 * r['flops_saved']:.0f}% |")
     return {"groups": head + "\n".join(lines) + "\n", "claims": claims_markdown(res["claims"])}

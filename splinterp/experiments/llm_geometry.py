@@ -32,10 +32,10 @@ from typing import Any
 import torch
 
 from splinterp.atomic import write_json, write_text
+from splinterp.claims import cell, format_cell, seeds_phrase, yerr
 from splinterp.errors import ConfigError
 from splinterp.experiments.registry import RunSettings, llm_config, register, to_jsonable
 from splinterp.llm import LayerSAEConfig, LLMContext, LLMDataConfig, SweepPointConfig, knob_name
-from splinterp.llm.summary import cell, seeds_phrase, summarize, yerr
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ SUMMARY_KEYS = ("l0", "fvu", "n_regions", "regions_per_token", "region_perplexit
 
 def _summarise_rows(per_seed: list[dict[str, Any]], orders: tuple[int, ...]) -> dict[str, Any]:
     keys = [*SUMMARY_KEYS, *(f"order{o}_{x}" for o in orders for x in ("cells", "perplexity"))]
-    return {k: summarize(r[k] for r in per_seed) for k in keys if all(k in r for r in per_seed)}
+    return {k: cell(r[k] for r in per_seed) for k in keys if all(k in r for r in per_seed)}
 
 
 def _md(rows: list[dict[str, Any]], orders: tuple[int, ...]) -> str:
@@ -128,11 +128,11 @@ def _md(rows: list[dict[str, Any]], orders: tuple[int, ...]) -> str:
             "tokens alone"] + [f"order-{o} cells" for o in orders] + [f"order-{o} perplexity" for o in orders]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        cells = [r["sae"], str(r["layer"]), cell(r["l0"], ".1f"), cell(r["fvu"], ".3f"), cell(r["n_regions"], ".0f"),
-                 cell(r["regions_per_token"], ".3f"), cell(r["region_perplexity"], ".0f"),
-                 cell(r["largest_region_frac"], ".3f"), cell(r["singleton_input_frac"], ".3f")]
-        cells += [cell(r.get(f"order{o}_cells"), ".0f") for o in orders]
-        cells += [cell(r.get(f"order{o}_perplexity"), ".1f") for o in orders]
+        specs = (("l0", ".1f"), ("fvu", ".3f"), ("n_regions", ".0f"), ("regions_per_token", ".3f"),
+                 ("region_perplexity", ".0f"), ("largest_region_frac", ".3f"), ("singleton_input_frac", ".3f"))
+        cells = [r["sae"], str(r["layer"])] + [format_cell(r[key], spec) for key, spec in specs]
+        cells += [format_cell(r.get(f"order{o}_cells"), ".0f") for o in orders]
+        cells += [format_cell(r.get(f"order{o}_perplexity"), ".1f") for o in orders]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

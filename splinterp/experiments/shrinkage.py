@@ -42,10 +42,10 @@ from pathlib import Path
 from typing import Any
 
 from splinterp.atomic import write_json, write_text
+from splinterp.claims import cell, claims_markdown, diff_verdict, format_cell, interval_verdict, seeds_phrase, yerr
 from splinterp.errors import ConfigError
 from splinterp.experiments.registry import RunSettings, llm_config, register, to_jsonable
 from splinterp.llm import LLMContext, LLMDataConfig, SweepPointConfig, knob_name
-from splinterp.llm.summary import cell, claims_markdown, diff_verdict, interval_verdict, seeds_phrase, summarize, yerr
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +186,8 @@ def _interp_log_l0(l0s: list[float], ys: list[float], at: float) -> float | None
 
 def _point_row(p: dict[str, Any]) -> str:
     return (f"| {ARCH_LABEL.get(p['architecture'], p['architecture'])} | {p['knob']}={p['value']:g} | "
-            f"{cell(p['l0'], '.1f')} | {cell(p['fvu'], '.3f')} | {cell(p['gamma'], '.3f')} | "
-            f"{cell(p['l2_ratio'], '.3f')} | {cell(p['loss_recovered'], '.3f')} |")
+            f"{format_cell(p['l0'], '.1f')} | {format_cell(p['fvu'], '.3f')} | {format_cell(p['gamma'], '.3f')} | "
+            f"{format_cell(p['l2_ratio'], '.3f')} | {format_cell(p['loss_recovered'], '.3f')} |")
 
 
 def _md_table(points: list[dict[str, Any]], loss_key: str) -> str:
@@ -239,7 +239,7 @@ def shrinkage_claims(res: dict[str, Any]) -> list[dict[str, Any]]:
                                                         f"{relu['l0']['mean']:.1f} is outside its sweep",
                          "value": p["gamma"], "rule": rule, "verdict": interval_verdict(p["gamma"], lo, hi)})
         else:
-            s = summarize(g)
+            s = cell(g)
             rows.append({"claim": claim, "measurement": f"gamma interpolated (log L0) at ReLU's L0 "
                                                         f"{relu['l0']['mean']:.1f}", "value": s, "rule": rule,
                          "verdict": interval_verdict(s, lo, hi)})
@@ -283,7 +283,7 @@ def run_shrinkage(cfg: ShrinkageConfig, out_dir: str | os.PathLike) -> dict[str,
                 log.info("shrinkage %s %s=%g seed %d: l0 %.1f fvu %.3f gamma %.3f", arch, knob_name(arch), v, s,
                          m["l0"], m["fvu"], m["relative_reconstruction_bias"])
             sweep.append({"architecture": arch, "knob": knob_name(arch), "value": float(v), "per_seed": per_seed,
-                          **{k: summarize(p[k] for p in per_seed) for k in POINT_METRICS}})
+                          **{k: cell(p[k] for p in per_seed) for k in POINT_METRICS}})
     matched = [_nearest([p for p in sweep if p["architecture"] == a], cfg.target_l0) for a in cfg.sweeps]
     res = {"layer": cfg.layer, "d_sae": cfg.training.d_sae, "target_l0": cfg.target_l0, "loss_metric": lr_eval.key,
            "loss_kind": lr_eval.kind, "model": cfg.data.model or "minilm", "seeds": list(seeds),

@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from splinterp.atomic import write_json, write_text
+from splinterp.claims import cell, claims_markdown, diff_verdict, format_cell, seeds_phrase
 from splinterp.errors import ConfigError
 from splinterp.experiments.registry import RunSettings, llm_config, register, to_jsonable
 from splinterp.llm import LayerSAEConfig, LLMContext, LLMDataConfig
-from splinterp.llm.summary import cell, claims_markdown, diff_verdict, seeds_phrase, summarize
 
 log = logging.getLogger(__name__)
 
@@ -139,20 +139,20 @@ def run_transfer(cfg: TransferConfig, out_dir: str | os.PathLike) -> dict[str, A
                 curves.setdefault(f"L{t}/{d}", []).append(tr.curve)
             per_seed.append(rec)
         row: dict[str, Any] = {"layer": t, "per_seed": per_seed, "total_steps": per_seed[0]["total_steps"],
-                               "target_fvu": summarize(r["target_fvu"] for r in per_seed),
-                               "scratch_steps": summarize(r["scratch_steps"] for r in per_seed)}
+                               "target_fvu": cell(r["target_fvu"] for r in per_seed),
+                               "scratch_steps": cell(r["scratch_steps"] for r in per_seed)}
         for d in cfg.directions:
             reached = [r[f"{d}_steps"] for r in per_seed if r[f"{d}_steps"] is not None]
-            row[f"{d}_steps"] = summarize(reached) if reached else None
+            row[f"{d}_steps"] = cell(reached) if reached else None
             row[f"{d}_not_reached"] = len(per_seed) - len(reached)
-            row[f"{d}_saved"] = summarize(r[f"{d}_saved"] for r in per_seed)
+            row[f"{d}_saved"] = cell(r[f"{d}_saved"] for r in per_seed)
             for k in ("zero_shot_fvu", "final_fvu"):
-                row[f"{d}_{k}"] = summarize(r[f"{d}_{k}"] for r in per_seed)
+                row[f"{d}_{k}"] = cell(r[f"{d}_{k}"] for r in per_seed)
         log.info("transfer into layer %d: %s", t, {d: row[f"{d}_saved"]["mean"] for d in cfg.directions})
         rows.append(row)
     curve_summary = {}
     for name, cs in curves.items():
-        fv = [summarize(v) for v in zip(*[c["fvu"] for c in cs])]
+        fv = [cell(v) for v in zip(*[c["fvu"] for c in cs])]
         curve_summary[name] = {"steps": cs[0]["steps"], "mean": [x["mean"] for x in fv],
                                "low": [x["mean"] if x["low"] is None else x["low"] for x in fv],
                                "high": [x["mean"] if x["high"] is None else x["high"] for x in fv]}
@@ -239,12 +239,12 @@ def transfer_tables(folder: str | os.PathLike) -> dict[str, str]:
                                                        ("steps", "saved", "zero-shot FVU", "final FVU")]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in res["rows"]:
-        cells = [str(r["layer"]), cell(r["target_fvu"], ".4f"), cell(r["scratch_steps"], ".0f")]
+        cells = [str(r["layer"]), format_cell(r["target_fvu"], ".4f"), format_cell(r["scratch_steps"], ".0f")]
         for d in dirs:
             nr = r[f"{d}_not_reached"]
-            steps = cell(r[f"{d}_steps"], ".0f") + (f", {nr} not reached" if nr else "")
-            cells += [steps, cell(r[f"{d}_saved"], ".2f"), cell(r[f"{d}_zero_shot_fvu"], ".3f"),
-                      cell(r[f"{d}_final_fvu"], ".4f")]
+            steps = format_cell(r[f"{d}_steps"], ".0f") + (f", {nr} not reached" if nr else "")
+            cells += [steps, format_cell(r[f"{d}_saved"], ".2f"), format_cell(r[f"{d}_zero_shot_fvu"], ".3f"),
+                      format_cell(r[f"{d}_final_fvu"], ".4f")]
         lines.append("| " + " | ".join(cells) + " |")
     return {"steps": head + "\n".join(lines) + "\n", "claims": claims_markdown(res["claims"])}
 
