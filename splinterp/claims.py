@@ -17,9 +17,9 @@ from typing import Any, Literal
 from splinterp.errors import ConfigError
 from splinterp.stats import mean_ci
 
-__all__ = ["DIFF_RULE", "RULE", "aggregate_runs", "cell", "claims_markdown", "combine_verdicts", "diff_verdict",
-           "finite_or_none", "format_cell", "interval_verdict", "markdown_table", "paired_differences", "seeds_phrase",
-           "verdict", "yerr"]
+__all__ = ["DIFF_RULE", "RULE", "aggregate_runs", "between_claims_table", "cell", "claims_markdown",
+           "combine_verdicts", "diff_verdict", "finite_or_none", "format_cell", "interval_verdict", "markdown_table",
+           "paired_differences", "seeds_phrase", "verdict", "yerr"]
 
 RULE = ("holds: the 95% CI (Student-t over seeds) of the difference excludes 0 in the claimed direction; "
         "does not hold: it excludes 0 the other way; inconclusive: otherwise (always with 1 seed)")
@@ -174,3 +174,13 @@ def paired_differences(runs: Sequence[dict[str, Any]], method: str, baseline: st
     a, b = by_seed(method), by_seed(baseline)
     seeds = sorted(set(a) & set(b))
     return dict(cell(a[s] - b[s] for s in seeds), seeds=seeds) if seeds else None
+
+
+def between_claims_table(claims: Sequence[dict[str, Any]], rule: str, metric: str) -> str:
+    """The table of the claim "the SAE lies between the k-means AE and the local-PCA AE" (E1 at matched regions,
+    capacity at matched parameters): per setting both paired differences of `metric`, each with its verdict."""
+    return markdown_table(
+        ["claim", "setting", f"k-means - SAE ({metric})", f"SAE - local PCA ({metric})", "verdict"],
+        [[r["claim"], r["setting"], f"{format_cell(r['kmeans_minus_sae'], 2)}: {r['kmeans_minus_sae']['verdict']}",
+          f"{format_cell(r['sae_minus_local_pca'], 2)}: {r['sae_minus_local_pca']['verdict']}", r["verdict"]]
+         for r in claims]) + f"\nRule: each difference by: {rule}; the claim holds when both do.\n"

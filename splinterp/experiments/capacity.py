@@ -42,7 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from splinterp.atomic import write_json, write_with
-from splinterp.claims import RULE, aggregate_runs, cell, format_cell, markdown_table, verdict
+from splinterp.claims import RULE, aggregate_runs, between_claims_table, cell, format_cell, markdown_table, verdict
 from splinterp.errors import ConfigError
 from splinterp.experiments.registry import RunSettings, register, to_jsonable
 from splinterp.train.compare import METHODS, make_sae, train_method
@@ -336,11 +336,7 @@ def capacity_tables(folder: Path) -> dict[str, str]:
                 "pca": f"rank {res['rank']}"}.get(fam, f"d_sae {c['size']}")
         rows.append([name, size, f"{c['n_parameters']:,}", format_cell(c["n_regions"], 4), format_cell(c["test_mse"])])
     models = markdown_table(["model", "size", "parameters", "regions (test)", "test MSE"], rows)
-    claims = markdown_table(
-        ["claim", "setting", "k-means - SAE (test MSE)", "SAE - local PCA (test MSE)", "verdict"],
-        [[r["claim"], r["setting"], f"{format_cell(r['kmeans_minus_sae'], 2)}: {r['kmeans_minus_sae']['verdict']}",
-          f"{format_cell(r['sae_minus_local_pca'], 2)}: {r['sae_minus_local_pca']['verdict']}", r["verdict"]]
-         for r in res["claims"]]) + f"\nRule: each difference by: {res['claims_rule']}; the claim holds when both do.\n"
+    claims = between_claims_table(res["claims"], res["claims_rule"], "test MSE")
     return {"models": models, "claims": claims}
 
 

@@ -47,7 +47,7 @@ import torch
 from tqdm.auto import tqdm
 
 from splinterp.atomic import write_json, write_with
-from splinterp.claims import RULE, aggregate_runs, cell, format_cell, markdown_table, verdict
+from splinterp.claims import RULE, aggregate_runs, between_claims_table, cell, format_cell, markdown_table, verdict
 from splinterp.errors import ConfigError
 from splinterp.experiments.registry import RunSettings, register, to_jsonable
 
@@ -333,11 +333,7 @@ def e1_tables(folder: Path) -> dict[str, str]:
              MODEL_NAMES.get(c["model"], c["model"]), format_cell(c["n_regions"], 4), format_cell(c["train_mse"]),
              format_cell(c["test_mse"])] for c in res["cells"]]
     models = markdown_table(["comparison", "model", "regions", "train MSE", "test MSE"], rows)
-    claims = markdown_table(
-        ["claim", "setting", "k-means - SAE (train MSE)", "SAE - local PCA (train MSE)", "verdict"],
-        [[r["claim"], r["setting"], f"{format_cell(r['kmeans_minus_sae'], 2)}: {r['kmeans_minus_sae']['verdict']}",
-          f"{format_cell(r['sae_minus_local_pca'], 2)}: {r['sae_minus_local_pca']['verdict']}", r["verdict"]]
-         for r in res["claims"]]) + f"\nRule: each difference by: {res['claims_rule']}; the claim holds when both do.\n"
+    claims = between_claims_table(res["claims"], res["claims_rule"], "train MSE")
     return {"models": models, "claims": claims}
 
 
