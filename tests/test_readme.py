@@ -106,3 +106,18 @@ def test_readme_bring_your_own_sae_runs(tmp_path):
     tail = out.stdout.strip().splitlines()
     assert json.loads(tail[-1]) == ["SAE"] * 8  # every line gave a splinterp SAE
     assert int(tail[-2]) > 1  # regions of the last one on X
+
+
+def test_readme_tables_are_the_committed_results():
+    """Every results block of the README equals what its job renders from the committed results/ folder, so
+    no number in those tables is copied by hand (`splinterp readme --results results` regenerates them)."""
+    from splinterp.commands.readme import BLOCK, fill
+
+    text = README.read_text()
+    blocks = [m.group("job") + "/" + m.group("table") for m in BLOCK.finditer(text)]
+    assert len(blocks) >= 20 and {"e2_mnist/claims", "e3_llm/claims", "shrinkage/claims"} <= set(blocks)
+    _, stale = fill(text, README.parent / "results")
+    assert not stale, f"README blocks differ from results/: {stale}; run `splinterp readme --results results`"
+    results = json.loads((README.parent / "results" / "results.json").read_text())
+    for job in {b.split("/")[0] for b in blocks}:
+        assert results["jobs"][job]["status"] == "ok" and len(results["jobs"][job]["seeds"]) >= 5, job
