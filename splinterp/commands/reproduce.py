@@ -39,7 +39,8 @@ class RunOptions:
     out: str = "out"
     """Output folder: new, empty, or one a previous `splinterp reproduce` wrote (its jobs' files are replaced)."""
     quick: bool = False
-    """Small settings: every job in about a minute on an idle 2-core machine (the full run takes about 15 minutes)."""
+    """Small settings: all jobs in about 70 s on a 2-core machine (the full-size run: about 16 minutes of CPU per
+    seed)."""
     seed: int = 0
     """Random seed of every job (the first seed when --seeds is more than 1)."""
     seeds: int = 1
