@@ -125,13 +125,7 @@ def _cache_data(o: TrainOptions, batch_size: int, stream: bool):
     from splinterp.data.cache import ActivationCache, Standardizer
 
     cache = ActivationCache.open(o.data, test_frac=o.test_frac)
-    layer = o.layer
-    if layer is None:
-        if len(cache.layers) != 1:
-            raise ConfigError(f"--data {o.data} caches layers {cache.layers}; choose one with --layer")
-        layer = cache.layers[0]
-    if layer not in cache.layers:
-        raise ConfigError(f"--layer {layer} is not in the cache {o.data} (layers {cache.layers})")
+    layer = cache.choose_layer(o.layer)
     from splinterp.data.hooks import sae_metadata
 
     info = {"dataset": f"activation cache {Path(o.data).resolve()}", "layer": layer,

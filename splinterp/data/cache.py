@@ -271,6 +271,16 @@ class ActivationCache:
     def layers(self) -> list[int]:
         return list(self.manifest["layers"])
 
+    def choose_layer(self, layer: int | None) -> int:
+        """`layer` if this cache holds it; None: its only layer (a cache of several layers needs a choice)."""
+        if layer is None:
+            if len(self.layers) != 1:
+                raise ConfigError(f"{self.folder} caches layers {self.layers}; choose one with --layer (layer=)")
+            return self.layers[0]
+        if layer not in self.layers:
+            raise ConfigError(f"--layer {layer} is not in the cache {self.folder} (layers {self.layers})")
+        return layer
+
     @property
     def n_tokens(self) -> int:
         return int(self.manifest["n_tokens"])

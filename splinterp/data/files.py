@@ -78,13 +78,7 @@ def load_matrix(path: str | os.PathLike, *, layer: int | None = None, key: str |
         if key is not None:
             raise ConfigError(f"key={key!r} applies to .pt/.safetensors files, not to the cache folder {path}")
         cache = ActivationCache.open(path)
-        if layer is None:
-            if len(cache.layers) != 1:
-                raise ConfigError(f"{path} caches layers {cache.layers}; choose one with layer= (--layer)")
-            layer = cache.layers[0]
-        if layer not in cache.layers:
-            raise ConfigError(f"layer {layer} is not in the cache {path} (layers {cache.layers})")
-        x = cache.load(layer, split=split, dtype=None)
+        x = cache.load(cache.choose_layer(layer), split=split, dtype=None)
     else:
         if layer is not None:
             raise ConfigError(f"layer={layer} (--layer) applies to activation-cache folders only, not to the file "
