@@ -328,13 +328,19 @@ def hold_folder(folder: str | os.PathLike, *, name: str = "folder", purpose: str
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise OverwriteError(f"{name} {folder} is a file, not a folder; choose a folder")
+    _make_folder(folder, name, folder)
+    return _acquire(folder, folder / LOCK_FILE, name, purpose)
+
+
+def _make_folder(folder: Path, name: str, shown: Path) -> None:
+    """Create `folder` (and its parents) for the lock, naming `shown` when a part of the path is a file or the
+    location cannot be written."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        raise OverwriteError(f"{name} {folder}: a part of this path is a file, not a folder") from None
+        raise OverwriteError(f"{name} {shown}: a part of this path is a file, not a folder") from None
     except OSError as e:
         raise _not_writable(name, folder, e) from None
-    return _acquire(folder, folder / LOCK_FILE, name, purpose)
 
 
 def hold_output(path: str | os.PathLike, *, name: str = "output", purpose: str = "a splinterp run") -> FolderLock:
@@ -347,10 +353,5 @@ def hold_output(path: str | os.PathLike, *, name: str = "output", purpose: str =
     parent = path.parent
     if parent.exists() and not parent.is_dir():
         raise OverwriteError(f"{name} {path}: {parent} is a file, not a folder")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise OverwriteError(f"{name} {path}: a part of this path is a file, not a folder") from None
-    except OSError as e:
-        raise _not_writable(name, parent, e) from None
+    _make_folder(parent, name, path)
     return _acquire(path, parent / f".{path.name}.splinterp.lock", name, purpose)
