@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import random_sae
+from line_arrangement import brute_force_arrangement_count
 from test_power import point_in_polygons
 
 import splinterp as sp
@@ -128,25 +129,6 @@ def test_too_many_regions_is_refused_before_the_work():
 
 
 # ------------------------------------------------------------------------- exact at the edges (issue A)
-def brute_force_arrangement_count(W2, b2, bounds):
-    """1 + L + I by plain float64 loops: L lines a x + b y + c = 0 crossing the box, I pairwise crossings
-    strictly inside it (the exact count of a line arrangement in general position clipped to a box)."""
-    x0, x1, y0, y1 = bounds
-    corners = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])
-    a, b, c = W2[0], W2[1], b2
-    vals = corners @ np.vstack([a, b]) + c
-    cross = np.flatnonzero((vals.min(0) < 0) & (vals.max(0) > 0))
-    inside = 0
-    for ii, i in enumerate(cross):
-        j = cross[ii + 1 :]
-        det = a[i] * b[j] - b[i] * a[j]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            px = (b[i] * c[j] - c[i] * b[j]) / det
-            py = (c[i] * a[j] - a[i] * c[j]) / det
-        inside += int(((px > x0) & (px < x1) & (py > y0) & (py < y1)).sum())
-    return 1 + len(cross) + inside
-
-
 def _relu_slice_count(d_in, d_sae, seed, margin=0.3):
     sae = random_sae("relu", d_in=d_in, d_sae=d_sae, dtype="float64", seed=seed)
     plane, _ = _plane(d_in, seed)

@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from line_arrangement import brute_force_arrangement_count
 from test_viz_html import figure_data
 
 import splinterp
@@ -18,19 +19,7 @@ from splinterp.geometry import plane_through
 
 def arrangement_count(W: np.ndarray, b: np.ndarray, origin: np.ndarray, plane, bounds) -> int:
     """1 + L + I of the lines {x(a, b) @ W + b = 0} in the box (general position), x = origin + a u + b v."""
-    u, v = plane.u.numpy(), plane.v.numpy()
-    A = np.stack([u @ W, v @ W], 1)
-    c = origin @ W + b
-    x0, x1, y0, y1 = bounds
-    corners = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])
-    s = corners @ A.T + c
-    L = int(((s.min(0) < 0) & (s.max(0) > 0)).sum())
-    inter = 0
-    for i in range(len(c)):
-        for j in range(i + 1, len(c)):
-            p = np.linalg.solve(np.stack([A[i], A[j]]), -np.array([c[i], c[j]]))
-            inter += bool(x0 < p[0] < x1 and y0 < p[1] < y1)
-    return 1 + L + inter
+    return brute_force_arrangement_count(np.stack([plane.u.numpy() @ W, plane.v.numpy() @ W]), origin @ W + b, bounds)
 
 
 def _data(tmp_path, d: int, n: int = 120, dtype=np.float32):

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from line_arrangement import brute_force_arrangement_count
 from matplotlib.collections import PolyCollection
 from optional import needs
 
@@ -83,18 +84,8 @@ def _relu_sae(d_in=6, d_sae=9, seed=0):
 def _arrangement_count(sae, plane, bounds) -> int:
     """1 + L + I of the latent lines u_i(a, b) = 0 on the box (general position), by brute force."""
     W, b = sae.W_enc.detach().double(), sae.b_enc.detach().double()
-    A = torch.stack([plane.u @ W, plane.v @ W], 1).numpy()  # [d_sae, 2]
-    c = (plane.origin @ W + b).numpy()
-    x0, x1, y0, y1 = bounds
-    corners = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])
-    signs = corners @ A.T + c
-    L = int(((signs.min(0) < 0) & (signs.max(0) > 0)).sum())
-    inter = 0
-    for i in range(len(c)):
-        for j in range(i + 1, len(c)):
-            p = np.linalg.solve(np.stack([A[i], A[j]]), -np.array([c[i], c[j]]))
-            inter += bool(x0 < p[0] < x1 and y0 < p[1] < y1)
-    return 1 + L + inter
+    return brute_force_arrangement_count(torch.stack([plane.u @ W, plane.v @ W]).numpy(),
+                                         (plane.origin @ W + b).numpy(), bounds)
 
 
 def test_slice_views_hover_says_what_encode_says():
