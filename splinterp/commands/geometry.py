@@ -15,7 +15,9 @@ log = logging.getLogger("splinterp.geometry")
 
 
 @dataclass
-class GeometryOptions:
+class SAEDataOptions:
+    """What a command that looks at one SAE on a data matrix reads (`splinterp geometry`, `splinterp slice`)."""
+
     folder: str = field(default="", metadata={"positional": True})
     """The SAE: a folder (splinterp, SAELens, sparsify, dictionary_learning), a Gemma Scope params.npz, or with
     --sae-id a SAELens release name."""
@@ -33,6 +35,36 @@ class GeometryOptions:
     """Standardizer JSON the SAE was trained with (`splinterp train` writes one next to the SAE)."""
     cast: bool = False
     """Convert the data to the SAE's dtype when they differ (otherwise that is an error)."""
+    device: str = "cpu"
+    """Torch device."""
+
+    def load(self):
+        """(the SAE on --device, the --data matrix as stored: not yet checked against the SAE)."""
+        import splinterp
+        from splinterp.data.files import load_matrix
+        from splinterp.validation import check_device
+
+        sae = splinterp.load(self.folder, device=str(check_device(self.device, "--device")), sae_id=self.sae_id)
+        return sae, load_matrix(self.data, layer=self.layer, key=self.key, split=self.split)
+
+    def prepare(self, X, sae):
+        """--data checked against the SAE: width, then dtype (converted only with --cast), then standardised."""
+        if X.shape[1] != sae.cfg.d_in:
+            raise ConfigError(f"--data {self.data} has {X.shape[1]} columns but the SAE expects d_in={sae.cfg.d_in}")
+        if X.dtype != sae.dtype:
+            if not self.cast:
+                raise DTypeError(f"--data {self.data} holds {X.dtype} values but the SAE computes in {sae.dtype}; "
+                                 "pass --cast to convert them (or save the data in the SAE's dtype)")
+            X = X.to(sae.dtype)
+        if self.standardizer:
+            from splinterp.data.cache import Standardizer
+
+            X = Standardizer.load(self.standardizer).transform(X).to(sae.dtype)
+        return X.to(sae.device)
+
+
+@dataclass
+class GeometryOptions(SAEDataOptions):
     max_rows: int | None = None
     """Use a random subset of this many rows."""
     orders: list[int] = field(default_factory=lambda: [1, 2, 4])
@@ -41,8 +73,6 @@ class GeometryOptions:
     """Rows per batch."""
     seed: int = 0
     """Seed of the row subset."""
-    device: str = "cpu"
-    """Torch device."""
     json: bool = False
     """Print JSON instead of a table."""
     out: str | None = None
@@ -58,40 +88,19 @@ class GeometryOptions:
             check_positive_int(m, "--orders")
 
 
-def prepare_data(X, sae, source: str, cast: bool, standardizer: str | None):
-    """Data checked against the SAE: width, then dtype (converted only with `cast`), then standardised."""
-    if X.shape[1] != sae.cfg.d_in:
-        raise ConfigError(f"--data {source} has {X.shape[1]} columns but the SAE expects d_in={sae.cfg.d_in}")
-    if X.dtype != sae.dtype:
-        if not cast:
-            raise DTypeError(f"--data {source} holds {X.dtype} values but the SAE computes in {sae.dtype}; pass "
-                             "--cast to convert them (or save the data in the SAE's dtype)")
-        X = X.to(sae.dtype)
-    if standardizer:
-        from splinterp.data.cache import Standardizer
-
-        X = Standardizer.load(standardizer).transform(X).to(sae.dtype)
-    return X.to(sae.device)
-
-
 def run_geometry(o: GeometryOptions) -> int:
     import torch
 
-    import splinterp
     from splinterp.atomic import write_json
-    from splinterp.data.files import load_matrix
     from splinterp.geometry import geometry_report
     from splinterp.jsonable import to_jsonable
     from splinterp.metrics import evaluate
-    from splinterp.validation import check_device
 
-    device = str(check_device(o.device, "--device"))
-    sae = splinterp.load(o.folder, device=device, sae_id=o.sae_id)
-    X = load_matrix(o.data, layer=o.layer, key=o.key, split=o.split)
+    sae, X = o.load()
     if o.max_rows is not None and X.shape[0] > o.max_rows:
         g = torch.Generator().manual_seed(o.seed)
         X = X[torch.randperm(X.shape[0], generator=g)[: o.max_rows].sort().values]
-    X = prepare_data(X, sae, o.data, o.cast, o.standardizer)
+    X = o.prepare(X, sae)
     metrics = evaluate(sae, X, batch_size=o.batch_size)
     if not Path(o.data).is_dir():  # per-token fields only mean something for activations
         metrics.pop("mse_per_token", None)

@@ -10,34 +10,18 @@ from pathlib import Path
 from typing import Literal
 
 from splinterp.commands import Command
+from splinterp.commands.geometry import SAEDataOptions
 from splinterp.errors import ConfigError
 
 log = logging.getLogger("splinterp.slice")
 
 
 @dataclass
-class SliceOptions:
-    folder: str = field(default="", metadata={"positional": True})
-    """The SAE: a folder (splinterp, SAELens, sparsify, dictionary_learning), a Gemma Scope params.npz, or with
-    --sae-id a SAELens release name."""
-    sae_id: str | None = None
-    """With a SAELens release name (or a folder of SAE folders): which SAE of it."""
-    data: str = field(default="", metadata={"required": True})
-    """.npy, .pt or .safetensors matrix [N, d_in], or an activation-cache folder (`splinterp harvest`)."""
+class SliceOptions(SAEDataOptions):
     through: list[int] = field(default_factory=list)
     """Three row indices of --data: the plane passes through these rows (give this or --pca)."""
     pca: bool = False
     """The plane through the mean of the rows along their top-2 principal directions (instead of --through)."""
-    layer: int | None = None
-    """Activation-cache folders: the cached layer to read (needed when the cache holds several)."""
-    key: str | None = None
-    """.pt / .safetensors files holding several tensors: the one to read."""
-    split: Literal["train", "test"] | None = None
-    """Activation-cache folders: the split to read (default: every token)."""
-    standardizer: str | None = None
-    """Standardizer JSON the SAE was trained with (`splinterp train` writes one next to the SAE)."""
-    cast: bool = False
-    """Convert the data to the SAE's dtype when they differ (otherwise that is an error)."""
     margin: float = 0.25
     """--through: the box is the three points' bounding box widened by this fraction of its larger side."""
     max_points: int = 1000
@@ -51,8 +35,6 @@ class SliceOptions:
     ~5 MB), or from the CDN (needs network to view)."""
     seed: int = 0
     """Seed of the row subset."""
-    device: str = "cpu"
-    """Torch device."""
 
     def __post_init__(self) -> None:
         import math
@@ -76,11 +58,7 @@ class SliceOptions:
 def run_slice(o: SliceOptions) -> int:
     import torch
 
-    import splinterp
-    from splinterp.commands.geometry import prepare_data
-    from splinterp.data.files import load_matrix
     from splinterp.geometry import plane_through
-    from splinterp.validation import check_device
     from splinterp.viz.output import save_png, write_html
     from splinterp.viz.slices import (
         data_bounds,
@@ -91,13 +69,11 @@ def run_slice(o: SliceOptions) -> int:
         slice_views,
     )
 
-    device = str(check_device(o.device, "--device"))
-    sae = splinterp.load(o.folder, device=device, sae_id=o.sae_id)
-    X = load_matrix(o.data, layer=o.layer, key=o.key, split=o.split)
+    sae, X = o.load()
     n = int(X.shape[0])
     if o.through and max(o.through) >= n:
         raise ConfigError(f"--through {' '.join(map(str, o.through))}: --data {o.data} has only {n} rows")
-    X = prepare_data(X, sae, o.data, o.cast, o.standardizer).cpu()
+    X = o.prepare(X, sae).cpu()
     g = torch.Generator().manual_seed(o.seed)
     rows = torch.randperm(n, generator=g)[: o.max_points].sort().values if n > o.max_points else torch.arange(n)
     if o.through:
