@@ -48,7 +48,7 @@ import torch
 from splinterp.atomic import write_json, write_text
 from splinterp.claims import cell, claims_markdown, diff_verdict, format_cell, seeds_phrase, yerr
 from splinterp.errors import ConfigError
-from splinterp.experiments.registry import RunSettings, llm_config, register, to_jsonable
+from splinterp.experiments.registry import RepeatedOverSeeds, RunSettings, llm_config, register, to_jsonable
 from splinterp.llm import LLMContext, LLMDataConfig
 from splinterp.viz.style import STYLES
 
@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class E3Config:
+class E3Config(RepeatedOverSeeds):
     """Settings of E3. Defaults are the full run on this machine; `E3Config.quick()` is the small preset."""
 
     data: LLMDataConfig = field(default_factory=LLMDataConfig)
@@ -107,13 +107,7 @@ class E3Config:
                               f"architectures {self.architectures!r}")
         if not self.fractions or any(not 0 < f <= 1 for f in self.fractions):
             raise ConfigError(f"fractions must be a non-empty list in (0, 1], got {self.fractions!r}")
-        if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
-            raise ConfigError(f"seeds must be None or distinct seeds, got {self.seeds!r}")
-
-    @property
-    def run_seeds(self) -> tuple[int, ...]:
-        """The seeds the SAE trainings are repeated over."""
-        return tuple(self.seeds) if self.seeds is not None else (self.seed,)
+        self.check_seeds()
 
     @classmethod
     def quick(cls, **changes: Any) -> E3Config:

@@ -42,14 +42,14 @@ import numpy as np
 from splinterp.atomic import write_json, write_text
 from splinterp.claims import cell, claims_markdown, diff_verdict, format_cell, seeds_phrase, yerr
 from splinterp.errors import ConfigError
-from splinterp.experiments.registry import RunSettings, llm_config, register, to_jsonable
+from splinterp.experiments.registry import RepeatedOverSeeds, RunSettings, llm_config, register, to_jsonable
 from splinterp.llm import LayerSAEConfig, LLMContext, LLMDataConfig, layer_sae_name, sae_train_flops
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class GroupSAEConfig:
+class GroupSAEConfig(RepeatedOverSeeds):
     """Settings of the Group-SAE job. Defaults are the full run; `quick()` is the small preset."""
 
     data: LLMDataConfig = field(default_factory=LLMDataConfig)
@@ -85,13 +85,7 @@ class GroupSAEConfig:
     def __post_init__(self) -> None:
         if self.sampling not in ("uniform", "concat"):
             raise ConfigError(f"sampling must be 'uniform' or 'concat', got {self.sampling!r}")
-        if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
-            raise ConfigError(f"seeds must be None or distinct seeds, got {self.seeds!r}")
-
-    @property
-    def run_seeds(self) -> tuple[int, ...]:
-        """The seeds every SAE is trained with."""
-        return tuple(self.seeds) if self.seeds is not None else (self.seed,)
+        self.check_seeds()
 
     @classmethod
     def quick(cls, **changes: Any) -> GroupSAEConfig:

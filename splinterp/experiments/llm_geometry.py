@@ -34,7 +34,7 @@ import torch
 from splinterp.atomic import write_json, write_text
 from splinterp.claims import cell, format_cell, seeds_phrase, yerr
 from splinterp.errors import ConfigError
-from splinterp.experiments.registry import RunSettings, llm_config, register, to_jsonable
+from splinterp.experiments.registry import RepeatedOverSeeds, RunSettings, llm_config, register, to_jsonable
 from splinterp.llm import LayerSAEConfig, LLMContext, LLMDataConfig, SweepPointConfig, knob_name
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def default_arch_knobs(quick: bool) -> dict[str, float]:
 
 
 @dataclass
-class GeometryConfig:
+class GeometryConfig(RepeatedOverSeeds):
     """Settings of the geometry job. Defaults are the full run; `quick()` is the small preset."""
 
     data: LLMDataConfig = field(default_factory=LLMDataConfig)
@@ -76,13 +76,7 @@ class GeometryConfig:
     """Progress bars while training."""
 
     def __post_init__(self) -> None:
-        if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
-            raise ConfigError(f"seeds must be None or distinct seeds, got {self.seeds!r}")
-
-    @property
-    def run_seeds(self) -> tuple[int, ...]:
-        """The seeds every SAE is trained with."""
-        return tuple(self.seeds) if self.seeds is not None else (self.seed,)
+        self.check_seeds()
 
     @classmethod
     def quick(cls, **changes: Any) -> GeometryConfig:

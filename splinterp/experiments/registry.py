@@ -80,6 +80,20 @@ class JobSkipped(SplinterpError):
     message is the reason shown in results.json and summary.md."""
 
 
+class RepeatedOverSeeds:
+    """Mixin of the experiment configs with a `seed` and an optional `seeds` field: the seeds the trainings are
+    repeated over (`seeds`, distinct, or just `seed`), checked in one place."""
+
+    def check_seeds(self) -> None:
+        if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
+            raise ConfigError(f"seeds must be None or distinct seeds, got {self.seeds!r}")
+
+    @property
+    def run_seeds(self) -> tuple[int, ...]:
+        """The seeds the trainings are repeated over."""
+        return tuple(self.seeds) if self.seeds is not None else (self.seed,)
+
+
 @dataclass(frozen=True)
 class RunSettings:
     """The settings every job of one run shares (the options of `splinterp reproduce`)."""

@@ -44,7 +44,7 @@ from typing import Any
 from splinterp.atomic import write_json, write_text
 from splinterp.claims import cell, claims_markdown, diff_verdict, format_cell, interval_verdict, seeds_phrase, yerr
 from splinterp.errors import ConfigError
-from splinterp.experiments.registry import RunSettings, llm_config, register, to_jsonable
+from splinterp.experiments.registry import RepeatedOverSeeds, RunSettings, llm_config, register, to_jsonable
 from splinterp.llm import LLMContext, LLMDataConfig, SweepPointConfig, knob_name
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def default_sweeps(quick: bool) -> dict[str, tuple[float, ...]]:
 
 
 @dataclass
-class ShrinkageConfig:
+class ShrinkageConfig(RepeatedOverSeeds):
     """Settings of the shrinkage job. Defaults are the full run; `quick()` is the small preset."""
 
     data: LLMDataConfig = field(default_factory=LLMDataConfig)
@@ -104,13 +104,7 @@ class ShrinkageConfig:
             raise ConfigError(f"loss_metric must be one of {LOSS_METRICS}, got {self.loss_metric!r}")
         if not self.target_l0 > 0:
             raise ConfigError(f"target_l0 must be > 0, got {self.target_l0!r}")
-        if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
-            raise ConfigError(f"seeds must be None or distinct seeds, got {self.seeds!r}")
-
-    @property
-    def run_seeds(self) -> tuple[int, ...]:
-        """The seeds every sweep point is trained with."""
-        return tuple(self.seeds) if self.seeds is not None else (self.seed,)
+        self.check_seeds()
 
     @classmethod
     def quick(cls, **changes: Any) -> ShrinkageConfig:

@@ -29,14 +29,14 @@ from typing import Any
 from splinterp.atomic import write_json, write_text
 from splinterp.claims import cell, claims_markdown, diff_verdict, format_cell, seeds_phrase
 from splinterp.errors import ConfigError
-from splinterp.experiments.registry import RunSettings, llm_config, register, to_jsonable
+from splinterp.experiments.registry import RepeatedOverSeeds, RunSettings, llm_config, register, to_jsonable
 from splinterp.llm import LayerSAEConfig, LLMContext, LLMDataConfig
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class TransferConfig:
+class TransferConfig(RepeatedOverSeeds):
     """Settings of the transfer job. Defaults are the full run; `quick()` is the small preset."""
 
     data: LLMDataConfig = field(default_factory=LLMDataConfig)
@@ -66,13 +66,7 @@ class TransferConfig:
             raise ConfigError(f"directions must be among 'forward', 'backward', got {self.directions!r}")
         if not self.target_slack >= 0:
             raise ConfigError(f"target_slack must be >= 0, got {self.target_slack!r}")
-        if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
-            raise ConfigError(f"seeds must be None or distinct seeds, got {self.seeds!r}")
-
-    @property
-    def run_seeds(self) -> tuple[int, ...]:
-        """The seeds every SAE is trained with."""
-        return tuple(self.seeds) if self.seeds is not None else (self.seed,)
+        self.check_seeds()
 
     @classmethod
     def quick(cls, **changes: Any) -> TransferConfig:
