@@ -19,7 +19,7 @@ from splinterp.stats import mean_ci
 
 __all__ = ["DIFF_RULE", "RULE", "aggregate_runs", "between_claims_table", "cell", "claims_markdown",
            "combine_verdicts", "diff_verdict", "finite_or_none", "format_cell", "interval_verdict", "markdown_table",
-           "paired_differences", "seeds_phrase", "verdict", "yerr"]
+           "paired_differences", "seeds_phrase", "tables_markdown", "verdict", "yerr"]
 
 RULE = ("holds: the 95% CI (Student-t over seeds) of the difference excludes 0 in the claimed direction; "
         "does not hold: it excludes 0 the other way; inconclusive: otherwise (always with 1 seed)")
@@ -184,3 +184,8 @@ def between_claims_table(claims: Sequence[dict[str, Any]], rule: str, metric: st
         [[r["claim"], r["setting"], f"{format_cell(r['kmeans_minus_sae'], 2)}: {r['kmeans_minus_sae']['verdict']}",
           f"{format_cell(r['sae_minus_local_pca'], 2)}: {r['sae_minus_local_pca']['verdict']}", r["verdict"]]
          for r in claims]) + f"\nRule: each difference by: {rule}; the claim holds when both do.\n"
+
+
+def tables_markdown(tables: dict[str, str]) -> str:
+    """A job's rendered tables ({name: markdown}) as one markdown file, a heading per table."""
+    return "\n".join(f"### {name}\n\n{md}" for name, md in tables.items())

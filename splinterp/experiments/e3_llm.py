@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from splinterp.atomic import write_json, write_text
-from splinterp.claims import cell, claims_markdown, diff_verdict, format_cell, seeds_phrase, yerr
+from splinterp.claims import cell, claims_markdown, diff_verdict, format_cell, seeds_phrase, tables_markdown, yerr
 from splinterp.errors import ConfigError
 from splinterp.experiments.registry import RepeatedOverSeeds, RunSettings, llm_config, register, to_jsonable
 from splinterp.llm import LLMContext, LLMDataConfig
@@ -235,7 +235,7 @@ def run_e3(cfg: E3Config, out_dir: str | os.PathLike) -> dict[str, Any]:
     for name, fig in e3_figures(res).items():
         save_png(fig, out_dir / f"{name}.png")
     write_json(out_dir / "e3_llm.json", to_jsonable(res))
-    write_text(out_dir / "e3_llm_table.md", _all_tables_markdown(e3_tables(out_dir)))
+    write_text(out_dir / "e3_llm_table.md", tables_markdown(e3_tables(out_dir)))
     return res
 
 
@@ -373,9 +373,6 @@ def e3_tables(folder: str | os.PathLike) -> dict[str, str]:
     out["claims"] = claims_markdown(res["claims"])
     return out
 
-
-def _all_tables_markdown(tables: dict[str, str]) -> str:
-    return "\n".join(f"### {name}\n\n{md}" for name, md in tables.items())
 
 
 @register("e3_llm", "E3: SGD vs PAM-SGD (default and authors' settings) on real MiniLM activations (offline text): "

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from splinterp.atomic import write_json, write_text
-from splinterp.claims import cell, claims_markdown, diff_verdict, format_cell, seeds_phrase, yerr
+from splinterp.claims import cell, claims_markdown, diff_verdict, format_cell, seeds_phrase, tables_markdown, yerr
 from splinterp.errors import ConfigError
 from splinterp.experiments.registry import RepeatedOverSeeds, RunSettings, llm_config, register, to_jsonable
 from splinterp.llm import LayerSAEConfig, LLMContext, LLMDataConfig, layer_sae_name, sae_train_flops
@@ -188,7 +188,7 @@ def run_group_sae(cfg: GroupSAEConfig, out_dir: str | os.PathLike) -> dict[str, 
     save_png(group_sae_figure(res), out_dir / "group_sae.png")
     write_json(out_dir / "group_sae.json", to_jsonable(res))
     write_text(out_dir / "group_sae_table.md",
-               "\n".join(f"### {k}\n\n{v}" for k, v in group_sae_tables(out_dir).items()))
+               tables_markdown(group_sae_tables(out_dir)))
     return res
 
 

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from splinterp.atomic import write_json, write_text
-from splinterp.claims import cell, format_cell, seeds_phrase, yerr
+from splinterp.claims import cell, format_cell, seeds_phrase, tables_markdown, yerr
 from splinterp.errors import ConfigError
 from splinterp.experiments.registry import RepeatedOverSeeds, RunSettings, llm_config, register, to_jsonable
 from splinterp.llm import LayerSAEConfig, LLMContext, LLMDataConfig, SweepPointConfig, knob_name
@@ -170,7 +170,7 @@ def run_llm_geometry(cfg: GeometryConfig, out_dir: str | os.PathLike) -> dict[st
     save_png(geometry_figure(res), out_dir / "llm_geometry.png")
     write_json(out_dir / "llm_geometry.json", to_jsonable(res))
     write_text(out_dir / "llm_geometry_table.md",
-               "\n".join(f"### {k}\n\n{v}" for k, v in geometry_tables(out_dir).items()))
+               tables_markdown(geometry_tables(out_dir)))
     return res
 
 

@@ -42,7 +42,16 @@ from pathlib import Path
 from typing import Any
 
 from splinterp.atomic import write_json, write_text
-from splinterp.claims import cell, claims_markdown, diff_verdict, format_cell, interval_verdict, seeds_phrase, yerr
+from splinterp.claims import (
+    cell,
+    claims_markdown,
+    diff_verdict,
+    format_cell,
+    interval_verdict,
+    seeds_phrase,
+    tables_markdown,
+    yerr,
+)
 from splinterp.errors import ConfigError
 from splinterp.experiments.registry import RepeatedOverSeeds, RunSettings, llm_config, register, to_jsonable
 from splinterp.llm import LLMContext, LLMDataConfig, SweepPointConfig, knob_name
@@ -288,7 +297,7 @@ def run_shrinkage(cfg: ShrinkageConfig, out_dir: str | os.PathLike) -> dict[str,
         save_png(fig, out_dir / f"{name}.png")
     write_json(out_dir / "shrinkage.json", to_jsonable(res))
     write_text(out_dir / "shrinkage_table.md",
-               "\n".join(f"### {k}\n\n{v}" for k, v in shrinkage_tables(out_dir).items()))
+               tables_markdown(shrinkage_tables(out_dir)))
     return res
 
 

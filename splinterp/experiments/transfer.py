@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from splinterp.atomic import write_json, write_text
-from splinterp.claims import cell, claims_markdown, diff_verdict, format_cell, seeds_phrase
+from splinterp.claims import cell, claims_markdown, diff_verdict, format_cell, seeds_phrase, tables_markdown
 from splinterp.errors import ConfigError
 from splinterp.experiments.registry import RepeatedOverSeeds, RunSettings, llm_config, register, to_jsonable
 from splinterp.llm import LayerSAEConfig, LLMContext, LLMDataConfig
@@ -157,7 +157,7 @@ def run_transfer(cfg: TransferConfig, out_dir: str | os.PathLike) -> dict[str, A
     save_png(transfer_figure(res), out_dir / "transfer_curves.png")
     write_json(out_dir / "transfer.json", to_jsonable(res))
     write_text(out_dir / "transfer_table.md",
-               "\n".join(f"### {k}\n\n{v}" for k, v in transfer_tables(out_dir).items()))
+               tables_markdown(transfer_tables(out_dir)))
     return res
 
 
