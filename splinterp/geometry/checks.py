@@ -138,23 +138,23 @@ def takes_sae(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from splinterp.io.objects import as_sae_if_foreign
-
         if args:
-            args = (as_sae_if_foreign(args[0]), *args[1:])
-            check_sae(args[0])
+            args = (as_geometry_sae(args[0]), *args[1:])
         elif "sae" in kwargs:
-            kwargs["sae"] = as_sae_if_foreign(kwargs["sae"])
-            check_sae(kwargs["sae"])
+            kwargs["sae"] = as_geometry_sae(kwargs["sae"])
         return fn(*args, **kwargs)
 
     return wrapper
 
 
-def check_sae(sae, name: str = "sae") -> None:
-    """NotAModelError unless `sae` is a splinterp SAE (the geometry reads its encoder_affine and thresholds)."""
+def as_geometry_sae(sae):
+    """Our SAE as it is, another library's SAE object converted (`splinterp.as_sae`); anything else is a
+    NotAModelError naming `sae` (the geometry reads an SAE's encoder_affine and thresholds)."""
+    from splinterp.io.objects import as_sae_if_foreign
     from splinterp.sae import SAE
 
+    sae = as_sae_if_foreign(sae)
     if not isinstance(sae, SAE):
-        raise NotAModelError(f"{name} must be a splinterp SAE, got {type(sae).__name__}; an SAE from SAELens, "
+        raise NotAModelError(f"sae must be a splinterp SAE, got {type(sae).__name__}; an SAE from SAELens, "
                              "sparsify or dictionary_learning converts with splinterp.as_sae(obj)")
+    return sae

@@ -42,7 +42,6 @@ from splinterp.geometry.checks import (
     check_count,
     check_index_set,
     check_nonneg_float,
-    check_sae,
     takes_sae,
 )
 from splinterp.geometry.lp import LP_TOL, RegionCheck, RegionCheckWithMargin, pattern_lp
@@ -416,7 +415,6 @@ def diagram_from_affine(W, b, architecture: str, k: int | None = None, threshold
 @torch.no_grad()
 def power_diagram(sae: SAE) -> PowerDiagram:
     """The SAE's power diagram (see the module docstring for what it means per architecture)."""
-    check_sae(sae)
     W, b = sae.encoder_affine()
     th = sae.thresholds()
     return diagram_from_affine(

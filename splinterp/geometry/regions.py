@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from splinterp.errors import ConfigError
-from splinterp.geometry.checks import check_count, check_sae, takes_sae
+from splinterp.geometry.checks import check_count, takes_sae
 from splinterp.geometry.scores import checked_scores
 from splinterp.geometry.signed_sites import signed_site, site_latent, site_positive
 from splinterp.sae import SAE, TOPK_ARCHITECTURES
@@ -30,7 +30,6 @@ DEFAULT_BATCH = 16384
 
 def input_chunks(sae: SAE, X, batch_size: int):
     """Validated chunks (start row, chunk) of X on the SAE's device (X itself may live on the CPU)."""
-    check_sae(sae)
     batch_size = check_count(batch_size, "batch_size")
     X = check_data(X, sae.cfg.d_in, name="X", dtype=sae.dtype)
     for start in range(0, X.shape[0], batch_size):
@@ -319,7 +318,6 @@ def piece_rank(sae: SAE, masks, rtol: float | None = None) -> torch.Tensor:
 
     Computed from the |S| x |S| core of two thin QR factorisations, not from the d_in x d_in matrix.
     """
-    check_sae(sae)
     masks = check_mask(masks, sae.cfg.d_sae, "masks").to(sae.device)
     if rtol is not None and (isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not rtol >= 0):
         raise ConfigError(f"rtol must be a number >= 0 or None, got {rtol!r}")

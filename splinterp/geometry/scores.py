@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from splinterp.errors import ScoreOverflowError
-from splinterp.geometry.checks import check_sae
 from splinterp.sae import SAE
 from splinterp.validation import all_finite
 
@@ -58,7 +57,6 @@ class EncoderF64(NamedTuple):
 
 @torch.no_grad()
 def encoder_f64(sae: SAE) -> EncoderF64:
-    check_sae(sae)
     W, b = sae.encoder_affine()
     th = sae.thresholds()
     return EncoderF64(
